@@ -1,0 +1,3 @@
+from mailwatchd.cli import main
+
+raise SystemExit(main())

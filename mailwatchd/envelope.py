@@ -1,0 +1,158 @@
+"""A spool file's envelope, read from its headers as `sendmail -t` does, and the bytes to send.
+
+On-disk form: an RFC 5322 message. An explicit envelope, when one was given, is carried in
+leading `X-Mailwatchd-Envelope-From:` and `X-Mailwatchd-Envelope-To:` fields (one address
+each); they override the From/Sender/To/Cc/Bcc fields and are removed, with Bcc (RFC 5322
+§3.6.3), before the message is sent.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from email.utils import getaddresses
+
+from mailwatchd.errors import MalformedMessage
+
+ENVELOPE_FROM = "X-Mailwatchd-Envelope-From"
+ENVELOPE_TO = "X-Mailwatchd-Envelope-To"
+
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_FIELD_NAME = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+# An address we are willing to put in MAIL FROM / RCPT TO: no white space, controls or
+# angle brackets (they would let a header inject SMTP commands), one @ with both sides set.
+_ADDRESS = re.compile(r"^[^\s<>()\x00-\x1f\x7f@]+@[^\s<>()\x00-\x1f\x7f@]+$")
+_DROPPED_FIELDS = frozenset({b"bcc", ENVELOPE_FROM.lower().encode(), ENVELOPE_TO.lower().encode()})
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """A message ready for one SMTP transaction."""
+
+    queue_id: str
+    sender: str  # "" is the null reverse-path <>
+    recipients: tuple[str, ...]
+    data: bytes  # what follows DATA: envelope fields and Bcc removed
+    size: int
+
+    def for_recipients(self, recipients: Iterable[str]) -> OutgoingMessage:
+        return OutgoingMessage(self.queue_id, self.sender, tuple(recipients), self.data, self.size)
+
+
+@dataclass(frozen=True)
+class HeaderField:
+    name: bytes  # lower-cased
+    raw: bytes  # the whole field, folded lines and line endings included
+
+
+def split_header(raw: bytes) -> tuple[list[HeaderField], bytes]:
+    """Split a message into its header fields and the rest (blank line and body)."""
+    match = _HEADER_END.search(raw)
+    if match:
+        head_end = match.start() + (2 if raw[match.start() : match.start() + 1] == b"\r" else 1)
+        head, rest = raw[:head_end], raw[head_end:]
+    else:
+        head, rest = raw, b""
+    if head.startswith(b"From ") and b"\n" in head:
+        head = head[head.index(b"\n") + 1 :]  # an mbox "From " separator line is not a field
+    fields: list[HeaderField] = []
+    for line in head.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and fields:
+            last = fields[-1]
+            fields[-1] = HeaderField(last.name, last.raw + line)
+            continue
+        name = _FIELD_NAME.match(line)
+        if name is None:
+            if not line.strip():
+                continue
+            raise MalformedMessage("not an RFC 5322 message: a header line has no field name")
+        fields.append(HeaderField(name.group(1).lower(), line))
+    if not fields:
+        raise MalformedMessage("not an RFC 5322 message: no header fields")
+    return fields, rest
+
+
+def _value(field: HeaderField) -> str:
+    text = field.raw.decode("utf-8", errors="replace")
+    value = text.split(":", 1)[1]
+    return " ".join(value.split())  # unfold (RFC 5322 §2.2.3)
+
+
+def _addresses(values: Sequence[str]) -> list[str]:
+    return [address for _, address in getaddresses(list(values)) if address]
+
+
+def qualify(address: str, default_domain: str | None) -> str:
+    if default_domain and address and "@" not in address:
+        return f"{address}@{default_domain}"
+    return address
+
+
+def check_address(address: str, role: str) -> str:
+    if not _ADDRESS.match(address):
+        raise MalformedMessage(f"{role} address {address!r} is not usable (it needs a user@domain form)")
+    return address
+
+
+def parse(queue_id: str, raw: bytes, *, default_domain: str | None = None) -> OutgoingMessage:
+    """Envelope and sendable bytes of a spool file; MalformedMessage says why it cannot be sent."""
+    fields, rest = split_header(raw)
+    by_name: dict[bytes, list[str]] = {}
+    for field in fields:
+        if field.name in (b"from", b"sender", b"to", b"cc", b"bcc",
+                          _DROPPED_FIELDS_FROM, _DROPPED_FIELDS_TO):
+            by_name.setdefault(field.name, []).append(_value(field))
+
+    explicit_from = by_name.get(_DROPPED_FIELDS_FROM)
+    if explicit_from is not None:
+        sender = explicit_from[0].strip().strip("<>").strip()
+        sender = qualify(sender, default_domain)
+        if sender:
+            check_address(sender, "sender")
+    else:
+        candidates = _addresses(by_name.get(b"sender", [])) or _addresses(by_name.get(b"from", []))
+        if not candidates:
+            raise MalformedMessage("no sender: the message has no From or Sender address")
+        sender = check_address(qualify(candidates[0], default_domain), "sender")
+
+    explicit_to = by_name.get(_DROPPED_FIELDS_TO)
+    if explicit_to is not None:
+        wanted = [value.strip().strip("<>").strip() for value in explicit_to]
+    else:
+        wanted = _addresses(by_name.get(b"to", []) + by_name.get(b"cc", []) + by_name.get(b"bcc", []))
+    recipients: list[str] = []
+    seen: set[str] = set()
+    for address in wanted:
+        address = check_address(qualify(address, default_domain), "recipient")
+        if address.lower() not in seen:
+            seen.add(address.lower())
+            recipients.append(address)
+    if not recipients:
+        raise MalformedMessage("no recipient: the message has no To, Cc or Bcc address")
+
+    if raw.startswith(b"From ") or any(field.name in _DROPPED_FIELDS for field in fields):
+        data = b"".join(field.raw for field in fields if field.name not in _DROPPED_FIELDS) + rest
+    else:
+        data = raw
+    return OutgoingMessage(queue_id, sender, tuple(recipients), data, len(raw))
+
+
+_DROPPED_FIELDS_FROM = ENVELOPE_FROM.lower().encode()
+_DROPPED_FIELDS_TO = ENVELOPE_TO.lower().encode()
+
+
+def with_envelope(raw: bytes, sender: str, recipients: Sequence[str]) -> bytes:
+    """The message with an explicit envelope in front (any earlier one replaced)."""
+    check = [check_address(address, "recipient") for address in recipients]
+    if sender:
+        check_address(sender, "sender")
+    if not check:
+        raise MalformedMessage("no recipient given")
+    fields, rest = split_header(raw)
+    newline = b"\r\n" if raw.find(b"\r\n") != -1 and raw.find(b"\r\n") <= raw.find(b"\n") else b"\n"
+    lines = [f"{ENVELOPE_FROM}: <{sender}>".encode() + newline]
+    lines += [f"{ENVELOPE_TO}: <{address}>".encode() + newline for address in check]
+    kept = [field.raw for field in fields
+            if field.name not in (_DROPPED_FIELDS_FROM, _DROPPED_FIELDS_TO)]
+    return b"".join(lines + kept) + rest
