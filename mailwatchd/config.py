@@ -399,7 +399,7 @@ def _email_relay(get: object, env: Mapping[str, str]) -> list[RelayConfig]:
     mode = TlsMode.IMPLICIT if use_ssl else TlsMode.STARTTLS if use_tls else TlsMode.NONE
     port_raw = get("EMAIL_PORT")
     port = parse_port("EMAIL_PORT", port_raw) if port_raw else DEFAULT_PORTS[mode]
-    endpoints = (Endpoint(host, port, mode),)
+    endpoints: tuple[Endpoint, ...] = (Endpoint(host, port, mode),)
     if (raw := get("MAILWATCHD_FALLBACK_PORTS")) is not None:
         endpoints += parse_ports("MAILWATCHD_FALLBACK_PORTS", raw, host)
     username = get("EMAIL_HOST_USER")
@@ -408,14 +408,15 @@ def _email_relay(get: object, env: Mapping[str, str]) -> list[RelayConfig]:
     if password is not None and username is None:
         raise ConfigError("EMAIL_HOST_USER", "a password is set but no user",
                           "set EMAIL_HOST_USER to the account name")
-    tls_files = _tls_files("EMAIL_SSL_CAFILE", get("EMAIL_SSL_CAFILE"),
+    cafile, certfile, keyfile = _tls_files("EMAIL_SSL_CAFILE", get("EMAIL_SSL_CAFILE"),
                            "EMAIL_SSL_CERTFILE", get("EMAIL_SSL_CERTFILE"),
                            "EMAIL_SSL_KEYFILE", get("EMAIL_SSL_KEYFILE"))
     verify = parse_bool("EMAIL_SSL_VERIFY", get("EMAIL_SSL_VERIFY") or "true")
-    limits = _limits("MAILWATCHD_MAX_PER_MINUTE", get("MAILWATCHD_MAX_PER_MINUTE"),
+    per_minute, per_day = _limits("MAILWATCHD_MAX_PER_MINUTE", get("MAILWATCHD_MAX_PER_MINUTE"),
                      "MAILWATCHD_MAX_PER_DAY", get("MAILWATCHD_MAX_PER_DAY"))
-    return [RelayConfig(name=host, endpoints=endpoints, username=username, password=password,
-                        verify=verify, **tls_files, **limits)]
+    return [RelayConfig(name=host, endpoints=endpoints, username=username, password=password, verify=verify,
+                        cafile=cafile, certfile=certfile, keyfile=keyfile,
+                        max_per_minute=per_minute, max_per_day=per_day)]
 
 
 def _password(key: str, inline: str | None, file_key: str, file_raw: str | None,
@@ -428,7 +429,7 @@ def _password(key: str, inline: str | None, file_key: str, file_raw: str | None,
 
 
 def _tls_files(ca_key: str, ca: str | None, cert_key: str, cert: str | None,
-               key_key: str, key: str | None) -> dict[str, Path | None]:
+               key_key: str, key: str | None) -> tuple[Path | None, Path | None, Path | None]:
     files: dict[str, Path | None] = {}
     for setting, raw, attr in ((ca_key, ca, "cafile"), (cert_key, cert, "certfile"), (key_key, key, "keyfile")):
         if raw is not None and not Path(raw).is_file():
@@ -437,14 +438,12 @@ def _tls_files(ca_key: str, ca: str | None, cert_key: str, cert: str | None,
     if files["keyfile"] is not None and files["certfile"] is None:
         raise ConfigError(key_key, "a client key is set without a client certificate",
                           f"set {cert_key} too, or remove {key_key}")
-    return files
+    return files["cafile"], files["certfile"], files["keyfile"]
 
 
-def _limits(minute_key: str, minute: str | None, day_key: str, day: str | None) -> dict[str, int | None]:
-    return {
-        "max_per_minute": parse_int(minute_key, minute, minimum=1, maximum=10**9) if minute else None,
-        "max_per_day": parse_int(day_key, day, minimum=1, maximum=10**9) if day else None,
-    }
+def _limits(minute_key: str, minute: str | None, day_key: str, day: str | None) -> tuple[int | None, int | None]:
+    return (parse_int(minute_key, minute, minimum=1, maximum=10**9) if minute else None,
+            parse_int(day_key, day, minimum=1, maximum=10**9) if day else None)
 
 
 def parse_relay_url(key: str, url: str, env: Mapping[str, str], *, index: int = 0) -> RelayConfig:
@@ -474,7 +473,7 @@ def parse_relay_url(key: str, url: str, env: Mapping[str, str], *, index: int = 
         if name not in allowed:
             raise ConfigError(key, f"{shown!r} has an unknown option {name!r}",
                               f"use only {', '.join(sorted(allowed))}")
-    endpoints = (Endpoint(host, port, mode),)
+    endpoints: tuple[Endpoint, ...] = (Endpoint(host, port, mode),)
     if query.get("ports"):
         endpoints += parse_ports(key, query["ports"], host)
     username = unquote(parts.username) if parts.username else None
@@ -482,9 +481,10 @@ def parse_relay_url(key: str, url: str, env: Mapping[str, str], *, index: int = 
     password = _password(key, inline, key, query.get("password_file"), env)
     if password is not None and username is None:
         raise ConfigError(key, f"{shown!r} has a password but no user", "write smtp+tls://user@host")
-    tls_files = _tls_files(key, query.get("cafile"), key, query.get("certfile"), key, query.get("keyfile"))
+    cafile, certfile, keyfile = _tls_files(key, query.get("cafile"), key, query.get("certfile"), key, query.get("keyfile"))
     verify = parse_bool(key, query.get("verify", "true"))
-    limits = _limits(key, query.get("max_per_minute"), key, query.get("max_per_day"))
+    per_minute, per_day = _limits(key, query.get("max_per_minute"), key, query.get("max_per_day"))
     name = query.get("name") or (host if index == 0 else f"{host}#{index}")
-    return RelayConfig(name=name, endpoints=endpoints, username=username, password=password,
-                       verify=verify, **tls_files, **limits)
+    return RelayConfig(name=name, endpoints=endpoints, username=username, password=password, verify=verify,
+                       cafile=cafile, certfile=certfile, keyfile=keyfile,
+                       max_per_minute=per_minute, max_per_day=per_day)

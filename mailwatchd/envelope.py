@@ -23,7 +23,10 @@ _FIELD_NAME = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 # An address we are willing to put in MAIL FROM / RCPT TO: no white space, controls or
 # angle brackets (they would let a header inject SMTP commands), one @ with both sides set.
 _ADDRESS = re.compile(r"^[^\s<>()\x00-\x1f\x7f@]+@[^\s<>()\x00-\x1f\x7f@]+$")
-_DROPPED_FIELDS = frozenset({b"bcc", ENVELOPE_FROM.lower().encode(), ENVELOPE_TO.lower().encode()})
+_DROPPED_FIELDS_FROM = ENVELOPE_FROM.lower().encode()
+_DROPPED_FIELDS_TO = ENVELOPE_TO.lower().encode()
+_DROPPED_FIELDS = frozenset({b"bcc", _DROPPED_FIELDS_FROM, _DROPPED_FIELDS_TO})
+_ENVELOPE_SOURCES = frozenset({b"from", b"sender", b"to", b"cc", b"bcc", _DROPPED_FIELDS_FROM, _DROPPED_FIELDS_TO})
 
 
 @dataclass(frozen=True)
@@ -95,27 +98,37 @@ def check_address(address: str, role: str) -> str:
     return address
 
 
+def _collect(fields: list[HeaderField]) -> dict[bytes, list[str]]:
+    by_name: dict[bytes, list[str]] = {}
+    for field in fields:
+        if field.name in _ENVELOPE_SOURCES:
+            by_name.setdefault(field.name, []).append(_value(field))
+    return by_name
+
+
+def _sender(by_name: dict[bytes, list[str]], default_domain: str | None) -> str:
+    explicit = by_name.get(_DROPPED_FIELDS_FROM)
+    if explicit is not None:
+        sender = qualify(explicit[0].strip().strip("<>").strip(), default_domain)
+        return check_address(sender, "sender") if sender else ""
+    candidates = _addresses(by_name.get(b"sender", [])) or _addresses(by_name.get(b"from", []))
+    if not candidates:
+        raise MalformedMessage("no sender: the message has no From or Sender address")
+    return check_address(qualify(candidates[0], default_domain), "sender")
+
+
+def sender_of(raw: bytes, *, default_domain: str | None = None) -> str:
+    """The envelope sender a message's own headers give."""
+    fields, _ = split_header(raw)
+    return _sender(_collect(fields), default_domain)
+
+
 def parse(queue_id: str, raw: bytes, *, default_domain: str | None = None) -> OutgoingMessage:
     """Envelope and sendable bytes of a spool file; MalformedMessage says why it cannot be sent."""
     fields, rest = split_header(raw)
-    by_name: dict[bytes, list[str]] = {}
-    for field in fields:
-        if field.name in (b"from", b"sender", b"to", b"cc", b"bcc",
-                          _DROPPED_FIELDS_FROM, _DROPPED_FIELDS_TO):
-            by_name.setdefault(field.name, []).append(_value(field))
+    by_name = _collect(fields)
 
-    explicit_from = by_name.get(_DROPPED_FIELDS_FROM)
-    if explicit_from is not None:
-        sender = explicit_from[0].strip().strip("<>").strip()
-        sender = qualify(sender, default_domain)
-        if sender:
-            check_address(sender, "sender")
-    else:
-        candidates = _addresses(by_name.get(b"sender", [])) or _addresses(by_name.get(b"from", []))
-        if not candidates:
-            raise MalformedMessage("no sender: the message has no From or Sender address")
-        sender = check_address(qualify(candidates[0], default_domain), "sender")
-
+    sender = _sender(by_name, default_domain)
     explicit_to = by_name.get(_DROPPED_FIELDS_TO)
     if explicit_to is not None:
         wanted = [value.strip().strip("<>").strip() for value in explicit_to]
@@ -138,8 +151,6 @@ def parse(queue_id: str, raw: bytes, *, default_domain: str | None = None) -> Ou
     return OutgoingMessage(queue_id, sender, tuple(recipients), data, len(raw))
 
 
-_DROPPED_FIELDS_FROM = ENVELOPE_FROM.lower().encode()
-_DROPPED_FIELDS_TO = ENVELOPE_TO.lower().encode()
 
 
 def with_envelope(raw: bytes, sender: str, recipients: Sequence[str]) -> bytes:

@@ -1,0 +1,270 @@
+"""The `mailwatchd` command: a thin face over the spool and the daemon.
+
+Installed as `sendmail` (a symlink named sendmail), it behaves as `mailwatchd sendmail`.
+Exit statuses follow sysexits(3): see exitcodes.py and the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mailwatchd import __version__, exitcodes
+from mailwatchd.config import Settings, load_settings
+from mailwatchd.errors import ConfigError, MalformedMessage, SpoolFull
+from mailwatchd.health import STATUS_FILE
+from mailwatchd.messagestate import is_queue_id
+from mailwatchd.queueview import list_entries, render_table
+from mailwatchd.spool import Location, Spool
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"mailwatchd: {message}", file=sys.stderr)
+    return code
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mailwatchd import logs
+    from mailwatchd.daemon import run_daemon
+
+    settings = _settings(args)
+    logs.configure(settings.log_format, settings.log_level)
+    return run_daemon(settings)
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    from mailwatchd.submit import Submission, enqueue, prepare, read_message
+
+    submission = Submission(sender=args.sender, recipients=tuple(args.recipients), dot_ends_input=False)
+    return _submit(args, submission, lambda: read_message(sys.stdin.buffer, False), prepare, enqueue)
+
+
+def cmd_sendmail(args: argparse.Namespace) -> int:
+    from mailwatchd.submit import enqueue, parse_sendmail_args, prepare, read_message
+
+    try:
+        submission = parse_sendmail_args(args.sendmail_args)
+    except ValueError as exc:
+        return _fail(str(exc), exitcodes.USAGE)
+    if not submission.from_headers and not submission.recipients:
+        return _fail("no recipients given (pass addresses, or -t to read them from the headers)", exitcodes.USAGE)
+    return _submit(args, submission, lambda: read_message(sys.stdin.buffer, submission.dot_ends_input),
+                   prepare, enqueue)
+
+
+def _submit(args: argparse.Namespace, submission: Any, read: Any, prepare: Any, enqueue: Any) -> int:
+    settings = _settings(args)
+    raw = read()
+    if len(raw) > settings.max_message_size:
+        return _fail(f"message too large ({len(raw)} bytes; limit {settings.max_message_size})", exitcodes.DATAERR)
+    try:
+        data = prepare(raw, submission, settings.default_domain)
+    except MalformedMessage as exc:
+        return _fail(f"malformed message: {exc}", exitcodes.DATAERR)
+    try:
+        queue_id = enqueue(settings.spool, data)
+    except SpoolFull as exc:
+        return _fail(f"the spool cannot take the message now: {exc}", exitcodes.TEMPFAIL)
+    except PermissionError as exc:
+        return _fail(f"cannot write to the spool {settings.spool}: {exc.strerror} "
+                     "(is this user in the mailwatchd-submit group?)", exitcodes.NOPERM)
+    except OSError as exc:
+        return _fail(f"cannot write to the spool {settings.spool}: {exc}", exitcodes.CANTCREAT)
+    if not getattr(args, "quiet", False):
+        print(queue_id)
+    return exitcodes.OK
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    entries = list_entries(Spool(settings.spool, max_message_size=settings.max_message_size))
+    if args.json:
+        print(json.dumps({"spool": str(settings.spool), "messages": entries}, indent=2))
+    else:
+        print(render_table(entries))
+    return exitcodes.OK
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    spool = Spool(settings.spool)
+    pid = spool.running_pid()
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except PermissionError:
+            return _fail(f"not allowed to signal the daemon (pid {pid}); run as its user or root", exitcodes.NOPERM)
+        except ProcessLookupError:
+            return _fail("the daemon is not running", exitcodes.UNAVAILABLE)
+        print(f"flush requested from the daemon (pid {pid})")
+        return exitcodes.OK
+    count = 0
+    for queue_id in spool.names(Location.DEFERRED):
+        state = spool.load_state(queue_id)
+        if state is not None:
+            state.next_attempt_at = time.time()
+            spool.write_state(state)
+            count += 1
+    print(f"no daemon is running; {count} deferred message(s) will be tried as soon as it starts")
+    return exitcodes.OK
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    spool = Spool(settings.spool)
+    ids = spool.names(Location.FAILED) if args.failed else args.ids
+    if not ids:
+        return _fail("nothing to requeue (give queue ids, or --failed)", exitcodes.USAGE if not args.failed else 0)
+    missing = [queue_id for queue_id in ids if not _valid(queue_id) or not spool.requeue(queue_id)]
+    for queue_id in ids:
+        if queue_id not in missing:
+            print(f"requeued {queue_id}")
+    if missing:
+        return _fail(f"not found among failed or deferred messages: {', '.join(missing)}", exitcodes.NOINPUT)
+    return exitcodes.OK
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    spool = Spool(settings.spool)
+    missing = [queue_id for queue_id in args.ids if not _valid(queue_id) or not spool.delete(queue_id)]
+    for queue_id in args.ids:
+        if queue_id not in missing:
+            print(f"deleted {queue_id}")
+    if missing:
+        return _fail(f"no such message: {', '.join(missing)}", exitcodes.NOINPUT)
+    return exitcodes.OK
+
+
+def _valid(queue_id: str) -> bool:
+    return is_queue_id(queue_id)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from mailwatchd.diagnosis import run_check
+
+    settings = _settings(args)
+    report = asyncio.run(run_check(settings, send_test_to=args.send_test))
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, default=str))
+    else:
+        print(report.render_text())
+    return int(report.exit_code)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from mailwatchd.health import status_line
+
+    settings = _settings(args)
+    spool = Spool(settings.spool)
+    pid = spool.running_pid()
+    try:
+        status = json.loads((settings.spool / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        status = None
+    running = pid is not None and status is not None and status.get("pid") == pid
+    if args.json:
+        print(json.dumps({"running": running, "pid": pid, "status": status if running else None}, indent=2))
+    elif not running:
+        print(f"mailwatchd is not running on {settings.spool}")
+    else:
+        assert status is not None
+        age = time.time() - status["updated_at"]
+        print(f"mailwatchd running (pid {pid}), status updated {age:.0f}s ago")
+        print(status_line(status))
+        for relay in status["relays"]:
+            for endpoint in relay["endpoints"]:
+                state = {True: "up", False: "DOWN", None: "unknown"}[endpoint["up"]]
+                extra = f" ({endpoint['cause']}: {endpoint['detail']})" if endpoint["up"] is False else ""
+                print(f"  {relay['name']:<24} {endpoint['endpoint']:<32} {state}{extra}")
+        proc = status.get("process", {})
+        if proc:
+            print(f"  rss {proc.get('rss_bytes', 0) / 2**20:.1f} MiB, {proc.get('open_fds')} open fds, "
+                  f"{proc.get('spool_free_bytes', 0) / 2**30:.1f} GiB free on the spool's filesystem")
+    if not running:
+        return 3
+    assert status is not None
+    if not status["healthy"]:
+        return 2
+    if any(relay["health"] in ("down", "degraded") for relay in status["relays"]):
+        return 2 if all(relay["health"] == "down" for relay in status["relays"]) else 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", type=Path, default=argparse.SUPPRESS,
+                        help="env file with settings (default: $MAILWATCHD_CONFIG; else the environment only)")
+    parser = argparse.ArgumentParser(prog="mailwatchd", parents=[common],
+                                     description="A crash-safe outbound-mail daemon: spool, relays, probes.")
+    parser.add_argument("--version", action="version", version=f"mailwatchd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("run", parents=[common], help="run the daemon in the foreground").set_defaults(func=cmd_run)
+    p = sub.add_parser("check", parents=[common], help="probe every relay and diagnose problems")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--send-test", metavar="ADDRESS", help="also send a test message through the first healthy relay")
+    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("status", parents=[common], help="the running daemon's health")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("enqueue", parents=[common], help="queue a message read from standard input")
+    p.add_argument("-f", "--from", dest="sender", help="envelope sender (default: from the headers)")
+    p.add_argument("-q", "--quiet", action="store_true", help="do not print the queue id")
+    p.add_argument("recipients", nargs="*", help="envelope recipients (default: To, Cc, Bcc)")
+    p.set_defaults(func=cmd_enqueue)
+    p = sub.add_parser("sendmail", parents=[common], help="sendmail-compatible submission (-t, -i, -f, -F)",
+                       prefix_chars="+")
+    p.add_argument("sendmail_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_sendmail, quiet=True)
+    p = sub.add_parser("queue", parents=[common], help="list waiting, deferred and failed messages")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_queue)
+    sub.add_parser("flush", parents=[common], help="retry every deferred message now").set_defaults(func=cmd_flush)
+    p = sub.add_parser("requeue", parents=[common], help="give failed (or deferred) messages a fresh start")
+    p.add_argument("ids", nargs="*", metavar="ID")
+    p.add_argument("--failed", action="store_true", help="requeue every failed message")
+    p.set_defaults(func=cmd_requeue)
+    p = sub.add_parser("delete", parents=[common], help="remove messages from the spool")
+    p.add_argument("ids", nargs="+", metavar="ID")
+    p.set_defaults(func=cmd_delete)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    program = os.path.basename(sys.argv[0]) if argv is None else "mailwatchd"
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if program in ("sendmail", "sendmail.mailwatchd"):
+        argv = ["sendmail", *argv]
+    elif program == "mailq":
+        argv = ["queue", *argv]
+    if argv[:1] == ["sendmail"]:
+        # sendmail's own options (-t, -f...) must not reach argparse.
+        namespace = argparse.Namespace(config=None, sendmail_args=argv[1:], quiet=True, func=cmd_sendmail)
+        if len(argv) > 2 and argv[1] in ("--config", "-c"):
+            namespace.config, namespace.sendmail_args = Path(argv[2]), argv[3:]
+        args = namespace
+    else:
+        args = build_parser().parse_args(argv)
+        if not hasattr(args, "config"):
+            args.config = None
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"mailwatchd: configuration error: {exc.key}: {exc.problem}\n"
+              f"mailwatchd: fix: {exc.fix}", file=sys.stderr)
+        return exitcodes.CONFIG
+    except KeyboardInterrupt:
+        return 130

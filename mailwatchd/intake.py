@@ -1,0 +1,97 @@
+"""Intake: notice new files in new/ at once (inotify), claim them into queue/, and hand
+them to the scheduler. A periodic rescan is the safety net (inotify overflow, files that
+arrived while the daemon was down); it also clears abandoned tmp/ files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING
+
+from inotify_simple import INotify, flags
+
+from mailwatchd.logs import get_logger
+from mailwatchd.scheduler import WorkItem
+from mailwatchd.spool import Location, Refused
+
+if TYPE_CHECKING:
+    from mailwatchd.daemon import Daemon
+
+log = get_logger()
+# IN_MOVED_TO: a Maildir writer's rename from tmp/; IN_CLOSE_WRITE: a writer that created
+# the file in new/ directly and closed it (a file still open for writing is not taken).
+WATCH_MASK = flags.MOVED_TO | flags.CLOSE_WRITE
+
+
+class Intake:
+    """Claims drops from new/ for the daemon."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self._inotify: INotify | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._rescan_task: asyncio.Task[None] | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._inotify = INotify()
+        self._inotify.add_watch(str(self.daemon.spool.new), WATCH_MASK)
+        loop.add_reader(self._inotify.fileno(), self._on_events)
+        self.rescan()  # after the watch is set, so nothing falls between the two
+        self._rescan_task = asyncio.create_task(self._rescan_forever(), name="rescan")
+
+    def stop(self) -> None:
+        if self._inotify is not None and self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._inotify.fileno())
+            self._inotify.close()
+            self._inotify = None
+        if self._rescan_task is not None:
+            self._rescan_task.cancel()
+
+    def _on_events(self) -> None:
+        if self._inotify is None:
+            return
+        overflow = False
+        for event in self._inotify.read(timeout=0):
+            if event.mask & flags.Q_OVERFLOW:
+                overflow = True
+            elif event.name and not event.name.startswith("."):
+                self.claim(event.name)
+        if overflow:
+            log.warning("inotify_overflow", action="rescanning new/")
+            self.rescan()
+
+    async def _rescan_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.daemon.settings.rescan_interval)
+            self.rescan()
+            removed = self.daemon.spool.clean_tmp()
+            if removed:
+                log.info("tmp_cleaned", removed=removed)
+
+    def rescan(self) -> int:
+        """Claim everything waiting in new/; returns how many were claimed."""
+        return sum(1 for name in self.daemon.spool.drops() if self.claim(name))
+
+    def claim(self, name: str) -> bool:
+        daemon = self.daemon
+        if daemon.stopping:
+            return False
+        try:
+            claimed = daemon.spool.claim(name)
+        except OSError as exc:
+            log.error("claim_failed", source=name, detail=str(exc))
+            return False
+        if claimed is None:
+            return False
+        if isinstance(claimed, Refused):
+            log.warning("message_failed", queue_id=claimed.queue_id, source=name, reason=claimed.reason)
+            daemon.stats.failed += 1
+            daemon.stats.failed_total += 1
+            return False
+        daemon.scheduler.add_ready(WorkItem(claimed.queue_id, Location.QUEUE))
+        log.info("message_queued", queue_id=claimed.queue_id, source=claimed.source, size=claimed.size)
+        daemon.health.work_queued()
+        return True

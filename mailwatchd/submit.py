@@ -1,0 +1,155 @@
+"""The submitter's side: put a message durably into the spool's new/ directory.
+
+Maildir delivery: write tmp/<id>, fsync, rename into new/<id>, fsync new/. Nothing
+half-written is ever visible in new/. Never waits on the network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from email.utils import formataddr, formatdate, make_msgid
+from pathlib import Path
+
+from mailwatchd import envelope
+from mailwatchd.errors import MalformedMessage, SpoolFull
+from mailwatchd.messagestate import new_queue_id
+from mailwatchd.spool import fsync_dir, write_durably
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What a sendmail-style command line asked for."""
+
+    sender: str | None = None  # -f
+    full_name: str | None = None  # -F
+    recipients: tuple[str, ...] = ()
+    from_headers: bool = False  # -t
+    dot_ends_input: bool = True  # cleared by -i / -oi
+
+
+def enqueue(spool_root: Path, data: bytes) -> str:
+    """Store `data` in new/ durably; returns the queue id. SpoolFull when the disk is full."""
+    tmp_dir, new_dir = spool_root / "tmp", spool_root / "new"
+    for directory in (tmp_dir, new_dir):
+        if not directory.is_dir():
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    queue_id = new_queue_id()
+    temporary = tmp_dir / queue_id
+    write_durably(temporary, data, mode=0o640)
+    try:
+        os.rename(temporary, new_dir / queue_id)
+        fsync_dir(new_dir)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+            raise SpoolFull(str(exc)) from exc
+        raise
+    return queue_id
+
+
+def read_message(stream: object, dot_ends_input: bool) -> bytes:
+    """Read a message from a binary stream; classic sendmail stops at a lone '.' line."""
+    read = getattr(stream, "read")  # noqa: B009 - typed loosely to accept any binary stream
+    if not dot_ends_input:
+        return bytes(read())
+    lines = []
+    readline = getattr(stream, "readline")  # noqa: B009
+    while True:
+        line = readline()
+        if not line or line.rstrip(b"\r\n") == b".":
+            break
+        lines.append(line)
+    return b"".join(lines)
+
+
+def local_sender(default_domain: str | None) -> str:
+    return f"{getpass.getuser()}@{default_domain or socket.getfqdn()}"
+
+
+def prepare(raw: bytes, submission: Submission, default_domain: str | None) -> bytes:
+    """The spool file for a submission: headers completed, explicit envelope where given.
+
+    Adds From (from -f/-F or the local user), Date and Message-ID when missing, as MTAs
+    do on submission (RFC 6409 §8). MalformedMessage when it could not be sent.
+    """
+    if not raw.strip():
+        raise MalformedMessage("the message is empty")
+    try:
+        fields, _ = envelope.split_header(raw)
+        names = {field.name for field in fields}
+    except MalformedMessage:
+        names = set()
+        raw = b"\n" + raw  # a body with no header at all: headers are added in front
+    sender = envelope.qualify(submission.sender, default_domain) if submission.sender is not None else None
+    newline = b"\r\n" if b"\r\n" in raw[:2000] else b"\n"
+    added = []
+    if b"from" not in names:
+        address = sender or local_sender(default_domain)
+        added.append(f"From: {formataddr((submission.full_name or '', address))}".encode())
+    if b"date" not in names:
+        added.append(f"Date: {formatdate(time.time(), localtime=True)}".encode())
+    if b"message-id" not in names:
+        added.append(f"Message-ID: {make_msgid(domain=default_domain or socket.getfqdn())}".encode())
+    if added:
+        raw = newline.join(added) + newline + (raw[1:] if raw.startswith(b"\n") and not names else raw)
+    recipients = [envelope.qualify(r, default_domain) for r in submission.recipients]
+    if recipients and submission.from_headers:
+        parsed = envelope.parse("check", raw, default_domain=default_domain)
+        recipients = list(dict.fromkeys([*parsed.recipients, *recipients]))
+    if recipients or sender is not None:
+        if not recipients:
+            recipients = list(envelope.parse("check", raw, default_domain=default_domain).recipients)
+        if sender is None:
+            sender = envelope.sender_of(raw, default_domain=default_domain)
+        raw = envelope.with_envelope(raw, sender, recipients)
+    envelope.parse("check", raw, default_domain=default_domain)  # MalformedMessage if unusable
+    return raw
+
+
+def parse_sendmail_args(argv: Sequence[str]) -> Submission:
+    """Parse sendmail(8) options: -t, -i/-oi, -f, -F, -o*, -B*, -bm; the rest are recipients.
+
+    Raises ValueError with a message for options mailwatchd does not support.
+    """
+    sender: str | None = None
+    full_name: str | None = None
+    recipients: list[str] = []
+    from_headers = False
+    dot_ends = True
+    args = list(argv)
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        index += 1
+        if arg == "--":
+            recipients.extend(args[index:])
+            break
+        if not arg.startswith("-") or arg == "-":
+            recipients.append(arg)
+            continue
+        flag, value = arg[:2], arg[2:]
+        if flag in ("-f", "-r", "-F", "-O", "-N", "-R", "-V", "-X", "-L", "-p", "-h") and not value:
+            if index >= len(args):
+                raise ValueError(f"option {arg} needs a value")
+            value = args[index]
+            index += 1
+        if flag in ("-f", "-r"):
+            sender = value.strip("<>")
+        elif flag == "-F":
+            full_name = value
+        elif arg == "-t":
+            from_headers = True
+        elif arg in ("-i", "-oi") or (flag == "-o" and value == "i"):
+            dot_ends = False
+        elif flag == "-b" and value not in ("m", ""):
+            raise ValueError(f"mode -b{value} is not supported by `mailwatchd sendmail`; "
+                             "use `mailwatchd queue` (-bp) or `mailwatchd flush` (-q)")
+        # -o*, -B*, -N, -R, -V, -X, -L, -p, -h, -v, -m, -e*, -bm: accepted and ignored
+    return Submission(sender, full_name, tuple(recipients), from_headers, dot_ends)
