@@ -240,7 +240,7 @@ class Daemon:
         in_flight = sum(1 for worker in self.workers if worker.busy_since is not None)
         log.info("daemon_stopping", in_flight=in_flight, grace_s=self.settings.shutdown_grace)
         self.intake.stop()
-        self.scheduler.wake()
+        self.scheduler.close()
         pending = [task for task in self._worker_tasks if not task.done()]
         if pending and self._stop_requested < 2:
             waiter = asyncio.ensure_future(asyncio.wait(pending, timeout=self.settings.shutdown_grace))

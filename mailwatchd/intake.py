@@ -13,15 +13,18 @@ from inotify_simple import INotify, flags
 
 from mailwatchd.logs import get_logger
 from mailwatchd.scheduler import WorkItem
-from mailwatchd.spool import Location, Refused
+from mailwatchd.spool import Location, Pending, Refused
 
 if TYPE_CHECKING:
     from mailwatchd.daemon import Daemon
 
 log = get_logger()
-# IN_MOVED_TO: a Maildir writer's rename from tmp/; IN_CLOSE_WRITE: a writer that created
-# the file in new/ directly and closed it (a file still open for writing is not taken).
-WATCH_MASK = flags.MOVED_TO | flags.CLOSE_WRITE
+# IN_MOVED_TO: a Maildir writer's rename(2) from tmp/; IN_CREATE: a writer's link(2) from
+# tmp/ (taken once tmp/ lets go of it). Creating a file directly in new/ breaks the Maildir
+# protocol: it may be taken before it is complete.
+WATCH_MASK = flags.MOVED_TO | flags.CREATE
+PENDING_RETRY_S = 0.02
+PENDING_TRIES = 250  # then the periodic rescan takes over
 
 
 class Intake:
@@ -75,7 +78,7 @@ class Intake:
         """Claim everything waiting in new/; returns how many were claimed."""
         return sum(1 for name in self.daemon.spool.drops() if self.claim(name))
 
-    def claim(self, name: str) -> bool:
+    def claim(self, name: str, tries: int = 0) -> bool:
         daemon = self.daemon
         if daemon.stopping:
             return False
@@ -85,6 +88,10 @@ class Intake:
             log.error("claim_failed", source=name, detail=str(exc))
             return False
         if claimed is None:
+            return False
+        if isinstance(claimed, Pending):
+            if tries < PENDING_TRIES and self._loop is not None:
+                self._loop.call_later(PENDING_RETRY_S, self.claim, name, tries + 1)
             return False
         if isinstance(claimed, Refused):
             log.warning("message_failed", queue_id=claimed.queue_id, source=name, reason=claimed.reason)

@@ -35,6 +35,7 @@ class Scheduler:
         self._due_at: dict[str, float] = {}  # queue id → its live heap entry (lazy deletion)
         self._held: set[str] = set()  # ids ready or taken
         self._wake = asyncio.Event()
+        self.closed = False
 
     def __len__(self) -> int:
         return len(self._ready) + len(self._due_at)
@@ -112,7 +113,7 @@ class Scheduler:
     async def take(self, timeout: float | None = None) -> WorkItem | None:
         """The next ready message, waiting up to `timeout` seconds (None if none came)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
+        while not self.closed:
             next_due = self._promote_due()
             if self._ready:
                 return self._ready.popleft()
@@ -125,6 +126,12 @@ class Scheduler:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
+        return None
+
+    def close(self) -> None:
+        """Stop handing out work: takers waiting now, and later ones, get None."""
+        self.closed = True
+        self._wake.set()
 
     def wake(self) -> None:
         """Wake waiting takers (e.g. to let them notice a stop)."""

@@ -66,6 +66,14 @@ class Refused:
     reason: str
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A drop still being delivered: a Maildir writer that link(2)s tmp/X to new/X and has
+    not yet unlinked tmp/X (Python's mailbox.Maildir does this). Try again shortly."""
+
+    source: str
+
+
 @dataclass
 class Recovery:
     """What start-up found: messages ready now, deferred ones with their due time."""
@@ -190,7 +198,7 @@ class Spool:
     def exists(self, queue_id: str) -> bool:
         return any(os.path.lexists(self.dir(loc) / queue_id) for loc in Location)
 
-    def claim(self, name: str) -> Claimed | Refused | None:
+    def claim(self, name: str) -> Claimed | Refused | Pending | None:
         """Move new/<name> into queue/, or what cannot be a message into failed/.
 
         Returns None when the entry vanished before it could be taken.
@@ -202,6 +210,8 @@ class Spool:
             return None
         problem = describe_non_regular(st.st_mode)
         if problem is None and st.st_nlink > 1:
+            if self._tmp_twin(name, st):
+                return Pending(name)
             problem = f"has {st.st_nlink} hard links"
         if problem is None and st.st_size > self.max_message_size:
             problem = f"is too large ({st.st_size} bytes; the limit is {self.max_message_size})"
@@ -218,6 +228,14 @@ class Spool:
         except FileNotFoundError:
             return None
         return Claimed(queue_id, name, st.st_mtime, st.st_size)
+
+    def _tmp_twin(self, name: str, st: os.stat_result) -> bool:
+        """True when tmp/<name> is the same inode: a link-then-unlink delivery in progress."""
+        try:
+            twin = os.lstat(self.tmp / name)
+        except OSError:
+            return False
+        return st.st_nlink == 2 and (twin.st_dev, twin.st_ino) == (st.st_dev, st.st_ino)
 
     def refuse_drop(self, name: str, reason: str) -> str | None:
         """Move a drop that cannot be claimed into failed/ with `reason`."""

@@ -29,7 +29,7 @@ def test_sigkill_at_random_moments_loses_nothing(smtp_server: SmtpServer, spool_
     rng = random.Random()
     seed = rng.randrange(2**32)
     rng.seed(seed)
-    env = relay_env(clean_env, spool_dir, smtp_server.host, smtp_server.port, MAILWATCHD_LOG_LEVEL="warning",
+    env = relay_env(clean_env, spool_dir, smtp_server.host, smtp_server.port,
                     MAILWATCHD_CONCURRENCY="2")
     for path in ("tmp", "new"):
         (spool_dir / path).mkdir()
