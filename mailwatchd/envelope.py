@@ -57,7 +57,7 @@ def split_header(raw: bytes) -> tuple[list[HeaderField], bytes]:
         head, rest = raw[:head_end], raw[head_end:]
     else:
         head, rest = raw, b""
-    if head.startswith(b"From ") and b"\n" in head:
+    if head.startswith(b"From ") and b"\n" in head and not _FIELD_NAME.match(head):
         head = head[head.index(b"\n") + 1 :]  # an mbox "From " separator line is not a field
     fields: list[HeaderField] = []
     for line in head.splitlines(keepends=True):
@@ -83,7 +83,23 @@ def _value(field: HeaderField) -> str:
 
 
 def _addresses(values: Sequence[str]) -> list[str]:
-    return [address for _, address in getaddresses(list(values)) if address]
+    """Addresses in address-list header values (RFC 5322 §3.4)."""
+    found: list[str] = []
+    for value in values:
+        if any(ch in value for ch in '"(\\;:'):
+            # Quoted names, comments, groups: the full parser.
+            found.extend(address for _, address in getaddresses([value]) if address)
+            continue
+        for part in value.split(","):
+            start = part.rfind("<")
+            if start == -1:
+                address = part.strip()
+            else:
+                end = part.find(">", start)
+                address = (part[start + 1 : end] if end != -1 else part[start + 1 :]).strip()
+            if address:
+                found.append(address)
+    return found
 
 
 def qualify(address: str, default_domain: str | None) -> str:

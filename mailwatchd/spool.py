@@ -133,6 +133,10 @@ class Spool:
         self.meta = root / "meta"
         self.lock_path = root / "mailwatchd.lock"
         self._lock_fd: int | None = None
+        # Plain strings for the per-message paths: pathlib costs more than the syscalls here.
+        self._dirs = {location: os.path.join(root, location.value) for location in Location}
+        self._new = str(self.new)
+        self._meta = str(self.meta)
 
     def dir(self, location: Location) -> Path:
         return self.root / location.value
@@ -188,6 +192,8 @@ class Spool:
             return []
 
     def _fresh_id(self, preferred: str | None = None) -> str:
+        # A submitter's name is kept only if it is id-shaped and free: a drop must never be
+        # able to replace a queued message by reusing its id.
         if preferred is not None and is_queue_id(preferred) and not self.exists(preferred):
             return preferred
         while True:
@@ -196,14 +202,14 @@ class Spool:
                 return queue_id
 
     def exists(self, queue_id: str) -> bool:
-        return any(os.path.lexists(self.dir(loc) / queue_id) for loc in Location)
+        return any(os.path.lexists(f"{directory}/{queue_id}") for directory in self._dirs.values())
 
     def claim(self, name: str) -> Claimed | Refused | Pending | None:
         """Move new/<name> into queue/, or what cannot be a message into failed/.
 
         Returns None when the entry vanished before it could be taken.
         """
-        source = self.new / name
+        source = f"{self._new}/{name}"
         try:
             st = os.lstat(source)
         except FileNotFoundError:
@@ -220,11 +226,11 @@ class Spool:
             state = MessageState(queue_id, st.st_mtime, State.FAILED, source=name,
                                  reason=f"refused: the spool entry {problem}")
             self.write_state(state)
-            if not self._move(source, self.dir(Location.FAILED) / queue_id):
+            if not self._move(Path(source), self.dir(Location.FAILED) / queue_id):
                 return None
             return Refused(queue_id, name, state.reason or "")
         try:
-            os.rename(source, self.dir(Location.QUEUE) / queue_id)
+            os.rename(source, f"{self._dirs[Location.QUEUE]}/{queue_id}")
         except FileNotFoundError:
             return None
         return Claimed(queue_id, name, st.st_mtime, st.st_size)
@@ -232,7 +238,7 @@ class Spool:
     def _tmp_twin(self, name: str, st: os.stat_result) -> bool:
         """True when tmp/<name> is the same inode: a link-then-unlink delivery in progress."""
         try:
-            twin = os.lstat(self.tmp / name)
+            twin = os.lstat(os.path.join(self.tmp, name))
         except OSError:
             return False
         return st.st_nlink == 2 and (twin.st_dev, twin.st_ino) == (st.st_dev, st.st_ino)
@@ -259,9 +265,8 @@ class Spool:
 
     def read(self, queue_id: str, location: Location) -> bytes:
         """The message's bytes; RefusedSpoolEntry if it is not a safe regular file."""
-        path = self.dir(location) / queue_id
         try:
-            fd = os.open(path, _READ_FLAGS)
+            fd = os.open(f"{self._dirs[location]}/{queue_id}", _READ_FLAGS)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise RefusedSpoolEntry("refused: the spool entry is a symbolic link") from None
@@ -297,7 +302,7 @@ class Spool:
     def load_state(self, queue_id: str) -> MessageState | None:
         """The message's state, or None when it has none (or it is unreadable)."""
         try:
-            fd = os.open(self.meta_path(queue_id), _READ_FLAGS)
+            fd = os.open(f"{self._meta}/{queue_id}.json", _READ_FLAGS)
         except OSError:
             return None
         try:
@@ -329,12 +334,13 @@ class Spool:
             fsync_dir(source.parent)
         return True
 
-    def delivered(self, queue_id: str, location: Location) -> None:
-        """Forget a message the relay accepted."""
+    def delivered(self, queue_id: str, location: Location, *, has_state: bool = True) -> None:
+        """Forget a message the relay accepted (`has_state=False`: it never had a meta file)."""
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.dir(location) / queue_id)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.meta_path(queue_id))
+            os.unlink(f"{self._dirs[location]}/{queue_id}")
+        if has_state:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{self._meta}/{queue_id}.json")
 
     def defer(self, state: MessageState, location: Location) -> bool:
         """Record the next attempt, then move the message to deferred/ (False if it vanished)."""

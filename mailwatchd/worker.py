@@ -131,7 +131,8 @@ class Worker:
         daemon = self.daemon
         spool = daemon.spool
         queue_id, location = item.queue_id, item.location
-        state = spool.load_state(queue_id) or MessageState(queue_id, queue_id_time(queue_id))
+        loaded = spool.load_state(queue_id)
+        state = loaded or MessageState(queue_id, queue_id_time(queue_id))
         try:
             raw = spool.read(queue_id, location)
         except FileNotFoundError:
@@ -150,7 +151,7 @@ class Worker:
         result = await self._deliver(message)
         if result is None:
             return Followup(give_back=True)
-        return self._settle(state, location, raw, message, result)
+        return self._settle(state, location, raw, message, result, has_state=loaded is not None)
 
     async def _deliver(self, message: OutgoingMessage) -> DeliveryResult | None:
         """One attempt, failing over across endpoints and relays; None if none is usable now."""
@@ -174,7 +175,7 @@ class Worker:
         return None
 
     def _settle(self, state: MessageState, location: Location, raw: bytes, message: OutgoingMessage,
-                result: DeliveryResult) -> Followup:
+                result: DeliveryResult, *, has_state: bool = True) -> Followup:
         daemon = self.daemon
         spool = daemon.spool
         now = time.time()
@@ -190,7 +191,7 @@ class Worker:
                 due = now + retry_delay(1, daemon.settings.retry_min, daemon.settings.retry_max)
                 part = self._split(state, raw, message, temporary, Location.DEFERRED, now, due=due)
                 followup.retry_at.append((due, part))
-            spool.delivered(message.queue_id, location)
+            daemon.forget(message.queue_id, location, has_state=has_state)
             accepted = len(message.recipients) - len(result.refused)
             log.info("message_delivered", **base, recipients=accepted, attempt=state.attempts + 1,
                      endpoint=result.endpoint, reply=result.detail)

@@ -126,6 +126,7 @@ def test_starttls_required_but_not_offered_sends_nothing_and_keeps_the_message(
     server = smtp_server_factory(starttls=False)
     daemon = daemons(relay_env(clean_env, spool_dir, server.host, server.port, EMAIL_USE_TLS="true"))
     drop(spool_dir, message(3), "m3")
+    daemon.wait_event("message_queued")
     down = daemon.wait_event("relay_down")[0]
     assert down["cause"] == "starttls_unavailable"
     assert server.handler.messages == []
@@ -146,6 +147,7 @@ def test_certificate_from_unknown_ca_is_refused(smtp_server: SmtpServer, spool_d
                                                 clean_env: dict[str, str], daemons: Any) -> None:
     daemon = daemons(relay_env(clean_env, spool_dir, "localhost", smtp_server.port, EMAIL_USE_TLS="true"))
     drop(spool_dir, message(5), "m5")
+    daemon.wait_event("message_queued")
     assert daemon.wait_event("relay_down")[0]["cause"] == "tls_untrusted"
     assert smtp_server.handler.messages == []
     assert spool_names(spool_dir, "queue")["queue"]
