@@ -45,6 +45,12 @@ class Received:
     authenticated_as: str | None
 
 
+def _implicit_tls(server: SMTP) -> bool:
+    """aiosmtpd sets session.ssl only after STARTTLS; implicit TLS shows on the transport."""
+    transport = server.transport
+    return transport is not None and transport.get_extra_info("ssl_object") is not None
+
+
 @dataclass
 class RecordingHandler:
     """Accepts every message and keeps it; subclasses override one hook per failure mode."""
@@ -58,7 +64,7 @@ class RecordingHandler:
             user = login.login.decode() if isinstance(login, LoginPassword) else None
             self.messages.append(Received(envelope.mail_from or "", list(envelope.rcpt_tos),
                                           bytes(envelope.original_content or b""),
-                                          session.ssl is not None, user))
+                                          session.ssl is not None or _implicit_tls(server), user))
             self.lock.notify_all()
         return "250 2.0.0 OK: queued"
 

@@ -1,0 +1,190 @@
+"""Failover scenarios from the incidents, end to end through a real daemon child."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from tests.conftest import LOOPBACK, LoopbackController, RecordingHandler, SmtpServer, wait_until
+from tests.daemonproc import DaemonProcess, message, relay_env, run_cli, spool_names
+from tests.rawservers import BlackHole
+
+
+@pytest.fixture
+def daemons() -> Any:
+    started: list[DaemonProcess] = []
+
+    def start(env: dict[str, str], *args: str) -> DaemonProcess:
+        daemon = DaemonProcess(env).start(*args)
+        started.append(daemon)
+        return daemon.wait_ready()
+
+    yield start
+    for daemon in started:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.kill()
+
+
+def drop(spool: Path, data: bytes, name: str) -> None:
+    for sub in ("tmp", "new"):
+        (spool / sub).mkdir(parents=True, exist_ok=True)
+    (spool / "tmp" / name).write_bytes(data)
+    (spool / "tmp" / name).rename(spool / "new" / name)
+
+
+class QuotaExceeded(RecordingHandler):
+    """Gmail's answer once the daily sending limit is reached."""
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          mail_options: list[str]) -> str:
+        return "550 5.4.5 Daily user sending quota exceeded."
+
+
+def test_blackholed_587_fails_over_to_465_and_check_says_so(
+        smtp_server_factory: Any, spool_dir: Path, ca_file: Path, clean_env: dict[str, str], daemons: Any) -> None:
+    tls_server = smtp_server_factory(implicit_tls=True)
+    with BlackHole() as hole:
+        env = relay_env(clean_env, spool_dir, "localhost", hole.port, EMAIL_USE_TLS="true",
+                        EMAIL_SSL_CAFILE=str(ca_file), MAILWATCHD_FALLBACK_PORTS=f"{tls_server.port}/ssl",
+                        MAILWATCHD_CONNECT_TIMEOUT="1s")
+        daemon = daemons(env)
+        for index in range(3):
+            drop(spool_dir, message(index), f"m{index}")
+        received = tls_server.handler.wait_for(3)
+        assert all(item.tls for item in received)
+        down = daemon.wait_event("relay_down", lambda e: str(hole.port) in e["endpoint"])[0]
+        assert down["cause"] == "connect_timeout"
+        # The circuit breaker spares later messages the black hole's timeout: at most the two
+        # workers' first, concurrent attempts paid it, never the third message.
+        assert len(daemon.named("relay_failover")) <= 2
+
+        started = time.monotonic()
+        result = run_cli(env, "check", "--json")
+        elapsed = time.monotonic() - started
+    report = json.loads(result.stdout)
+    by_port = {entry["port"]: entry for entry in report["endpoints"]}
+    assert by_port[hole.port]["ok"] is False and by_port[hole.port]["cause"] == "connect_timeout"
+    assert by_port[tls_server.port]["ok"] is True and by_port[tls_server.port]["tls"] in ("ssl", "implicit")
+    assert by_port[hole.port]["hint"]
+    assert result.returncode in (0, 1), "mail can flow through 465"
+    assert elapsed < 15, f"check took {elapsed:.1f}s: a black hole must cost one connect timeout"
+
+
+def test_primary_auth_failure_falls_back_to_the_second_provider(
+        smtp_server_factory: Any, spool_dir: Path, ca_file: Path, clean_env: dict[str, str], daemons: Any) -> None:
+    primary = smtp_server_factory(users={"app": "right-password"})
+    fallback = smtp_server_factory()
+    env = relay_env(clean_env, spool_dir, "localhost", primary.port, EMAIL_USE_TLS="true",
+                    EMAIL_SSL_CAFILE=str(ca_file), EMAIL_HOST_USER="app", EMAIL_HOST_PASSWORD="wrong-password",
+                    MAILWATCHD_RELAYS=f"smtp+tls://localhost:{fallback.port}?name=fallback&cafile={ca_file}")
+    daemon = daemons(env)
+    for index in range(3):
+        drop(spool_dir, message(index), f"m{index}")
+    fallback.handler.wait_for(3)
+    assert primary.handler.messages == []
+    assert daemon.wait_event("relay_down", lambda e: e["relay"] == "localhost")[0]["cause"] == "auth_failed"
+    wait_until(lambda: not any(spool_names(spool_dir, "new", "queue", "deferred", "failed").values()),
+               message="an empty spool: nothing bounced")
+    assert not daemon.named("message_failed")
+    assert all("wrong-password" not in line for line in daemon.raw_lines)
+
+
+def test_quota_reply_spills_over_to_the_next_relay(smtp_server_factory: Any, spool_dir: Path,
+                                                   clean_env: dict[str, str], daemons: Any) -> None:
+    gmail = smtp_server_factory(QuotaExceeded(), starttls=False)
+    backup = smtp_server_factory(starttls=False)
+    env = relay_env(clean_env, spool_dir, gmail.host, gmail.port,
+                    MAILWATCHD_RELAYS=f"smtp://{backup.host}:{backup.port}?name=backup")
+    daemon = daemons(env)
+    drop(spool_dir, message(1), "m1")
+    backup.handler.wait_for(1)
+    delivered = daemon.wait_event("message_delivered")[0]
+    assert delivered["relay"] == "backup"
+    assert not daemon.named("message_failed")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return int(probe.getsockname()[1])
+
+
+def test_all_relays_down_then_back_drains_within_seconds(spool_dir: Path, clean_env: dict[str, str],
+                                                         daemons: Any) -> None:
+    port = free_port()
+    env = relay_env(clean_env, spool_dir, LOOPBACK, port, MAILWATCHD_PROBE_INTERVAL_DOWN="300ms")
+    daemon = daemons(env)
+    for index in range(5):
+        drop(spool_dir, message(index), f"m{index}")
+    daemon.wait_event("relay_down")
+    daemon.wait_event("message_queued", count=5)
+    assert not daemon.named("message_failed")
+    assert len(spool_names(spool_dir, "queue")["queue"]) == 5
+    status = run_cli(env, "status", "--json")
+    assert status.returncode == 2 and json.loads(status.stdout)["status"]["relays"][0]["health"] == "down"
+
+    handler = RecordingHandler()
+    controller = LoopbackController(handler, hostname=LOOPBACK, port=port)
+    controller.start()
+    try:
+        back = time.monotonic()
+        handler.wait_for(5, timeout=20)
+        drained_in = time.monotonic() - back
+        assert drained_in < 5, f"the queue drained {drained_in:.1f}s after the relay came back"
+        daemon.wait_event("relay_up")
+    finally:
+        controller.stop()
+    assert not daemon.named("message_failed")
+
+
+def test_reload_switches_relay_and_keeps_the_old_one_on_a_bad_file(
+        smtp_server_factory: Any, spool_dir: Path, clean_env: dict[str, str], daemons: Any, tmp_path: Path) -> None:
+    first = smtp_server_factory(starttls=False)
+    second = smtp_server_factory(starttls=False)
+    config = tmp_path / "mailwatchd.env"
+    config.write_text(f"EMAIL_HOST={first.host}\nEMAIL_PORT={first.port}\n")
+    env = relay_env(clean_env, spool_dir, first.host, first.port)
+    for key in ("EMAIL_HOST", "EMAIL_PORT"):
+        env.pop(key)
+    daemon = daemons(env, "--config", str(config))
+    drop(spool_dir, message(1), "m1")
+    first.handler.wait_for(1)
+
+    config.write_text("EMAIL_HOST=x\nEMAIL_USE_TLS=true\nEMAIL_USE_SSL=true\n")
+    daemon.signal(signal.SIGHUP)
+    failed = daemon.wait_event("config_reload_failed")[0]
+    assert failed["key"] == "EMAIL_USE_SSL"
+    drop(spool_dir, message(2), "m2")
+    first.handler.wait_for(2)
+
+    config.write_text(f"EMAIL_HOST={second.host}\nEMAIL_PORT={second.port}\n")
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_event("config_reloaded")
+    drop(spool_dir, message(3), "m3")
+    assert b"test 3" in second.handler.wait_for(1)[0].data
+    assert len(first.handler.messages) == 2
+
+
+def test_status_reports_a_running_healthy_daemon(smtp_server: SmtpServer, spool_dir: Path,
+                                                 clean_env: dict[str, str], daemons: Any) -> None:
+    env = relay_env(clean_env, spool_dir, smtp_server.host, smtp_server.port)
+    assert run_cli(env, "status").returncode == 3
+    daemon = daemons(env)
+    drop(spool_dir, message(1), "m1")
+    smtp_server.handler.wait_for(1)
+    daemon.wait_event("relay_up")
+    result = wait_until(lambda: (r := run_cli(env, "status", "--json")).returncode == 0 and
+                        json.loads(r.stdout)["status"]["totals"]["delivered"] == 1 and r, message="status")
+    status = json.loads(result.stdout)["status"]
+    assert status["pid"] == daemon.pid and status["healthy"] is True
+    assert status["process"]["rss_bytes"] > 0 and status["process"]["open_fds"] > 0
+    assert status["relays"][0]["health"] == "up"
+    text = run_cli(env, "status")
+    assert text.returncode == 0 and b"running" in text.stdout
