@@ -262,20 +262,33 @@ def test_second_sigterm_stops_at_once_and_the_message_stays_queued(
     wait_until(lambda: spool_is_empty(spool_dir), message="delivered after restart")
 
 
-def test_embedded_default_delivers_to_the_local_outbox(spool_dir: Path, clean_env: dict[str, str],
-                                                       daemons: Any) -> None:
+README_MESSAGE = b"From: app@example.com\nTo: you@example.org\nSubject: hello\n\nIt works.\n"
+
+
+def test_readme_quick_start_delivers_to_the_local_outbox(spool_dir: Path, clean_env: dict[str, str]) -> None:
+    """The README's first command: `sendmail -t` with no daemon running, then `run`, then Ctrl-C."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert "printf 'From: app@example.com\\nTo: you@example.org\\nSubject: hello\\n\\nIt works.\\n'" in readme
+    assert "| .venv/bin/mailwatchd sendmail -t && .venv/bin/mailwatchd run" in readme
     env = dict(clean_env, MAILWATCHD_SPOOL=str(spool_dir))
-    daemon = daemons(env)
-    assert daemon.named("no_relay_configured")
-    result = run_cli(env, "enqueue", stdin=message(11))
-    assert result.returncode == 0, result.stderr
-    queue_id = result.stdout.decode().strip()
-    daemon.wait_event("message_delivered", lambda e: e["queue_id"] == queue_id)
-    outbox = mailbox.Maildir(str(spool_dir / "outbox"), create=False)
-    messages = list(outbox)
-    assert len(messages) == 1 and messages[0]["Subject"] == "test 11"
-    status = json.loads(run_cli(env, "status", "--json").stdout)
-    assert status["running"] and status["status"]["mode"] == "outbox"
+    submitted = run_cli(env, "sendmail", "-t", stdin=README_MESSAGE)
+    assert submitted.returncode == 0, submitted.stderr
+    assert len(os.listdir(spool_dir / "new")) == 1
+    daemon = DaemonProcess(dict(env, MAILWATCHD_LOG_FORMAT="console")).start()
+    try:
+        wait_until(lambda: any("message_delivered" in line for line in daemon.raw_lines), message="delivery")
+        assert any("no_relay_configured" in line for line in daemon.raw_lines)
+        outbox = mailbox.Maildir(str(spool_dir / "outbox"), create=False)
+        messages = list(outbox)
+        assert len(messages) == 1 and messages[0]["Subject"] == "hello"
+        assert messages[0]["Message-ID"] and messages[0]["Date"], "sendmail adds the missing headers"
+        status = json.loads(run_cli(env, "status", "--json").stdout)
+        assert status["running"] and status["status"]["mode"] == "outbox"
+        assert "NO RELAY CONFIGURED" in run_cli(env, "status").stdout.decode()
+    finally:
+        daemon.signal(signal.SIGINT)
+        assert daemon.wait_exit(20) == 0
+    assert spool_is_empty(spool_dir)
 
 
 def test_restart_recovers_claimed_messages(smtp_server: SmtpServer, spool_dir: Path, clean_env: dict[str, str],
