@@ -6,6 +6,7 @@ keys start with MAILWATCHD_. Every problem raises ConfigError naming the key and
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -272,7 +273,7 @@ def load_environment(config_path: Path | None, environ: Mapping[str, str]) -> di
                                   "check the spelling against the README's list of settings")
             merged[key] = value or ""
     for key, value in environ.items():
-        if key.startswith(("EMAIL_", "MAILWATCHD_")):
+        if key.startswith(("EMAIL_", "MAILWATCHD_")) or key == "CREDENTIALS_DIRECTORY":
             merged[key] = value
     return merged
 
@@ -349,6 +350,8 @@ def load_settings(config_path: Path | str | None = None,
         extra["log_level"] = raw.lower()
 
     relays = list(_email_relay(get, env))
+    for relay in relays:
+        _refuse_plaintext_credentials(relay, "EMAIL_USE_TLS", "MAILWATCHD_FALLBACK_PORTS")
     if (raw := get("MAILWATCHD_RELAYS")) is not None:
         names = {relay.name for relay in relays}
         offset = len(relays)
@@ -357,27 +360,34 @@ def load_settings(config_path: Path | str | None = None,
             if relay.name in names:
                 raise ConfigError("MAILWATCHD_RELAYS", f"two relays are named {relay.name!r}",
                                   "give each relay a distinct ?name=")
+            _refuse_plaintext_credentials(relay, "MAILWATCHD_RELAYS", "MAILWATCHD_RELAYS")
             names.add(relay.name)
             relays.append(relay)
 
-    for relay in relays:
-        _refuse_plaintext_credentials(relay)
     return Settings(spool=spool, outbox=outbox, relays=tuple(relays), config_path=path,
                     **durations, **extra)  # type: ignore[arg-type]
 
 
-_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "localhost.localdomain"})
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
 
 
-def _refuse_plaintext_credentials(relay: RelayConfig) -> None:
+def _is_loopback(host: str) -> bool:
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name such as 127.example.com is not loopback
+
+
+def _refuse_plaintext_credentials(relay: RelayConfig, key: str, fallback_key: str) -> None:
     """A password is never sent over an unencrypted connection to another machine."""
     if relay.password is None:
         return
-    for endpoint in relay.endpoints:
-        if endpoint.tls is TlsMode.NONE and endpoint.host not in _LOOPBACK_NAMES \
-                and not endpoint.host.startswith("127."):
-            key = "EMAIL_USE_TLS" if relay.name == endpoint.host else "MAILWATCHD_RELAYS"
-            raise ConfigError(key, f"credentials for {endpoint} would be sent without TLS",
+    for index, endpoint in enumerate(relay.endpoints):
+        if endpoint.tls is TlsMode.NONE and not _is_loopback(endpoint.host):
+            raise ConfigError(key if index == 0 else fallback_key,
+                              f"credentials for {endpoint} would be sent without TLS",
                               "use EMAIL_USE_TLS=true (587) or EMAIL_USE_SSL=true (465), or smtp+tls:// / smtp+ssl://")
 
 
@@ -453,7 +463,7 @@ def parse_relay_url(key: str, url: str, env: Mapping[str, str], *, index: int = 
     (implicit TLS). Query keys: name, ports, password_file (relative names are looked up in
     $CREDENTIALS_DIRECTORY), cafile, certfile, keyfile, verify, max_per_minute, max_per_day.
     """
-    shown = re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
+    shown = re.sub(r"//([^:@/?#]*):.*@", r"//\1:***@", url)  # to the last @: a password may hold one
     parts = urlsplit(url)
     mode = _SCHEMES.get(parts.scheme.lower())
     if mode is None:
@@ -481,7 +491,8 @@ def parse_relay_url(key: str, url: str, env: Mapping[str, str], *, index: int = 
     password = _password(key, inline, key, query.get("password_file"), env)
     if password is not None and username is None:
         raise ConfigError(key, f"{shown!r} has a password but no user", "write smtp+tls://user@host")
-    cafile, certfile, keyfile = _tls_files(key, query.get("cafile"), key, query.get("certfile"), key, query.get("keyfile"))
+    cafile, certfile, keyfile = _tls_files(key, query.get("cafile"), key, query.get("certfile"),
+                                           key, query.get("keyfile"))
     verify = parse_bool(key, query.get("verify", "true"))
     per_minute, per_day = _limits(key, query.get("max_per_minute"), key, query.get("max_per_day"))
     name = query.get("name") or (host if index == 0 else f"{host}#{index}")

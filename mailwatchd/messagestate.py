@@ -11,7 +11,7 @@ from enum import StrEnum
 
 # 14 hex digits of microseconds since the epoch (good until the year 4253) then 24 random
 # bits: ids sort by creation time, never contain a path separator, and have a fixed length.
-QUEUE_ID_PATTERN = re.compile(r"^[0-9A-F]{20}$")
+QUEUE_ID_PATTERN = re.compile(r"\A[0-9A-F]{20}\Z")  # \Z: "$" would accept a trailing newline
 HISTORY_LIMIT = 10
 
 

@@ -171,14 +171,16 @@ class Router:
             health.open_until = 0.0
         else:
             health.failures += 1
-            health.open_until = now + min(BREAKER_MAX_S, BREAKER_MIN_S * 2 ** (health.failures - 1))
+            # The exponent is capped: 2 ** n for thousands of failures does not fit in a float.
+            health.open_until = now + min(BREAKER_MAX_S, BREAKER_MIN_S * 2 ** min(health.failures - 1, 30))
         health.up = up
         if was is up:
             return None
         health.last_change = now
         if up:
             self.changed.set()
-        relay_name = next(r.config.name for r in self.relays if health in r.endpoints)
+        # By identity: two relays may share an endpoint, and equal-valued health records.
+        relay_name = next(r.config.name for r in self.relays if any(ep is health for ep in r.endpoints))
         return Transition(relay_name, health.endpoint, up, cause, detail)
 
     def reset(self) -> None:

@@ -106,7 +106,12 @@ def fsync_dir(path: Path) -> None:
 
 def write_durably(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write `data` to a new file at `path` and fsync it; SpoolFull when the disk is full."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno in _FULL_ERRNOS:  # no free inode, or no room for the directory entry
+            raise SpoolFull(f"the spool's filesystem is full ({exc.strerror})") from exc
+        raise
     try:
         view = memoryview(data)
         while view:
@@ -384,8 +389,10 @@ class Spool:
                     with contextlib.suppress(OSError):
                         os.unlink(entry.path)
         present: set[str] = set(self.drops())  # a requeued message keeps its history in new/
-        for location in Location:
-            for name in self.names(location):
+        # Listed before any move, so a message moved to a later directory is not seen twice.
+        listed = {location: self.names(location) for location in Location}
+        for location, names in listed.items():
+            for name in names:
                 present.add(name)
                 state = self.load_state(name)
                 wanted = _LOCATION_OF[state.state] if state else location
@@ -394,13 +401,14 @@ class Spool:
                     if self._move(self.dir(location) / name, self.new / name):
                         recovery.completed_moves += 1
                     continue
+                where = location
                 if wanted is not location and not os.path.lexists(self.dir(wanted) / name):
                     self._move(self.dir(location) / name, self.dir(wanted) / name)
                     recovery.completed_moves += 1
-                    location = wanted
-                if location is Location.QUEUE:
+                    where = wanted
+                if where is Location.QUEUE:
                     recovery.ready.append(name)
-                elif location is Location.DEFERRED:
+                elif where is Location.DEFERRED:
                     due = state.next_attempt_at if state and state.next_attempt_at is not None else now
                     recovery.deferred.append((due, name))
         for entry in _scandir(self.meta):

@@ -81,14 +81,15 @@ def prepare(raw: bytes, submission: Submission, default_domain: str | None) -> b
     """
     if not raw.strip():
         raise MalformedMessage("the message is empty")
+    newline = b"\r\n" if b"\r\n" in raw[:2000] else b"\n"
     try:
         fields, _ = envelope.split_header(raw)
         names = {field.name for field in fields}
     except MalformedMessage:
         names = set()
-        raw = b"\n" + raw  # a body with no header at all: headers are added in front
+        if not raw.startswith((b"\n", b"\r\n")):
+            raw = newline + raw  # a body with no header at all: the blank line that will end the added ones
     sender = envelope.qualify(submission.sender, default_domain) if submission.sender is not None else None
-    newline = b"\r\n" if b"\r\n" in raw[:2000] else b"\n"
     added = []
     if b"from" not in names:
         address = sender or local_sender(default_domain)
@@ -98,7 +99,7 @@ def prepare(raw: bytes, submission: Submission, default_domain: str | None) -> b
     if b"message-id" not in names:
         added.append(f"Message-ID: {make_msgid(domain=default_domain or socket.getfqdn())}".encode())
     if added:
-        raw = newline.join(added) + newline + (raw[1:] if raw.startswith(b"\n") and not names else raw)
+        raw = newline.join(added) + newline + raw
     recipients = [envelope.qualify(r, default_domain) for r in submission.recipients]
     if recipients and submission.from_headers:
         parsed = envelope.parse("check", raw, default_domain=default_domain)

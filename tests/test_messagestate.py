@@ -1,0 +1,153 @@
+"""Queue ids (spool file names) and the per-message state kept in meta/."""
+
+from __future__ import annotations
+
+import json
+import string
+import time
+from decimal import ROUND_HALF_EVEN, Decimal
+
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from mailwatchd.messagestate import (
+    HISTORY_LIMIT,
+    QUEUE_ID_PATTERN,
+    Attempt,
+    MessageState,
+    State,
+    is_queue_id,
+    new_queue_id,
+    queue_id_time,
+)
+
+# From 1970 to the year 4253 (14 hex digits of microseconds).
+now_ns = st.integers(min_value=0, max_value=16**14 * 1000 - 1)
+
+
+@given(now_ns)
+def test_queue_id_shape(ns: int) -> None:
+    queue_id = new_queue_id(ns)
+    assert QUEUE_ID_PATTERN.match(queue_id)
+    assert is_queue_id(queue_id)
+    assert len(queue_id) == 20
+    assert not set(queue_id) & set("/.:\0 \n")
+    assert set(queue_id) <= set("0123456789ABCDEF")
+
+
+@given(st.integers(min_value=0, max_value=2**33 * 10**9 - 1))  # a float epoch holds microseconds until 2242
+def test_queue_id_time_round_trips_to_the_microsecond(ns: int) -> None:
+    seconds = queue_id_time(new_queue_id(ns))
+    assert (Decimal(seconds) * 1_000_000).to_integral_value(ROUND_HALF_EVEN) == ns // 1000
+
+
+@given(now_ns, now_ns)
+def test_queue_ids_sort_by_creation_time(first: int, second: int) -> None:
+    assume(first // 1000 != second // 1000)
+    earlier, later = sorted((first, second))
+    assert new_queue_id(earlier) < new_queue_id(later)
+
+
+def test_queue_ids_from_the_clock_are_unique_and_current() -> None:
+    before = time.time()
+    ids = [new_queue_id() for _ in range(2000)]
+    after = time.time()
+    assert len(set(ids)) == len(ids)
+    assert all(before - 1e-6 <= queue_id_time(queue_id) <= after + 1e-6 for queue_id in ids)
+
+
+@pytest.mark.parametrize("name", [
+    "", "..", ".", "../0123456789ABCDEF0123", "0123456789ABCDEF0123/..", "/0123456789ABCDEF0123",
+    "0123456789abcdef0123",  # lower case: not what new_queue_id makes
+    "0123456789ABCDEF012", "0123456789ABCDEF01234",
+    "0123456789ABCDEF0123\n", "\n0123456789ABCDEF0123", "0123456789ABCDEF0123 ",
+    "0123456789ABCDEF0123.json", ".tmp-0123456789ABCDEF0123",
+    "1700000000.M1P2.host:2,", "1700000000.M123456P789Q1.host", "1700000000.M1P2.host:2,S",
+    "0123456789ABCDEFG123", "0123456789ABCDEF012\u0660",  # a non-ASCII digit
+])
+def test_is_queue_id_rejects(name: str) -> None:
+    assert not is_queue_id(name)
+
+
+@given(st.text(string.printable + "\u0660\uff10", max_size=24))
+def test_is_queue_id_accepts_only_20_upper_hex_digits(name: str) -> None:
+    assert is_queue_id(name) == (len(name) == 20 and set(name) <= set("0123456789ABCDEF"))
+
+
+# -- MessageState ---------------------------------------------------------------------------------
+
+finite = st.floats(min_value=0, max_value=1e11, allow_nan=False, allow_infinity=False)
+text = st.text(max_size=40)
+attempts = st.builds(Attempt, at=finite, outcome=st.sampled_from(["temporary", "permanent", "relay_fault"]),
+                     cause=text, detail=text, relay=st.none() | text)
+states = st.builds(
+    MessageState,
+    queue_id=st.builds(new_queue_id, now_ns),
+    received_at=finite,
+    state=st.sampled_from(State),
+    attempts=st.integers(0, 10**6),
+    next_attempt_at=st.none() | finite,
+    reason=st.none() | text,
+    source=st.none() | text,
+    history=st.lists(attempts, max_size=HISTORY_LIMIT),
+)
+
+
+@given(states)
+def test_json_round_trip(state: MessageState) -> None:
+    data = state.to_json()
+    assert isinstance(data, bytes)
+    again = MessageState.from_json(data)
+    assert again == state
+    assert type(again.state) is State
+    assert all(type(item) is Attempt for item in again.history)
+
+
+def test_json_is_compact_and_readable() -> None:
+    state = MessageState("0123456789ABCDEF0123", 1.5, State.DEFERRED, attempts=2, next_attempt_at=9.0,
+                         history=[Attempt(1.0, "temporary", "timeout", "data: timed out", "gmail")])
+    raw = json.loads(state.to_json())
+    assert raw == {"queue_id": "0123456789ABCDEF0123", "received_at": 1.5, "state": "deferred", "attempts": 2,
+                   "next_attempt_at": 9.0, "reason": None, "source": None,
+                   "history": [{"at": 1.0, "outcome": "temporary", "cause": "timeout", "detail": "data: timed out",
+                                "relay": "gmail"}]}
+    assert b" " not in state.to_json().replace(b"data: timed out", b"")
+
+
+def test_from_json_defaults() -> None:
+    state = MessageState.from_json(b'{"queue_id": "0123456789ABCDEF0123", "received_at": 3}')
+    assert state == MessageState("0123456789ABCDEF0123", 3)
+    assert state.state is State.QUEUED and state.history == [] and state.attempts == 0
+
+
+@pytest.mark.parametrize("data", [b"", b"{", b"[]", b'{"queue_id": "x"}', b'{"queue_id": "x", "received_at": 1, '
+                                  b'"state": "lost"}', b'{"queue_id": "x", "received_at": 1, "bogus": 1}'])
+def test_from_json_rejects_garbage(data: bytes) -> None:
+    with pytest.raises((ValueError, TypeError, KeyError, AttributeError)):
+        MessageState.from_json(data)
+
+
+def test_history_is_capped_and_keeps_the_latest() -> None:
+    state = MessageState("0123456789ABCDEF0123", 0.0)
+    for number in range(HISTORY_LIMIT + 7):
+        state.record(Attempt(float(number), "temporary", "timeout", f"try {number}"), counted=True)
+    assert len(state.history) == HISTORY_LIMIT
+    assert [item.at for item in state.history] == [float(n) for n in range(7, HISTORY_LIMIT + 7)]
+    assert state.attempts == HISTORY_LIMIT + 7
+    assert state.last_error == f"try {HISTORY_LIMIT + 6}"
+
+
+@given(st.lists(st.booleans(), max_size=40))
+def test_relay_faults_are_recorded_but_not_counted(counted_flags: list[bool]) -> None:
+    state = MessageState("0123456789ABCDEF0123", 0.0)
+    for index, counted in enumerate(counted_flags):
+        outcome = "temporary" if counted else "relay_fault"
+        state.record(Attempt(float(index), outcome, "c", str(index)), counted=counted)
+    assert state.attempts == sum(counted_flags)
+    assert len(state.history) == min(len(counted_flags), HISTORY_LIMIT)
+    assert [item.detail for item in state.history] == [str(i) for i in range(len(counted_flags))][-HISTORY_LIMIT:]
+
+
+def test_last_error_without_history() -> None:
+    assert MessageState("0123456789ABCDEF0123", 0.0).last_error is None

@@ -1,0 +1,208 @@
+"""The submitter's side: sendmail command lines, reading stdin, completing the message."""
+
+from __future__ import annotations
+
+import getpass
+import io
+import socket
+from email.utils import parsedate_to_datetime
+
+import pytest
+
+from mailwatchd import envelope
+from mailwatchd.envelope import ENVELOPE_FROM, ENVELOPE_TO
+from mailwatchd.errors import MalformedMessage
+from mailwatchd.submit import Submission, local_sender, parse_sendmail_args, prepare, read_message
+
+# -- parse_sendmail_args ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    # cron (cronie): mails the job's output to MAILTO
+    (["-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root"],
+     Submission(full_name="CronDaemon", recipients=("root",), dot_ends_input=False)),
+    # PHP's default sendmail_path
+    (["-t", "-i"], Submission(from_headers=True, dot_ends_input=False)),
+    # Django-style / generic scripts
+    (["-t", "-oi"], Submission(from_headers=True, dot_ends_input=False)),
+    # mutt
+    (["-oem", "-oi", "--", "ann@example.org"], Submission(recipients=("ann@example.org",), dot_ends_input=False)),
+    # git send-email
+    (["-i", "ann@example.org", "bob@example.org"],
+     Submission(recipients=("ann@example.org", "bob@example.org"), dot_ends_input=False)),
+    # classic: the dot rule stays on without -i
+    (["ann@example.org"], Submission(recipients=("ann@example.org",))),
+    (["-f", "app@example.com", "-t"], Submission(sender="app@example.com", from_headers=True)),
+    (["-fapp@example.com", "-t"], Submission(sender="app@example.com", from_headers=True)),
+    (["-f<app@example.com>", "x@example.org"], Submission(sender="app@example.com", recipients=("x@example.org",))),
+    (["-f", "<>", "x@example.org"], Submission(sender="", recipients=("x@example.org",))),
+    (["-r", "bounce@example.com", "x@example.org"],
+     Submission(sender="bounce@example.com", recipients=("x@example.org",))),
+    (["-rbounce@example.com", "x@example.org"],
+     Submission(sender="bounce@example.com", recipients=("x@example.org",))),
+    (["-F", "Cron Daemon", "-t"], Submission(full_name="Cron Daemon", from_headers=True)),
+    (["--", "-odd@example.org", "-t"], Submission(recipients=("-odd@example.org", "-t"))),
+    (["-bm", "-v", "-odi", "-N", "never", "-R", "hdrs", "-V", "envid", "-X", "/tmp/log", "-L", "tag", "-h", "17",
+      "-p", "smtp", "-O", "DeliveryMode=b", "-em", "x@example.org"], Submission(recipients=("x@example.org",))),
+    ([], Submission()),
+])
+def test_sendmail_command_lines(argv: list[str], expected: Submission) -> None:
+    assert parse_sendmail_args(argv) == expected
+
+
+@pytest.mark.parametrize("mode", ["-bp", "-bs", "-bd", "-bi", "-bv"])
+def test_unsupported_modes_are_refused_with_a_hint(mode: str) -> None:
+    with pytest.raises(ValueError, match=f"mode {mode} is not supported") as info:
+        parse_sendmail_args([mode])
+    assert "mailwatchd queue" in str(info.value) and "mailwatchd flush" in str(info.value)
+
+
+@pytest.mark.parametrize("option", ["-f", "-r", "-F", "-O", "-N"])
+def test_options_that_need_a_value(option: str) -> None:
+    with pytest.raises(ValueError, match=f"option {option} needs a value"):
+        parse_sendmail_args(["x@example.org", option])
+
+
+# -- read_message -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n"])
+def test_read_message_stops_at_a_lone_dot(newline: bytes) -> None:
+    lines = [b"Subject: x", b"", b"line", b". not alone", b"..", b".", b"after the dot", b""]
+    stream = io.BytesIO(newline.join(lines))
+    assert read_message(stream, True) == newline.join(lines[:5]) + newline
+
+
+def test_read_message_without_the_dot_rule_reads_everything() -> None:
+    data = b"Subject: x\n\nline\n.\nafter the dot\n"
+    assert read_message(io.BytesIO(data), False) == data
+
+
+def test_read_message_until_eof_without_a_dot() -> None:
+    data = b"Subject: x\n\nno dot\nlast line without newline"
+    assert read_message(io.BytesIO(data), True) == data
+
+
+def test_read_message_binary_stays_binary() -> None:
+    data = b"Subject: x\n\n\xff\xfe\x00 bytes\n"
+    assert read_message(io.BytesIO(data), True) == data
+    assert read_message(io.BytesIO(data), False) == data
+
+
+# -- prepare ----------------------------------------------------------------------------------------
+
+
+def header(raw: bytes, name: bytes) -> list[bytes]:
+    fields, _ = envelope.split_header(raw)
+    return [field.raw.split(b":", 1)[1].strip() for field in fields if field.name == name.lower()]
+
+
+def test_prepare_adds_from_date_and_message_id() -> None:
+    raw = b"To: ann@example.org\nSubject: report\n\nbody\n"
+    out = prepare(raw, Submission(from_headers=True), "example.com")
+    assert out.endswith(raw)
+    assert header(out, b"From") == [f"{getpass.getuser()}@example.com".encode()]
+    (date,) = header(out, b"Date")
+    assert parsedate_to_datetime(date.decode()).tzinfo is not None
+    (message_id,) = header(out, b"Message-ID")
+    assert message_id.startswith(b"<") and message_id.endswith(b"@example.com>")
+    assert ENVELOPE_FROM.encode() not in out  # nothing explicit asked: the headers are the envelope
+    parsed = envelope.parse("Q", out)
+    assert (parsed.sender, parsed.recipients) == (f"{getpass.getuser()}@example.com", ("ann@example.org",))
+
+
+def test_prepare_keeps_present_headers_untouched() -> None:
+    raw = (b"From: App <app@example.com>\r\nTo: ann@example.org\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+           b"Message-ID: <1@example.com>\r\n\r\nbody\r\n")
+    assert prepare(raw, Submission(from_headers=True), None) == raw
+
+
+def test_prepare_matches_the_message_line_endings() -> None:
+    raw = b"To: ann@example.org\r\nSubject: x\r\n\r\nbody\r\n"
+    out = prepare(raw, Submission(from_headers=True), "example.com")
+    assert b"\n" not in out.replace(b"\r\n", b"")
+
+
+def test_prepare_from_uses_f_and_full_name() -> None:
+    out = prepare(b"To: ann@example.org\n\nbody\n",
+                  Submission(sender="cron@example.com", full_name="Cron Daemon", from_headers=True), None)
+    assert header(out, b"From") == [b"Cron Daemon <cron@example.com>"]
+    parsed = envelope.parse("Q", out)
+    assert (parsed.sender, parsed.recipients) == ("cron@example.com", ("ann@example.org",))
+    assert out.startswith(f"{ENVELOPE_FROM}: <cron@example.com>\n{ENVELOPE_TO}: <ann@example.org>\n".encode())
+
+
+def test_prepare_explicit_sender_overrides_the_from_header() -> None:
+    raw = b"From: app@example.com\nTo: ann@example.org\nDate: x\nMessage-ID: <1@x>\n\nbody\n"
+    out = prepare(raw, Submission(sender="bounce@example.com", from_headers=True), None)
+    assert out == f"{ENVELOPE_FROM}: <bounce@example.com>\n{ENVELOPE_TO}: <ann@example.org>\n".encode() + raw
+    parsed = envelope.parse("Q", out)
+    assert (parsed.sender, parsed.data) == ("bounce@example.com", raw)
+
+
+def test_prepare_null_sender() -> None:
+    raw = b"From: app@example.com\nTo: ann@example.org\nDate: x\nMessage-ID: <1@x>\n\nbody\n"
+    parsed = envelope.parse("Q", prepare(raw, Submission(sender="", recipients=("ann@example.org",)), None))
+    assert parsed.sender == ""
+
+
+def test_prepare_recipients_without_t_replace_the_headers() -> None:
+    raw = b"From: app@example.com\nTo: ann@example.org\nBcc: hidden@example.org\nDate: x\nMessage-ID: <1@x>\n\nb\n"
+    out = prepare(raw, Submission(recipients=("ops@example.net", "root")), "example.com")
+    parsed = envelope.parse("Q", out)
+    assert parsed.sender == "app@example.com"  # from the headers
+    assert parsed.recipients == ("ops@example.net", "root@example.com")
+    assert b"hidden" not in parsed.data
+
+
+def test_prepare_t_plus_arguments_merges() -> None:
+    raw = b"From: app@example.com\nTo: ann@example.org\nCc: bob@example.org\nDate: x\nMessage-ID: <1@x>\n\nb\n"
+    out = prepare(raw, Submission(recipients=("bob@example.org", "carol@example.org"), from_headers=True), None)
+    parsed = envelope.parse("Q", out)
+    assert parsed.recipients == ("ann@example.org", "bob@example.org", "carol@example.org")
+
+
+def test_prepare_cron_style() -> None:
+    submission = parse_sendmail_args(["-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root"])
+    raw = b"Subject: Cron <root@host> run-parts /etc/cron.hourly\nContent-Type: text/plain\n\noutput\n"
+    out = prepare(raw, submission, "host.example.com")
+    parsed = envelope.parse("Q", out)
+    assert parsed.recipients == ("root@host.example.com",)
+    assert parsed.sender == f"{getpass.getuser()}@host.example.com"
+    assert header(out, b"From") == [f"CronDaemon <{getpass.getuser()}@host.example.com>".encode()]
+    assert parsed.data.endswith(b"\n\noutput\n")
+
+
+def test_prepare_a_body_without_any_header() -> None:
+    body = b"The backup finished.\nNo errors.\n"
+    out = prepare(body, Submission(recipients=("ann@example.org",)), "example.com")
+    parsed = envelope.parse("Q", out)
+    assert parsed.recipients == ("ann@example.org",)
+    fields, rest = envelope.split_header(parsed.data)
+    assert {field.name for field in fields} == {b"from", b"date", b"message-id"}
+    assert rest == b"\n" + body
+
+
+def test_prepare_a_body_starting_with_a_blank_line() -> None:
+    out = prepare(b"\nbody\n", Submission(recipients=("ann@example.org",)), "example.com")
+    _, rest = envelope.split_header(envelope.parse("Q", out).data)
+    assert rest == b"\nbody\n"
+
+
+@pytest.mark.parametrize(("raw", "submission", "words"), [
+    (b"", Submission(from_headers=True), "empty"),
+    (b"  \n\n", Submission(recipients=("a@example.org",)), "empty"),
+    (b"Subject: x\n\nbody\n", Submission(from_headers=True), "no recipient"),
+    (b"From: a@example.com\nTo: root\n\nbody\n", Submission(from_headers=True), "'root'"),
+    (b"Subject: x\n\nbody\n", Submission(recipients=("root",)), "'root'"),
+    (b"Subject: x\n\nbody\n", Submission(recipients=("a@b.c>\r\nRCPT TO:<x@y.z",)), "not usable"),
+    (b"Subject: x\n\nbody\n", Submission(sender="bad sender", recipients=("a@example.org",)), "not usable"),
+])
+def test_prepare_refuses_what_cannot_be_sent(raw: bytes, submission: Submission, words: str) -> None:
+    with pytest.raises(MalformedMessage, match=words):
+        prepare(raw, submission, None)
+
+
+def test_local_sender() -> None:
+    assert local_sender("example.com") == f"{getpass.getuser()}@example.com"
+    assert local_sender(None) == f"{getpass.getuser()}@{socket.getfqdn()}"
