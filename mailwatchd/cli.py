@@ -36,10 +36,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    settings = _settings(args)  # a bad setting exits 78 before anything else is loaded
     from mailwatchd import logs
     from mailwatchd.daemon import run_daemon
 
-    settings = _settings(args)
     logs.configure(settings.log_format, settings.log_level)
     return run_daemon(settings)
 

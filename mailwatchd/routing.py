@@ -189,6 +189,7 @@ class Router:
             relay.paused_until = 0.0
             for health in relay.endpoints:
                 health.open_until = 0.0
+                health.failures = 0
         self.changed.set()
 
     def any_usable(self) -> bool:

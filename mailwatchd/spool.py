@@ -398,8 +398,9 @@ class Spool:
                 wanted = _LOCATION_OF[state.state] if state else location
                 if state is not None and state.state is State.QUEUED and location is not Location.QUEUE:
                     # An interrupted `requeue`: it was on its way back to new/.
-                    if self._move(self.dir(location) / name, self.new / name):
-                        recovery.completed_moves += 1
+                    with contextlib.suppress(FileExistsError):  # new/<id> taken: leave it be
+                        if self._move(self.dir(location) / name, self.new / name):
+                            recovery.completed_moves += 1
                     continue
                 where = location
                 if wanted is not location and not os.path.lexists(self.dir(wanted) / name):

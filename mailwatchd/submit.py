@@ -135,6 +135,9 @@ def parse_sendmail_args(argv: Sequence[str]) -> Submission:
         if not arg.startswith("-") or arg == "-":
             recipients.append(arg)
             continue
+        if len(arg) > 2 and set(arg[1:]) <= {"t", "i"}:
+            args[index:index] = [f"-{flag}" for flag in arg[1:]]  # bundled, as in "-ti"
+            continue
         flag, value = arg[:2], arg[2:]
         if flag in ("-f", "-r", "-F", "-O", "-N", "-R", "-V", "-X", "-L", "-p", "-h") and not value:
             if index >= len(args):

@@ -46,9 +46,9 @@ def test_sigkill_at_random_moments_loses_nothing(smtp_server: SmtpServer, spool_
             wait_until(lambda: (spool_dir / "mailwatchd.lock").exists(), message="the daemon started")
         else:
             target = before + rng.randint(1, 25)
-            wait_until(lambda: len(received_ids(smtp_server)) >= min(target, MESSAGES)
-                       or daemon.proc.poll() is not None, timeout=30,  # type: ignore[union-attr]
-                       message=f"{target} messages received (seed {seed})")
+            def reached(target: int = target, daemon: DaemonProcess = daemon) -> bool:
+                return len(received_ids(smtp_server)) >= min(target, MESSAGES) or daemon.proc.poll() is not None  # type: ignore[union-attr]
+            wait_until(reached, timeout=30, message=f"{target} messages received (seed {seed})")
         daemon.kill()
         kills += 1
         if len(set(received_ids(smtp_server))) >= MESSAGES:

@@ -307,3 +307,12 @@ def test_breaker_properties(steps: list[str]) -> None:
             assert BREAKER_MIN_S <= wait <= BREAKER_MAX_S
             assert router.candidates() == []
             assert router.next_chance() == pytest.approx(wait)
+
+
+def test_reset_forgets_failures_so_the_next_breaker_is_short_again(router: Router, clock: Clock) -> None:
+    for _ in range(4):
+        router.report(RELAY_A, A587, REFUSED)
+        clock.now += BREAKER_MAX_S
+    router.reset()
+    router.report(RELAY_A, A587, REFUSED)
+    assert router.relays[0].endpoints[0].open_until == clock.now + BREAKER_MIN_S

@@ -206,3 +206,10 @@ def test_prepare_refuses_what_cannot_be_sent(raw: bytes, submission: Submission,
 def test_local_sender() -> None:
     assert local_sender("example.com") == f"{getpass.getuser()}@example.com"
     assert local_sender(None) == f"{getpass.getuser()}@{socket.getfqdn()}"
+
+
+def test_bundled_flags_are_expanded_as_sendmail_does() -> None:
+    bundled = parse_sendmail_args(["-ti", "extra@example.org"])
+    assert bundled.from_headers and not bundled.dot_ends_input
+    assert bundled.recipients == ("extra@example.org",)
+    assert parse_sendmail_args(["-it"]) == parse_sendmail_args(["-t", "-i"])
