@@ -132,7 +132,8 @@ def classify_exception(phase: Phase, exc: BaseException) -> Verdict:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return Verdict(Outcome.RELAY_FAULT, certificate_cause(exc))
     if isinstance(exc, ssl.SSLError):
-        return Verdict(Outcome.RELAY_FAULT, Cause.TLS_HANDSHAKE_FAILED)
+        # After the handshake a TLS error (SSLEOFError, a bad record) is a connection lost mid-way.
+        return Verdict(Outcome.RELAY_FAULT, Cause.TLS_HANDSHAKE_FAILED) if setup else Verdict(fault, Cause.DISCONNECTED)
     if isinstance(exc, socket.gaierror):
         return Verdict(Outcome.RELAY_FAULT, Cause.DNS_FAILED)
     if isinstance(exc, TimeoutError):

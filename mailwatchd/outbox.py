@@ -1,0 +1,104 @@
+"""The embedded delivery when no relay is configured: each message lands in a local Maildir."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import socket
+import time
+from pathlib import Path
+
+from mailwatchd.config import Settings
+from mailwatchd.envelope import OutgoingMessage
+from mailwatchd.outcome import Cause, DeliveryResult, Outcome, Phase, classify_exception
+
+RELAY_NAME = "outbox"
+_counter = itertools.count()
+
+
+def _unique_name() -> str:
+    # Maildir naming (cr.yp.to/proto/maildir.html): time, a per-delivery unique part, host;
+    # "/" and ":" are not allowed in the host part.
+    host = socket.gethostname().replace("/", r"\057").replace(":", r"\072")
+    now = time.time_ns()
+    return f"{now // 10**9}.M{now // 1000 % 10**6}P{os.getpid()}Q{next(_counter)}.{host}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def envelope_header(message: OutgoingMessage) -> bytes:
+    """`Return-Path:` and `X-Original-To:` lines, in the message's own line-ending style."""
+    first = message.data.find(b"\n")
+    newline = b"\r\n" if first > 0 and message.data[first - 1 : first] == b"\r" else b"\n"
+    return (b"Return-Path: <" + message.sender.encode() + b">" + newline
+            + b"X-Original-To: " + ", ".join(message.recipients).encode() + newline)
+
+
+class OutboxSession:
+    """Writes messages into the Maildir `settings.outbox`; same interface as SmtpSession."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._root = Path(settings.outbox)
+        self._endpoint = str(self._root)
+        self._last_used = time.monotonic()
+        self._dirs_made = False
+
+    @property
+    def connected(self) -> bool:
+        """Always False: there is no connection to keep or close."""
+        return False
+
+    @property
+    def idle_for(self) -> float:
+        """Seconds since the last delivery (monotonic)."""
+        return time.monotonic() - self._last_used
+
+    async def deliver(self, message: OutgoingMessage) -> DeliveryResult:
+        """Store the message durably in new/; an OSError becomes a TEMPORARY local_error."""
+        try:
+            name = await asyncio.to_thread(self._store, message)
+        except OSError as exc:
+            self._dirs_made = False  # someone may have removed the Maildir: make it again next time
+            verdict = classify_exception(Phase.LOCAL, exc)
+            detail = f"cannot write to the outbox {self._root}: {exc.strerror or exc}"
+            return DeliveryResult(verdict.outcome, verdict.cause, Phase.LOCAL, None, " ".join(detail.split()),
+                                  RELAY_NAME, self._endpoint)
+        finally:
+            self._last_used = time.monotonic()
+        return DeliveryResult(Outcome.DELIVERED, Cause.OK, Phase.LOCAL, None, f"stored as new/{name}",
+                              RELAY_NAME, self._endpoint)
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+    def _store(self, message: OutgoingMessage) -> str:
+        if not self._dirs_made:
+            for sub in ("tmp", "new", "cur"):
+                (self._root / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._dirs_made = True
+        name = _unique_name()
+        tmp_path = self._root / "tmp" / name
+        new_path = self._root / "new" / name
+        # Invariant: a file in new/ is always complete and on disk (write, fsync, rename, fsync dir).
+        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                view = memoryview(envelope_header(message) + message.data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp_path, new_path)
+        except BaseException:
+            tmp_path.unlink(missing_ok=True)
+            raise
+        _fsync_dir(new_path.parent)
+        return name
