@@ -12,6 +12,7 @@ from pathlib import Path
 from mailwatchd.config import Settings
 from mailwatchd.envelope import OutgoingMessage
 from mailwatchd.outcome import Cause, DeliveryResult, Outcome, Phase, classify_exception
+from mailwatchd.spool import fsync_dir
 
 RELAY_NAME = "outbox"
 _counter = itertools.count()
@@ -23,14 +24,6 @@ def _unique_name() -> str:
     host = socket.gethostname().replace("/", r"\057").replace(":", r"\072")
     now = time.time_ns()
     return f"{now // 10**9}.M{now // 1000 % 10**6}P{os.getpid()}Q{next(_counter)}.{host}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def envelope_header(message: OutgoingMessage) -> bytes:
@@ -100,5 +93,5 @@ class OutboxSession:
         except BaseException:
             tmp_path.unlink(missing_ok=True)
             raise
-        _fsync_dir(new_path.parent)
+        fsync_dir(new_path.parent)
         return name

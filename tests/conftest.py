@@ -4,6 +4,7 @@ with a deadline instead of sleeps."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import ssl
 import threading
@@ -60,7 +61,7 @@ class RecordingHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         with self.lock:
-            login = session.login_data
+            login = session.auth_data
             user = login.login.decode() if isinstance(login, LoginPassword) else None
             self.messages.append(Received(envelope.mail_from or "", list(envelope.rcpt_tos),
                                           bytes(envelope.original_content or b""),
@@ -76,12 +77,13 @@ class RecordingHandler:
             return list(self.messages)
 
 
-class LoopbackController(Controller):  # type: ignore[misc]
+class LoopbackController(Controller):
     """aiosmtpd's Controller on port 0: learn the bound port before its self-connect."""
 
     def _trigger_server(self) -> None:
+        assert isinstance(self.server, asyncio.Server)
         self.port = self.server.sockets[0].getsockname()[1]
-        super()._trigger_server()
+        super()._trigger_server()  # type: ignore[no-untyped-call]
 
 
 @dataclass
@@ -98,7 +100,7 @@ def make_authenticator(users: dict[str, str]) -> Callable[..., AuthResult]:
         if not isinstance(auth_data, LoginPassword):
             return AuthResult(success=False, handled=False)
         ok = users.get(auth_data.login.decode()) == auth_data.password.decode()
-        return AuthResult(success=ok, handled=False)
+        return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
     return authenticator
 
 
