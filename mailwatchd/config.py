@@ -248,8 +248,9 @@ def read_secret_file(key: str, raw: str, environ: Mapping[str, str]) -> Secret:
 
 
 def default_spool(environ: Mapping[str, str]) -> Path:
-    """/var/spool/mailwatchd for root (the service); a per-user state directory otherwise."""
-    if os.geteuid() == 0:
+    """/var/spool/mailwatchd for root, and for users who may drop mail into it (members of
+    mailwatchd-submit); a per-user state directory otherwise."""
+    if os.geteuid() == 0 or os.access(SERVICE_SPOOL / "new", os.W_OK | os.X_OK):
         return SERVICE_SPOOL
     state_home = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(state_home) / "mailwatchd" / "spool"

@@ -50,6 +50,12 @@ def render_console(_: Any, __: str, event: MutableMapping[str, Any]) -> str:
     return f"{head} {fields}".rstrip()
 
 
+def render_journal(_: Any, __: str, event: MutableMapping[str, Any]) -> str:
+    """`message_delivered queue_id=...`: the journal records time and priority itself."""
+    fields = " ".join(f"{key}={_format_value(value)}" for key, value in event.items() if key not in _RESERVED)
+    return f"{event.get('event', '')} {fields}".rstrip()
+
+
 def render_json(_: Any, __: str, event: MutableMapping[str, Any]) -> str:
     return json.dumps(event, default=str, ensure_ascii=False, separators=(",", ":"))
 
@@ -77,7 +83,7 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
     elif chosen == "journal":
         from mailwatchd import journal
 
-        processors.append(journal.JournalProcessor(render_console))
+        processors.append(journal.JournalProcessor(render_journal))
     else:
         processors.append(render_console)
     structlog.configure(

@@ -113,6 +113,7 @@ def write_durably(path: Path, data: bytes, mode: int = 0o600) -> None:
             raise SpoolFull(f"the spool's filesystem is full ({exc.strerror})") from exc
         raise
     try:
+        os.fchmod(fd, mode)  # exactly `mode`, whatever the writer's umask (the daemon reads 0640 drops)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]

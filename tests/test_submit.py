@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import getpass
 import io
+import os
 import socket
+import stat
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 
 import pytest
 
@@ -213,3 +216,15 @@ def test_bundled_flags_are_expanded_as_sendmail_does() -> None:
     assert bundled.from_headers and not bundled.dot_ends_input
     assert bundled.recipients == ("extra@example.org",)
     assert parse_sendmail_args(["-it"]) == parse_sendmail_args(["-t", "-i"])
+
+
+def test_enqueued_file_is_group_readable_whatever_the_umask(tmp_path: Path) -> None:
+    """The daemon reads drops through its group: a caller's umask 077 must not make them 0600."""
+    from mailwatchd.submit import enqueue
+
+    old = os.umask(0o077)
+    try:
+        queue_id = enqueue(tmp_path, b"From: a@example.com\nTo: b@example.org\n\nhi\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "new" / queue_id).st_mode) == 0o640
