@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import signal
 import socket
+import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -188,3 +190,37 @@ def test_status_reports_a_running_healthy_daemon(smtp_server: SmtpServer, spool_
     assert status["relays"][0]["health"] == "up"
     text = run_cli(env, "status")
     assert text.returncode == 0 and b"running" in text.stdout
+
+
+def test_per_minute_budget_spills_over_to_the_next_relay(smtp_server_factory: Any, spool_dir: Path,
+                                                         clean_env: dict[str, str], daemons: Any) -> None:
+    primary = smtp_server_factory(starttls=False)
+    backup = smtp_server_factory(starttls=False)
+    env = relay_env(clean_env, spool_dir, primary.host, primary.port, MAILWATCHD_MAX_PER_MINUTE="2",
+                    MAILWATCHD_CONCURRENCY="1",
+                    MAILWATCHD_RELAYS=f"smtp://{backup.host}:{backup.port}?name=backup")
+    daemon = daemons(env)
+    for index in range(5):
+        drop(spool_dir, message(index), f"m{index}")
+    daemon.wait_event("message_delivered", count=5)
+    assert len(primary.handler.messages) == 2
+    assert len(backup.handler.messages) == 3
+    assert not daemon.named("message_failed")
+
+
+def test_certificate_close_to_expiry_is_warned_about(smtp_server_factory: Any, ca: Any, ca_file: Path,
+                                                     spool_dir: Path, clean_env: dict[str, str],
+                                                     daemons: Any) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    cert = ca.issue_cert("localhost", not_before=now - datetime.timedelta(days=80),
+                         not_after=now + datetime.timedelta(days=5, hours=12))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(context)
+    server = smtp_server_factory(tls_context=context)
+    env = relay_env(clean_env, spool_dir, "localhost", server.port, EMAIL_USE_TLS="true",
+                    EMAIL_SSL_CAFILE=str(ca_file))
+    daemon = daemons(env)
+    warning = daemon.wait_event("certificate_expiring")[0]
+    assert warning["days_left"] == 5 and warning["relay"] == "localhost"
+    drop(spool_dir, message(1), "m1")
+    server.handler.wait_for(1)  # still valid: mail flows
