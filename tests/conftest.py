@@ -178,3 +178,21 @@ def clean_env(tmp_path: Path) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env["HOME"] = str(tmp_path)
     return env
+
+
+@pytest.fixture
+def daemons() -> Iterator[Callable[..., Any]]:
+    """Start `mailwatchd run` children: `start(env, *run_args)` waits for ready; killed at teardown if still up."""
+    from tests.daemonproc import DaemonProcess
+
+    started: list[DaemonProcess] = []
+
+    def start(env: dict[str, str], *args: str) -> DaemonProcess:
+        daemon = DaemonProcess(env).start(*args)
+        started.append(daemon)
+        return daemon.wait_ready()
+
+    yield start
+    for daemon in started:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.kill()

@@ -135,3 +135,12 @@ def message(index: int, *, to: str = "rcpt@example.org", sender: str = "app@exam
     return (f"From: App <{sender}>\r\nTo: {to}\r\nSubject: test {index}\r\n"
             f"Message-ID: <msg-{index}@mailwatchd.test>\r\n{extra_headers}\r\n"
             f"{body or f'body of message {index}'}\r\n").encode()
+
+
+
+def drop(spool: Path, data: bytes, name: str) -> None:
+    """A Maildir writer: write in tmp/, rename into new/."""
+    for sub in ("tmp", "new"):
+        (spool / sub).mkdir(parents=True, exist_ok=True)
+    (spool / "tmp" / name).write_bytes(data)
+    os.rename(spool / "tmp" / name, spool / "new" / name)

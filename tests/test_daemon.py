@@ -10,36 +10,15 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from tests.conftest import RecordingHandler, SmtpServer, wait_until
-from tests.daemonproc import DaemonProcess, message, relay_env, run_cli, spool_names
+from tests.daemonproc import DaemonProcess, drop, message, relay_env, run_cli, spool_names
 
 STATE_DIRS = ("new", "queue", "deferred", "failed")
 
 
-@pytest.fixture
-def daemons() -> Any:
-    started: list[DaemonProcess] = []
 
-    def start(env: dict[str, str]) -> DaemonProcess:
-        daemon = DaemonProcess(env).start()
-        started.append(daemon)
-        return daemon.wait_ready()
-
-    yield start
-    for daemon in started:
-        if daemon.proc is not None and daemon.proc.poll() is None:
-            daemon.kill()
-
-
-def drop(spool: Path, data: bytes, name: str) -> None:
-    """A Maildir writer: write in tmp/, rename into new/."""
-    (spool / "tmp").mkdir(parents=True, exist_ok=True)
-    (spool / "new").mkdir(parents=True, exist_ok=True)
-    (spool / "tmp" / name).write_bytes(data)
-    os.rename(spool / "tmp" / name, spool / "new" / name)
 
 
 def spool_is_empty(spool: Path) -> bool:

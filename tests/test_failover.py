@@ -11,34 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from tests.conftest import LOOPBACK, LoopbackController, RecordingHandler, SmtpServer, wait_until
-from tests.daemonproc import DaemonProcess, message, relay_env, run_cli, spool_names
+from tests.daemonproc import drop, message, relay_env, run_cli, spool_names
 from tests.rawservers import BlackHole
-
-
-@pytest.fixture
-def daemons() -> Any:
-    started: list[DaemonProcess] = []
-
-    def start(env: dict[str, str], *args: str) -> DaemonProcess:
-        daemon = DaemonProcess(env).start(*args)
-        started.append(daemon)
-        return daemon.wait_ready()
-
-    yield start
-    for daemon in started:
-        if daemon.proc is not None and daemon.proc.poll() is None:
-            daemon.kill()
-
-
-def drop(spool: Path, data: bytes, name: str) -> None:
-    for sub in ("tmp", "new"):
-        (spool / sub).mkdir(parents=True, exist_ok=True)
-    (spool / "tmp" / name).write_bytes(data)
-    (spool / "tmp" / name).rename(spool / "new" / name)
 
 
 class QuotaExceeded(RecordingHandler):

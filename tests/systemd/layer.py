@@ -5,6 +5,8 @@ The layer is a directory tree copied into the machine's upper layer at boot:
   with the project's wheel and its runtime dependencies, installed with `--no-index` from wheels built here;
 - `/opt/mailwatchd-testsmtp`: aiosmtpd for the test SMTP sink, kept out of the daemon's venv so a missing
   dependency of the daemon cannot hide behind one of the sink's.
+`sink_layer` holds only the latter, and `wheels` the wheels both were installed from: a machine that installs
+mailwatchd itself (the README's steps) boots with the sink layer and installs from those wheels offline.
 The venv is created inside a private mount namespace with the layer's `opt/` bound on `/opt`, so its absolute
 paths (script shebangs) are the ones it has in the machine and the host's /opt is never written.
 """
@@ -35,11 +37,13 @@ PACKAGING_FILES = (
 
 @dataclass(frozen=True)
 class Layer:
-    """A built layer and what building it cost."""
+    """A built layer, its parts, and what building it cost."""
 
     path: Path
     wheels_seconds: float
     venv_seconds: float
+    sink_layer: Path  # /opt/mailwatchd-testsmtp alone
+    wheels: Path  # the project's wheel and its dependencies' (aiosmtpd's too)
 
 
 def _pip_env() -> dict[str, str]:
@@ -88,7 +92,11 @@ def build_layer(workdir: Path) -> Layer:
     )
     _run(["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", script], {**env, "LAYER": str(layer)},
          "installing into the layer")
-    return Layer(layer, built_wheels - started, time.monotonic() - built_wheels)
+    sink_layer = workdir / "sink-layer"
+    (sink_layer / "opt").mkdir(parents=True)
+    (sink_layer / "opt").chmod(0o755)
+    shutil.copytree(layer / SINK_LIB.lstrip("/"), sink_layer / SINK_LIB.lstrip("/"), symlinks=True)
+    return Layer(layer, built_wheels - started, time.monotonic() - built_wheels, sink_layer, wheels)
 
 
 def install_packaging(machine: Machine) -> None:
