@@ -134,6 +134,9 @@ class Daemon:
             log.error("spool_unusable", spool=str(self.settings.spool), detail=str(exc),
                       hint="the spool must be writable by the daemon's user")
             return exitcodes.CANTCREAT
+        except Exception:
+            log.exception("startup_failed")
+            return exitcodes.SOFTWARE
         self._install_signals(loop)
         try:
             self.intake.start(loop)
@@ -175,10 +178,17 @@ class Daemon:
                     log.info("flush_requested", deferred=flushed)
             if self._stop_requested:
                 return
-            for task in self._worker_tasks:
-                if task.done() and not task.cancelled() and task.exception() is not None:
-                    log.error("worker_crashed", exc_info=task.exception())
+            self._replace_crashed_workers()
             self.health.tick()
+
+    def _replace_crashed_workers(self) -> None:
+        """A worker that died of a bug is logged and replaced: one failure must not stall the queue."""
+        for index, task in enumerate(self._worker_tasks):
+            if task.done() and not self.stopping:
+                error = None if task.cancelled() else task.exception()
+                log.error("worker_crashed", worker=index, exc_info=error)
+                self.workers[index] = Worker(self, index)
+                self._worker_tasks[index] = asyncio.create_task(self.workers[index].run(), name=f"worker-{index}")
 
     def stuck_reason(self) -> str | None:
         """Why the work is not healthy now, for the watchdog; None when it is."""
