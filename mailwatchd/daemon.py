@@ -30,6 +30,7 @@ from mailwatchd.health import HealthReporter
 from mailwatchd.intake import Intake
 from mailwatchd.logs import get_logger
 from mailwatchd.outbox import OutboxSession
+from mailwatchd.recovery import recover
 from mailwatchd.routing import Router
 from mailwatchd.scheduler import Scheduler, WorkItem
 from mailwatchd.spool import Location, Spool
@@ -108,7 +109,7 @@ class Daemon:
             # Recovery reads one state file per message: ask systemd for the time it needs.
             self.notifier.extend_timeout(30.0 + backlog * RECOVERY_S_PER_MESSAGE)
             log.info("spool_recovery_started", messages=backlog)
-        recovery = self.spool.recover()
+        recovery = recover(self.spool)
         for queue_id in recovery.ready:
             self.scheduler.add_ready(WorkItem(queue_id, Location.QUEUE))
         for due, queue_id in recovery.deferred:

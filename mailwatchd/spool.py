@@ -26,7 +26,7 @@ import shutil
 import stat
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
@@ -34,7 +34,7 @@ from mailwatchd.errors import RefusedSpoolEntry, SpoolFull, SpoolLocked
 from mailwatchd.messagestate import MessageState, State, is_queue_id, new_queue_id
 
 STALE_TMP_SECONDS = 36 * 3600  # the Maildir convention for abandoned tmp/ files
-_TMP_PREFIX = ".tmp-"
+TMP_PREFIX = ".tmp-"
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
@@ -72,16 +72,6 @@ class Pending:
     not yet unlinked tmp/X (Python's mailbox.Maildir does this). Try again shortly."""
 
     source: str
-
-
-@dataclass
-class Recovery:
-    """What start-up found: messages ready now, deferred ones with their due time."""
-
-    ready: list[str] = field(default_factory=list)
-    deferred: list[tuple[float, str]] = field(default_factory=list)
-    completed_moves: int = 0
-    orphans_removed: int = 0
 
 
 def describe_non_regular(mode: int) -> str | None:
@@ -232,7 +222,7 @@ class Spool:
             state = MessageState(queue_id, st.st_mtime, State.FAILED, source=name,
                                  reason=f"refused: the spool entry {problem}")
             self.write_state(state)
-            if not self._move(Path(source), self.dir(Location.FAILED) / queue_id):
+            if not self.move(Path(source), self.dir(Location.FAILED) / queue_id):
                 return None
             return Refused(queue_id, name, state.reason or "")
         try:
@@ -253,13 +243,13 @@ class Spool:
         """Move a drop that cannot be claimed into failed/ with `reason`."""
         queue_id = self._fresh_id(name)
         self.write_state(MessageState(queue_id, time.time(), State.FAILED, source=name, reason=reason))
-        return queue_id if self._move(self.new / name, self.dir(Location.FAILED) / queue_id) else None
+        return queue_id if self.move(self.new / name, self.dir(Location.FAILED) / queue_id) else None
 
     def clean_tmp(self, now: float | None = None) -> int:
         """Remove regular files abandoned in tmp/ for more than 36 hours."""
         limit = (time.time() if now is None else now) - STALE_TMP_SECONDS
         removed = 0
-        for entry in _scandir(self.tmp):
+        for entry in scandir(self.tmp):
             with contextlib.suppress(OSError):
                 st = entry.stat(follow_symlinks=False)
                 if stat.S_ISREG(st.st_mode) and st.st_mtime < limit:
@@ -320,14 +310,14 @@ class Spool:
     def write_state(self, state: MessageState) -> None:
         """Replace meta/<id>.json atomically and durably."""
         final = self.meta_path(state.queue_id)
-        temporary = self.meta / f"{_TMP_PREFIX}{state.queue_id}"
+        temporary = self.meta / f"{TMP_PREFIX}{state.queue_id}"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         write_durably(temporary, state.to_json())
         os.rename(temporary, final)
         fsync_dir(self.meta)
 
-    def _move(self, source: Path, target: Path) -> bool:
+    def move(self, source: Path, target: Path) -> bool:
         """rename(2) then fsync both directories; False when the source vanished."""
         if os.path.lexists(target):
             raise FileExistsError(errno.EEXIST, "refusing to replace a spool entry", str(target))
@@ -354,7 +344,7 @@ class Spool:
         self.write_state(state)
         if location is Location.DEFERRED:
             return os.path.lexists(self.dir(location) / state.queue_id)
-        return self._move(self.dir(location) / state.queue_id, self.dir(Location.DEFERRED) / state.queue_id)
+        return self.move(self.dir(location) / state.queue_id, self.dir(Location.DEFERRED) / state.queue_id)
 
     def fail(self, state: MessageState, location: Location) -> bool:
         """Record the reason, then move the message to failed/ (False if it vanished)."""
@@ -362,7 +352,7 @@ class Spool:
         self.write_state(state)
         if location is Location.FAILED:
             return True
-        return self._move(self.dir(location) / state.queue_id, self.dir(Location.FAILED) / state.queue_id)
+        return self.move(self.dir(location) / state.queue_id, self.dir(Location.FAILED) / state.queue_id)
 
     def add(self, data: bytes, state: MessageState, location: Location) -> None:
         """Store a new message (a split-off part) directly in `location`, state first."""
@@ -370,58 +360,13 @@ class Spool:
                        Location.FAILED: State.FAILED}[location]
         self.write_state(state)
         directory = self.dir(location)
-        temporary = directory / f"{_TMP_PREFIX}{state.queue_id}"
+        temporary = directory / f"{TMP_PREFIX}{state.queue_id}"
         write_durably(temporary, data)
         os.rename(temporary, directory / state.queue_id)
         fsync_dir(directory)
 
     def new_id(self) -> str:
         return self._fresh_id()
-
-    # -- start-up ---------------------------------------------------------------------------
-
-    def recover(self, now: float | None = None) -> Recovery:
-        """Finish moves a crash interrupted and list what is ready and what is deferred."""
-        now = time.time() if now is None else now
-        recovery = Recovery()
-        for directory in (self.meta, *(self.dir(loc) for loc in Location)):
-            for entry in _scandir(directory):
-                if entry.name.startswith(_TMP_PREFIX):
-                    with contextlib.suppress(OSError):
-                        os.unlink(entry.path)
-        present: set[str] = set(self.drops())  # a requeued message keeps its history in new/
-        # Listed before any move, so a message moved to a later directory is not seen twice.
-        listed = {location: self.names(location) for location in Location}
-        for location, names in listed.items():
-            for name in names:
-                present.add(name)
-                state = self.load_state(name)
-                wanted = _LOCATION_OF[state.state] if state else location
-                if state is not None and state.state is State.QUEUED and location is not Location.QUEUE:
-                    # An interrupted `requeue`: it was on its way back to new/.
-                    with contextlib.suppress(FileExistsError):  # new/<id> taken: leave it be
-                        if self._move(self.dir(location) / name, self.new / name):
-                            recovery.completed_moves += 1
-                    continue
-                where = location
-                if wanted is not location and not os.path.lexists(self.dir(wanted) / name):
-                    self._move(self.dir(location) / name, self.dir(wanted) / name)
-                    recovery.completed_moves += 1
-                    where = wanted
-                if where is Location.QUEUE:
-                    recovery.ready.append(name)
-                elif where is Location.DEFERRED:
-                    due = state.next_attempt_at if state and state.next_attempt_at is not None else now
-                    recovery.deferred.append((due, name))
-        for entry in _scandir(self.meta):
-            queue_id = entry.name.removesuffix(".json")
-            if entry.name.endswith(".json") and queue_id not in present:
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
-                    recovery.orphans_removed += 1
-        recovery.ready.sort()
-        recovery.deferred.sort()
-        return recovery
 
     def names(self, location: Location) -> list[str]:
         try:
@@ -439,7 +384,7 @@ class Spool:
                 state = self.load_state(queue_id) or MessageState(queue_id, time.time())
                 state.state, state.attempts, state.next_attempt_at, state.reason = State.QUEUED, 0, None, None
                 self.write_state(state)
-                return self._move(path, self.new / queue_id)
+                return self.move(path, self.new / queue_id)
         return False
 
     def delete(self, queue_id: str) -> bool:
@@ -461,7 +406,7 @@ class Spool:
 
     def probe_writable(self) -> str | None:
         """None if the spool takes a durable write now, else why not."""
-        path = self.meta / f"{_TMP_PREFIX}probe-{os.getpid()}"
+        path = self.meta / f"{TMP_PREFIX}probe-{os.getpid()}"
         try:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -472,10 +417,10 @@ class Spool:
         return None
 
 
-_LOCATION_OF = {State.QUEUED: Location.QUEUE, State.DEFERRED: Location.DEFERRED, State.FAILED: Location.FAILED}
+LOCATION_OF = {State.QUEUED: Location.QUEUE, State.DEFERRED: Location.DEFERRED, State.FAILED: Location.FAILED}
 
 
-def _scandir(path: Path) -> Iterator[os.DirEntry[str]]:
+def scandir(path: Path) -> Iterator[os.DirEntry[str]]:
     try:
         with os.scandir(path) as entries:
             yield from entries

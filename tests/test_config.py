@@ -20,10 +20,10 @@ from mailwatchd.config import (
     TlsMode,
     load_settings,
     parse_duration,
-    parse_relay_url,
     parse_size,
 )
 from mailwatchd.errors import ConfigError
+from mailwatchd.relays import parse_relay_url
 
 REPO = Path(__file__).resolve().parents[1]
 PASSWORD = "Zq7-very-secret-pässword"

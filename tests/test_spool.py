@@ -22,6 +22,7 @@ from inotify_simple import INotify, flags
 from mailwatchd import envelope
 from mailwatchd.errors import RefusedSpoolEntry, SpoolFull, SpoolLocked
 from mailwatchd.messagestate import Attempt, MessageState, State, is_queue_id, new_queue_id
+from mailwatchd.recovery import recover
 from mailwatchd.spool import (
     STALE_TMP_SECONDS,
     Claimed,
@@ -419,7 +420,7 @@ def test_move_never_replaces_an_entry(spool: Spool) -> None:
 def test_crash_between_defer_record_and_move_is_completed_by_recover(spool: Spool) -> None:
     queue_id = claimed_id(spool)
     spool.write_state(state_for(queue_id, state=State.DEFERRED, next_attempt_at=7777.0))  # then "crash"
-    recovery = spool.recover(now=100.0)
+    recovery = recover(spool, now=100.0)
     assert recovery.deferred == [(7777.0, queue_id)]
     assert recovery.ready == [] and recovery.completed_moves == 1
     assert spool.names(Location.DEFERRED) == [queue_id] and spool.names(Location.QUEUE) == []
@@ -428,7 +429,7 @@ def test_crash_between_defer_record_and_move_is_completed_by_recover(spool: Spoo
 def test_crash_between_fail_record_and_move_is_completed_by_recover(spool: Spool) -> None:
     queue_id = claimed_id(spool)
     spool.write_state(state_for(queue_id, state=State.FAILED, reason="550"))
-    recovery = spool.recover(now=100.0)
+    recovery = recover(spool, now=100.0)
     assert (recovery.ready, recovery.deferred, recovery.completed_moves) == ([], [], 1)
     assert spool.names(Location.FAILED) == [queue_id] and spool.names(Location.QUEUE) == []
     stored = spool.load_state(queue_id)
@@ -463,7 +464,7 @@ def test_recover_removes_stale_temporaries_only_in_daemon_directories(spool: Spo
     for directory in (spool.meta, spool.dir(Location.QUEUE), spool.dir(Location.DEFERRED), spool.dir(Location.FAILED)):
         (directory / ".tmp-0123456789ABCDEF0123").write_bytes(b"half")
     (spool.tmp / "being-written").write_bytes(b"half")
-    recovery = spool.recover(now=100.0)
+    recovery = recover(spool, now=100.0)
     assert listing(spool) == {"tmp": ["being-written"], "new": [], "queue": [], "deferred": [], "failed": [],
                               "meta": []}
     assert (recovery.ready, recovery.deferred, recovery.completed_moves, recovery.orphans_removed) == ([], [], 0, 0)
@@ -483,7 +484,7 @@ def test_recover_removes_orphan_meta_and_keeps_the_rest(spool: Spool) -> None:
     spool.write_state(state_for(ids["orphan1"]))
     spool.write_state(state_for(ids["orphan2"], state=State.FAILED))
     (spool.meta / "unrelated.txt").write_bytes(b"x")
-    recovery = spool.recover(now=100.0)
+    recovery = recover(spool, now=100.0)
     assert recovery.orphans_removed == 2
     kept = {ids[name] + ".json" for name in ("queued", "deferred", "failed", "requeued")}
     assert set(os.listdir(spool.meta)) == kept | {"unrelated.txt"}
@@ -501,7 +502,7 @@ def test_recover_lists_ready_and_deferred_with_due_times_from_meta(spool: Spool)
     spool.write_state(state_for(no_time, state=State.DEFERRED))
     for queue_id in (later, sooner, unknown, no_time):
         (spool.dir(Location.DEFERRED) / queue_id).write_bytes(MESSAGE)
-    recovery = spool.recover(now=100.0)
+    recovery = recover(spool, now=100.0)
     assert recovery.ready == ready
     assert recovery.deferred == sorted([(3000.0, sooner), (9000.0, later), (100.0, unknown), (100.0, no_time)])
     assert recovery.completed_moves == 0
@@ -515,7 +516,7 @@ def test_recover_keeps_going_after_finishing_a_move(spool: Spool) -> None:
         (spool.dir(Location.QUEUE) / queue_id).write_bytes(MESSAGE)
     spool.write_state(state_for(to_fail, state=State.FAILED))
     spool.write_state(state_for(to_defer, state=State.DEFERRED, next_attempt_at=4242.0))
-    recovery = spool.recover(now=100.0)
+    recovery = recover(spool, now=100.0)
     assert recovery.ready == [plain1, plain2]
     assert recovery.deferred == [(4242.0, to_defer)]  # once
     assert recovery.completed_moves == 2
@@ -532,7 +533,7 @@ def test_recover_finishes_an_interrupted_requeue(spool: Spool) -> None:
     # requeue() writes the state first; a crash before its rename leaves this:
     state.state, state.attempts, state.reason = State.QUEUED, 0, None
     spool.write_state(state)
-    recovery = spool.recover(now=100.0)
+    recovery = recover(spool, now=100.0)
     assert recovery.completed_moves == 1
     assert (recovery.ready, recovery.deferred) == ([], [])
     assert spool.drops() == [queue_id] and spool.names(Location.FAILED) == []
@@ -549,8 +550,8 @@ def test_recover_is_idempotent(spool: Spool) -> None:
     a, b, c = (claimed_id(spool) for _ in range(3))
     spool.write_state(state_for(b, state=State.DEFERRED, next_attempt_at=5.0))
     spool.write_state(state_for(c, state=State.FAILED))
-    first = spool.recover(now=1.0)
-    second = spool.recover(now=1.0)
+    first = recover(spool, now=1.0)
+    second = recover(spool, now=1.0)
     assert (first.ready, first.deferred) == (second.ready, second.deferred) == ([a], [(5.0, b)])
     assert (second.completed_moves, second.orphans_removed) == (0, 0)
 
@@ -559,7 +560,7 @@ def test_recover_with_unreadable_meta_leaves_the_message_where_it_is(spool: Spoo
     queue_id = new_queue_id()
     (spool.dir(Location.DEFERRED) / queue_id).write_bytes(MESSAGE)
     spool.meta_path(queue_id).write_bytes(b"garbage")
-    recovery = spool.recover(now=42.0)
+    recovery = recover(spool, now=42.0)
     assert recovery.deferred == [(42.0, queue_id)]
     assert spool.names(Location.DEFERRED) == [queue_id]
 
