@@ -266,5 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mailwatchd: configuration error: {exc.key}: {exc.problem}\n"
               f"mailwatchd: fix: {exc.fix}", file=sys.stderr)
         return exitcodes.CONFIG
+    except PermissionError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return _fail(f"permission denied{where}: the spool's state is readable by root and the mailwatchd "
+                     "user only; run this command as one of them", exitcodes.NOPERM)
     except KeyboardInterrupt:
         return 130

@@ -7,9 +7,11 @@ import json
 import mailbox
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from tests.conftest import RecordingHandler, SmtpServer, wait_until
@@ -309,3 +311,31 @@ def test_operator_commands_flush_requeue_delete(smtp_server_factory: Any, spool_
     assert run_cli(env, "flush").returncode == 0
     daemon.wait_event("flush_requested")
     wait_until(lambda: spool_is_empty(spool_dir), message="empty spool")
+
+
+def test_queue_listing_without_permission_says_so(spool_dir: Path) -> None:
+    """An operator who may not read the daemon's state gets exit 77 and a sentence, not a traceback."""
+    from mailwatchd import cli
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to another user")
+    for name in ("queue", "deferred", "failed", "meta", "new", "tmp"):
+        (spool_dir / name).mkdir(mode=0o700)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: become nobody, then run the command in-process
+        os.close(read_end)
+        sys.stderr = open(write_end, "w")  # noqa: SIM115 - pytest's capture owns the old one
+        os.environ["MAILWATCHD_SPOOL"] = str(spool_dir)
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+        code = cli.main(["queue"])
+        sys.stderr.flush()
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        stderr = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 77, stderr
+    assert b"permission denied" in stderr and b"Traceback" not in stderr
