@@ -260,14 +260,7 @@ class Machine:
     def run(self, cmd: Sequence[str], *, check: bool = True, timeout: float = 30.0, input: str | None = None,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         """Run a command as root inside the machine (all its namespaces and its root)."""
-        self._check_alive()
-        assert self.pid is not None
-        environment = {"PATH": MACHINE_PATH, "SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0", "LANG": "C.UTF-8",
-                       **(env or {})}
-        # `--wd` without a value: the machine's cwd; `--wd=/` would open the host's /.
-        argv = ["nsenter", f"--target={self.pid}", "--mount", "--uts", "--ipc", "--net", "--pid", "--cgroup",
-                "--root", "--wd", "--", "env", "-i", *(f"{key}={value}" for key, value in environment.items()),
-                *cmd]
+        argv = self._nsenter(cmd, env)
         try:
             result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input,
                                     stdin=None if input is not None else subprocess.DEVNULL)
@@ -277,6 +270,25 @@ class Machine:
             raise MachineError(f"`{shlex.join(cmd)}` exited {result.returncode}\nstdout: {result.stdout}\n"
                                f"stderr: {result.stderr}")
         return result
+
+    def spawn(self, cmd: Sequence[str], *, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        """Start a command as root inside the machine without waiting; its stdout and stderr are one text pipe.
+
+        The command runs as a child of nsenter, in the machine's PID namespace: killing the returned process
+        does not reach it. Have it tell its in-machine pid (`sh -c 'echo $$; exec ...'`) and kill that; the
+        machine's stop() ends it in any case."""
+        return subprocess.Popen(self._nsenter(cmd, env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+
+    def _nsenter(self, cmd: Sequence[str], env: dict[str, str] | None) -> list[str]:
+        self._check_alive()
+        assert self.pid is not None
+        environment = {"PATH": MACHINE_PATH, "SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0", "LANG": "C.UTF-8",
+                       **(env or {})}
+        # `--wd` without a value: the machine's cwd; `--wd=/` would open the host's /.
+        return ["nsenter", f"--target={self.pid}", "--mount", "--uts", "--ipc", "--net", "--pid", "--cgroup",
+                "--root", "--wd", "--", "env", "-i", *(f"{key}={value}" for key, value in environment.items()),
+                *cmd]
 
     def systemctl(self, *args: str, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         return self.run(["systemctl", "--no-pager", *args], check=check, timeout=timeout)

@@ -40,14 +40,19 @@ def _sd_notify(message: str) -> None:
 
 
 class SinkHandler:
-    """Stores each message as one JSON file; answers DATA with `data_reply` when one is given."""
+    """Stores each message as one JSON file; answers DATA with `data_reply` when one is given, and only
+    after `data_delay` seconds (a slow relay: the message is stored when the reply goes out)."""
 
-    def __init__(self, directory: Path, data_reply: str | None) -> None:
+    def __init__(self, directory: Path, data_reply: str | None, data_delay: float = 0.0) -> None:
         self.directory = directory
         self.data_reply = data_reply
-        self.count = 0
+        self.data_delay = data_delay
+        # A sink started again on the same directory goes on numbering after what it stored before.
+        self.count = max((int(path.stem) for path in directory.glob("[0-9]*.json")), default=0)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
         if self.data_reply:
             return self.data_reply
         self.count += 1
@@ -85,7 +90,8 @@ def serve(args: argparse.Namespace) -> None:
             return AuthResult(success=ok, handled=False, auth_data=data)  # auth_data: what session.auth_data gets
         kwargs["authenticator"] = authenticator
         kwargs["auth_require_tls"] = bool(args.tls_cert)
-    controller = Controller(SinkHandler(directory, args.data_reply), hostname=args.host, port=args.port, **kwargs)
+    handler = SinkHandler(directory, args.data_reply, args.data_delay)
+    controller = Controller(handler, hostname=args.host, port=args.port, **kwargs)
     controller.start()
     _sd_notify("READY=1")
     try:
@@ -100,6 +106,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=2525)
     parser.add_argument("--dir", required=True)
     parser.add_argument("--data-reply", help="answer DATA with this reply instead of storing, e.g. '451 4.3.0 later'")
+    parser.add_argument("--data-delay", type=float, default=0.0, metavar="SECONDS",
+                        help="wait this long after the message's final dot before replying")
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-key")
     parser.add_argument("--implicit-tls", action="store_true", help="TLS from the first byte instead of STARTTLS")
