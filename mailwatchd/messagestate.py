@@ -61,12 +61,15 @@ class MessageState:
     reason: str | None = None
     source: str | None = None  # the file name the submitter used in new/
     history: list[Attempt] = field(default_factory=list)
+    first_failure_at: float | None = None  # the message's own first failure: its lifetime runs from here
 
     def record(self, attempt: Attempt, *, counted: bool) -> None:
         self.history.append(attempt)
         del self.history[:-HISTORY_LIMIT]
         if counted:
             self.attempts += 1
+            if self.first_failure_at is None:
+                self.first_failure_at = attempt.at
 
     @property
     def last_error(self) -> str | None:

@@ -211,14 +211,16 @@ class Worker:
             self._split(state, raw, message, permanent, Location.FAILED, now)
             remaining = [r for r in message.recipients if r not in {p.recipient for p in permanent}]
             part_state = MessageState(spool.new_id(), state.received_at, attempts=state.attempts,
-                                      history=list(state.history), source=f"split from {message.queue_id}")
+                                      history=list(state.history), source=f"split from {message.queue_id}",
+                                      first_failure_at=state.first_failure_at)
             due = now + retry_delay(state.attempts, daemon.settings.retry_min, daemon.settings.retry_max)
             part_state.next_attempt_at = due
             spool.add(envelope.with_envelope(raw, message.sender, remaining), part_state, Location.DEFERRED)
             spool.delivered(message.queue_id, location)  # superseded by the parts just stored
             followup.retry_at.append((due, part_state.queue_id))
             return followup
-        age = now - state.received_at
+        # Time spent waiting for any relay to come back does not count: an outage is not the message's fault.
+        age = now - (state.first_failure_at or now)
         if age >= daemon.settings.max_lifetime:
             self._fail(state, location, f"gave up after {state.attempts} attempts over {age / 3600:.1f} h: "
                        f"{result.summary}", cause="expired", relay=result.relay)

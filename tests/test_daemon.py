@@ -7,14 +7,16 @@ import json
 import mailbox
 import os
 import signal
+import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from tests.conftest import RecordingHandler, SmtpServer, wait_until
+from tests.conftest import LoopbackController, RecordingHandler, SmtpServer, wait_until
 from tests.daemonproc import DaemonProcess, drop, message, relay_env, run_cli, spool_names
 
 STATE_DIRS = ("new", "queue", "deferred", "failed")
@@ -339,3 +341,45 @@ def test_queue_listing_without_permission_says_so(spool_dir: Path) -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 77, stderr
     assert b"permission denied" in stderr and b"Traceback" not in stderr
+
+
+class AlwaysTempFail(RecordingHandler):
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        return "451 4.7.1 greylisted, try again"
+
+
+def test_a_message_failing_past_its_lifetime_gives_up(smtp_server_factory: Any, spool_dir: Path,
+                                                     clean_env: dict[str, str], daemons: Any) -> None:
+    server = smtp_server_factory(AlwaysTempFail())
+    env = relay_env(clean_env, spool_dir, server.host, server.port, MAILWATCHD_MAX_LIFETIME="2s",
+                    MAILWATCHD_RETRY_MIN="300ms", MAILWATCHD_RETRY_MAX="500ms")
+    daemon = daemons(env)
+    drop(spool_dir, message(1), "m1")
+    failed = daemon.wait_event("message_failed", timeout=20)[0]
+    assert failed["cause"] == "expired" and "gave up after" in failed["reason"] and "451" in failed["reason"]
+    assert len(daemon.named("message_deferred")) >= 2
+    assert len(spool_names(spool_dir, "failed")["failed"]) == 1
+
+
+def test_time_waiting_for_a_relay_does_not_count_toward_the_lifetime(spool_dir: Path, clean_env: dict[str, str],
+                                                                      daemons: Any) -> None:
+    """A relay outage longer than the lifetime must not fail queued messages at the first 4xx."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = relay_env(clean_env, spool_dir, "127.0.0.1", port, MAILWATCHD_MAX_LIFETIME="1s",
+                    MAILWATCHD_PROBE_INTERVAL_DOWN="200ms")
+    daemon = daemons(env)
+    drop(spool_dir, message(1), "m1")
+    daemon.wait_event("relay_down")
+    started = time.monotonic()
+    wait_until(lambda: time.monotonic() - started > 1.5 or daemon.named("message_failed"), message="the outage")
+    handler = TempFailOnce()
+    controller = LoopbackController(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        daemon.wait_event("message_deferred", timeout=20)
+        handler.wait_for(1, timeout=20)
+    finally:
+        controller.stop()
+    assert not daemon.named("message_failed")
