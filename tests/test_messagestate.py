@@ -111,7 +111,8 @@ def test_json_is_compact_and_readable() -> None:
     assert raw == {"queue_id": "0123456789ABCDEF0123", "received_at": 1.5, "state": "deferred", "attempts": 2,
                    "next_attempt_at": 9.0, "reason": None, "source": None,
                    "history": [{"at": 1.0, "outcome": "temporary", "cause": "timeout", "detail": "data: timed out",
-                                "relay": "gmail"}]}
+                                "relay": "gmail"}],
+                   "first_failure_at": None}
     assert b" " not in state.to_json().replace(b"data: timed out", b"")
 
 
@@ -151,3 +152,13 @@ def test_relay_faults_are_recorded_but_not_counted(counted_flags: list[bool]) ->
 
 def test_last_error_without_history() -> None:
     assert MessageState("0123456789ABCDEF0123", 0.0).last_error is None
+
+
+def test_first_counted_failure_starts_the_lifetime_clock() -> None:
+    state = MessageState("0123456789ABCDEF0123", 1.0)
+    state.record(Attempt(5.0, "relay_fault", "connect_timeout", "connect: timed out", "gmail"), counted=False)
+    assert state.first_failure_at is None
+    state.record(Attempt(7.0, "temporary", "temporary_failure", "rcpt: 451", "gmail"), counted=True)
+    state.record(Attempt(9.0, "temporary", "temporary_failure", "rcpt: 451", "gmail"), counted=True)
+    assert state.first_failure_at == 7.0
+    assert MessageState.from_json(state.to_json()).first_failure_at == 7.0
