@@ -194,10 +194,14 @@ class Daemon:
     def stuck_reason(self) -> str | None:
         """Why the work is not healthy now, for the watchdog; None when it is."""
         limit = 2 * self.settings.transaction_timeout + self.settings.connect_timeout + STUCK_MARGIN_S
+        # An idle worker goes round at least every idle_timeout (waiting for work) or 5 s (for a relay).
+        idle_limit = max(self.settings.idle_timeout, 5.0) + STUCK_MARGIN_S
         now = time.monotonic()
         for worker in self.workers:
             if worker.busy_since is not None and now - worker.busy_since > limit:
                 return f"worker {worker.index} has been in one delivery for {now - worker.busy_since:.0f}s"
+            if worker.busy_since is None and now - worker.last_iteration > idle_limit:
+                return f"worker {worker.index} has not gone round its loop for {now - worker.last_iteration:.0f}s"
         if any(task.done() for task in self._worker_tasks):
             return "a worker task has ended"
         return None

@@ -58,12 +58,14 @@ class Worker:
         self.daemon = daemon
         self.index = index
         self.busy_since: float | None = None  # monotonic start of the delivery call in flight
+        self.last_iteration = time.monotonic()  # the watchdog wants proof the loop goes round
         self._sessions: dict[tuple[str, Endpoint | None], Session] = {}
         self._generation = daemon.generation
 
     async def run(self) -> None:
         daemon = self.daemon
         while not daemon.stopping:
+            self.last_iteration = time.monotonic()
             if self._generation != daemon.generation:
                 await self.close_sessions()
                 self._generation = daemon.generation
