@@ -28,6 +28,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from tests.conftest import wait_until
+
 STAGES = Path(__file__).resolve().parent
 CGROUP_PREFIX = "mailwatchd-machine"
 MACHINE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -312,15 +314,8 @@ class Machine:
         self.run(["systemd-run", f"--unit={unit}", "--collect", *props, "--", *cmd])
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float = 15.0, message: str = "condition") -> Any:
-        """Poll `predicate` until truthy; fail at the deadline with the machine's state in the message."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout:g}s waiting for {message}")
-            time.sleep(0.02)
+        """Poll `predicate` until truthy; fail at the deadline."""
+        return wait_until(predicate, timeout, message=message)
 
     def wait_prop(self, unit: str, prop: str, expected: str, timeout: float = 15.0) -> None:
         seen: list[str] = []
