@@ -420,8 +420,12 @@ def test_watchdog_kills_a_frozen_daemon_and_the_waiting_mail_goes_out_after(
 
     # Result=watchdog holds during RestartSec (5 s, as shipped), before the restart resets it.
     machine.wait_prop(UNIT, "Result", "watchdog", timeout=10)
-    log = service.journal()
-    assert "Watchdog timeout (limit 2s)!" in log and "Failed with result 'watchdog'." in log
+    # systemd writes "Failed with result" a moment after Result= changes: poll the journal for it.
+    def watchdog_logged() -> bool:
+        log = service.journal()
+        return "Watchdog timeout (limit 2s)!" in log and "Failed with result 'watchdog'." in log
+
+    machine.wait_for(watchdog_logged, timeout=10, message="the watchdog lines in the journal")
     sink = SmtpSink.start(machine, "relay", 2525)  # the relay is back before the daemon is
     machine.wait_prop(UNIT, "NRestarts", "1", timeout=15)
     machine.wait_prop(UNIT, "ActiveState", "active", timeout=15)
@@ -476,9 +480,12 @@ def test_an_unusable_spool_is_retried_then_the_start_limit_gives_up(own_machine:
     assert state == {"Result": "exit-code", "NRestarts": "5", "ExecMainStatus": "73"}  # EX_CANTCREAT
     unusable = service.events("EVENT=spool_unusable")
     assert len(unusable) == 5 and "Permission denied" in unusable[0]["DETAIL"]
-    log = service.journal()
+    def start_limit_logged() -> str | None:
+        log = service.journal()
+        return log if "Start request repeated too quickly." in log else None
+
+    log = machine.wait_for(start_limit_logged, timeout=10, message="the start-limit line in the journal")
     assert log.count("Main process exited, code=exited, status=73/CANTCREAT") == 5
-    assert "Start request repeated too quickly." in log
 
     # Once the operator repairs the spool, the unit starts again.
     machine.run(["systemd-tmpfiles", "--create", "mailwatchd.conf"])
