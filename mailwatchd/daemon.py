@@ -9,7 +9,6 @@ at risk on either stop: a file leaves the spool only after the relay's reply to 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import os
 import signal
@@ -78,9 +77,6 @@ class Daemon:
         self._stop_requested = 0
         self.stopping = False
         self._tls_contexts: dict[str, ssl.SSLContext] = {}
-        # unlink(2) of a delivered file costs tens of µs on ext4: done off the event loop.
-        # A kill before it runs only means the message is sent again (at-least-once).
-        self._reaper = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reaper")
         self._file_values_at_start = _file_values(settings.config_path)
         self.intake = Intake(self)
         self.health = HealthReporter(self)
@@ -215,10 +211,6 @@ class Daemon:
             context = self._tls_contexts[relay.name] = client_context(relay)
         return SmtpSession(relay, endpoint, self.settings, context)
 
-    def forget(self, queue_id: str, location: Location, *, has_state: bool) -> None:
-        """Remove a delivered message from the spool, in the background."""
-        self._reaper.submit(self.spool.delivered, queue_id, location, has_state=has_state)
-
     def request_attention(self) -> None:
         self._attention.set()
 
@@ -290,7 +282,6 @@ class Daemon:
         for worker in self.workers:
             await worker.close_sessions()
         await self.health.stop()
-        self._reaper.shutdown(wait=True)
         self.spool.release_lock()
         log.info("daemon_stopped", delivered=self.stats.delivered, deferred=self.stats.deferred,
                  failed=self.stats.failed)

@@ -193,7 +193,7 @@ class Worker:
                 due = now + retry_delay(1, daemon.settings.retry_min, daemon.settings.retry_max)
                 part = self._split(state, raw, message, temporary, Location.DEFERRED, now, due=due)
                 followup.retry_at.append((due, part))
-            daemon.forget(message.queue_id, location, has_state=has_state)
+            spool.delivered(message.queue_id, location, has_state=has_state)
             accepted = len(message.recipients) - len(result.refused)
             log.info("message_delivered", **base, recipients=accepted, attempt=state.attempts + 1,
                      endpoint=result.endpoint, reply=result.detail)
