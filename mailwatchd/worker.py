@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mailwatchd import envelope
@@ -231,8 +232,9 @@ class Worker:
         state.next_attempt_at = now + delay
         if spool.defer(state, location):
             followup.retry_at.append((state.next_attempt_at, message.queue_id))
+            next_attempt = datetime.fromtimestamp(state.next_attempt_at, UTC).isoformat(timespec="seconds")
             log.info("message_deferred", **base, attempt=state.attempts, delay_s=round(delay, 1),
-                     cause=result.cause.value, reason=result.summary)
+                     next_attempt=next_attempt, cause=result.cause.value, reason=result.summary)
             daemon.stats.deferred += 1
             daemon.health.count("deferred")
         return followup

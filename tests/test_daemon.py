@@ -143,6 +143,7 @@ def test_temporary_failure_is_deferred_then_delivered(smtp_server_factory: Any, 
     drop(spool_dir, message(6), "m6")
     deferred = daemon.wait_event("message_deferred")[0]
     assert deferred["attempt"] == 1 and "451" in deferred["reason"]
+    assert deferred["next_attempt"].endswith("+00:00") and deferred["delay_s"] > 0
     server.handler.wait_for(1)
     daemon.wait_event("message_delivered", lambda e: e["queue_id"] == deferred["queue_id"])
     wait_until(lambda: spool_is_empty(spool_dir) and not os.listdir(spool_dir / "meta"), message="empty spool")
