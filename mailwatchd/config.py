@@ -6,83 +6,19 @@ keys start with MAILWATCHD_. Every problem raises ConfigError naming the key and
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 
 from dotenv import dotenv_values
 
 from mailwatchd.errors import ConfigError
+from mailwatchd.parsing import parse_duration, parse_int, parse_size
+from mailwatchd.relays import RelayConfig, load_relays
 
 SERVICE_SPOOL = Path("/var/spool/mailwatchd")
-
-
-class TlsMode(StrEnum):
-    """How a connection is secured. STARTTLS is required, never opportunistic-then-plain."""
-
-    STARTTLS = "starttls"
-    IMPLICIT = "ssl"
-    NONE = "none"
-
-
-class Secret:
-    """A credential that never shows in repr, str, logs or exception texts."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """One place to connect to: host, port and how to secure it."""
-
-    host: str
-    port: int
-    tls: TlsMode
-
-    def __str__(self) -> str:
-        return f"{self.host}:{self.port}/{self.tls.value}"
-
-
-@dataclass(frozen=True)
-class RelayConfig:
-    """One relay (a provider account): endpoints tried in order, credentials, limits."""
-
-    name: str
-    endpoints: tuple[Endpoint, ...]
-    username: str | None = None
-    password: Secret | None = None
-    verify: bool = True
-    cafile: Path | None = None
-    certfile: Path | None = None
-    keyfile: Path | None = None
-    max_per_minute: int | None = None
-    max_per_day: int | None = None
-
-    @property
-    def primary(self) -> Endpoint:
-        return self.endpoints[0]
 
 
 @dataclass(frozen=True)
@@ -145,61 +81,6 @@ MAILWATCHD_KEYS = frozenset(
         "MAILWATCHD_LOG_LEVEL",
     }
 )
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-_SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]i?[bB]?)?\s*$")
-_SIZE_UNITS = {"k": 1024, "m": 1024**2, "g": 1024**3}
-DEFAULT_PORTS = {TlsMode.STARTTLS: 587, TlsMode.IMPLICIT: 465, TlsMode.NONE: 25}
-
-
-def parse_bool(key: str, raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ConfigError(key, f"{raw!r} is not a boolean", "use true or false")
-
-
-def parse_duration(key: str, raw: str, *, minimum: float = 0.0) -> float:
-    """Seconds from '30', '30s', '500ms', '5m', '2h' or '5d'."""
-    match = _DURATION.match(raw)
-    if not match:
-        raise ConfigError(key, f"{raw!r} is not a duration", "use seconds, or a number with ms, s, m, h or d")
-    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    if not math.isfinite(seconds) or seconds < minimum:
-        raise ConfigError(key, f"{raw!r} is too small", f"use at least {minimum:g} seconds")
-    return seconds
-
-
-def parse_size(key: str, raw: str) -> int:
-    """Bytes from '1048576', '512K', '25M' or '1G' (binary units)."""
-    match = _SIZE.match(raw)
-    if not match:
-        raise ConfigError(key, f"{raw!r} is not a size", "use bytes, or a number with K, M or G")
-    unit = (match.group(2) or "")[:1].lower()
-    size = int(match.group(1)) * _SIZE_UNITS.get(unit, 1)
-    if size < 1024:
-        raise ConfigError(key, f"{raw!r} is too small", "use at least 1K")
-    return size
-
-
-def parse_int(key: str, raw: str, *, minimum: int, maximum: int) -> int:
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise ConfigError(key, f"{raw!r} is not a whole number", f"use a number from {minimum} to {maximum}") from None
-    if not minimum <= value <= maximum:
-        raise ConfigError(key, f"{value} is out of range", f"use a number from {minimum} to {maximum}")
-    return value
-
-
-def parse_port(key: str, raw: str) -> int:
-    return parse_int(key, raw, minimum=1, maximum=65535)
-
 
 def default_spool(environ: Mapping[str, str]) -> Path:
     """/var/spool/mailwatchd for root, and for users who may drop mail into it (members of
@@ -303,8 +184,6 @@ def load_settings(config_path: Path | str | None = None,
             raise ConfigError("MAILWATCHD_LOG_LEVEL", f"{raw!r} is not a log level",
                               "use debug, info, warning or error")
         extra["log_level"] = raw.lower()
-
-    from mailwatchd.relays import load_relays  # relays.py builds on this module's types
 
     relays = load_relays(get, env)
     return Settings(spool=spool, outbox=outbox, relays=relays, config_path=path,

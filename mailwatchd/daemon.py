@@ -22,7 +22,7 @@ from typing import Any
 from dotenv import dotenv_values
 
 from mailwatchd import exitcodes, notify
-from mailwatchd.config import Endpoint, RelayConfig, Settings, load_settings
+from mailwatchd.config import Settings, load_settings
 from mailwatchd.delivery import SmtpSession
 from mailwatchd.errors import ConfigError, SpoolLocked
 from mailwatchd.health import HealthReporter
@@ -30,6 +30,7 @@ from mailwatchd.intake import Intake
 from mailwatchd.logs import get_logger
 from mailwatchd.outbox import OutboxSession
 from mailwatchd.recovery import recover
+from mailwatchd.relays import Endpoint, RelayConfig
 from mailwatchd.routing import Router
 from mailwatchd.scheduler import Scheduler, WorkItem
 from mailwatchd.spool import Location, Spool

@@ -19,7 +19,7 @@ import time
 import aiosmtplib
 from aiosmtplib import SMTPException, SMTPResponseException, SMTPServerDisconnected
 
-from mailwatchd.config import Endpoint, RelayConfig, Settings, TlsMode
+from mailwatchd.config import Settings
 from mailwatchd.envelope import OutgoingMessage
 from mailwatchd.outcome import (
     Cause,
@@ -32,6 +32,7 @@ from mailwatchd.outcome import (
     classify_reply,
     is_quota_reply,
 )
+from mailwatchd.relays import Endpoint, RelayConfig, TlsMode
 from mailwatchd.smtpwire import Reply, Wire, describe, one_line, root_cause, wire_body
 from mailwatchd.tlsconfig import client_context
 

@@ -18,8 +18,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mailwatchd.config import Endpoint, RelayConfig, Settings, TlsMode
+from mailwatchd.config import Settings
 from mailwatchd.outcome import Cause
+from mailwatchd.relays import Endpoint, RelayConfig, TlsMode
 
 if TYPE_CHECKING:
     from mailwatchd.probe import ProbeReport, Resolver

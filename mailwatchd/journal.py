@@ -28,11 +28,11 @@ from typing import IO, Any
 
 import structlog
 
-from mailwatchd.logs import SYSLOG_PRIORITY
-
 SOCKET_PATH = "/run/systemd/journal/socket"
 IDENTIFIER = "mailwatchd"
 DEFAULT_PRIORITY = 6  # LOG_INFO
+# syslog(3) priorities for the "<N>" prefix journald understands on a stream.
+SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2, "exception": 3}
 # Keys of a structlog event that are not fields of the entry: journald keeps its own time and priority.
 _NOT_FIELDS = frozenset({"event", "level", "timestamp"})
 _INVALID_FIELD_CHARS = re.compile(r"[^A-Z0-9_]")

@@ -17,9 +17,9 @@ from typing import Any, TextIO
 
 import structlog
 
+from mailwatchd import journal
+
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
-# syslog(3) priorities for the "<N>" prefix journald understands on a stream.
-SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2, "exception": 3}
 _RESERVED = ("timestamp", "level", "event")
 
 
@@ -63,8 +63,6 @@ def render_json(_: Any, __: str, event: MutableMapping[str, Any]) -> str:
 def choose_format(requested: str, stream: TextIO) -> str:
     if requested != "auto":
         return requested
-    from mailwatchd import journal
-
     return "journal" if journal.stream_is_journal(stream) else "console"
 
 
@@ -81,8 +79,6 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
     if chosen == "json":
         processors.append(render_json)
     elif chosen == "journal":
-        from mailwatchd import journal
-
         processors.append(journal.JournalProcessor(render_journal))
     else:
         processors.append(render_console)

@@ -22,9 +22,10 @@ from datetime import UTC, datetime
 from email.utils import formatdate, make_msgid
 from typing import Any, TypeVar
 
-from mailwatchd.config import Endpoint, RelayConfig, Settings, TlsMode
+from mailwatchd.config import Settings
 from mailwatchd.diagnosis import hint_for
 from mailwatchd.outcome import Cause, Phase, classify_exception, classify_reply
+from mailwatchd.relays import Endpoint, RelayConfig, TlsMode
 from mailwatchd.tlsconfig import client_context
 
 Resolver = Callable[[str, int], Awaitable[Sequence[tuple[Any, ...]]]]

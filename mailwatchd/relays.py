@@ -1,26 +1,85 @@
-"""Relay definitions: the Django-style EMAIL_* relay and the MAILWATCHD_RELAYS URLs
-(`smtp+tls://user@host:587?name=...&ports=465/ssl`), with their credentials and limits."""
+"""Relays: their types (endpoints, TLS modes, secrets) and their definitions, the Django-style
+EMAIL_* relay and the MAILWATCHD_RELAYS URLs (`smtp+tls://user@host:587?name=...&ports=465/ssl`),
+with their credentials and limits."""
 
 from __future__ import annotations
 
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from mailwatchd.config import (
-    DEFAULT_PORTS,
-    Endpoint,
-    RelayConfig,
-    Secret,
-    TlsMode,
-    parse_bool,
-    parse_int,
-    parse_port,
-)
 from mailwatchd.errors import ConfigError
+from mailwatchd.parsing import parse_bool, parse_int, parse_port
 
+
+class TlsMode(StrEnum):
+    """How a connection is secured. STARTTLS is required, never opportunistic-then-plain."""
+
+    STARTTLS = "starttls"
+    IMPLICIT = "ssl"
+    NONE = "none"
+
+
+class Secret:
+    """A credential that never shows in repr, str, logs or exception texts."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One place to connect to: host, port and how to secure it."""
+
+    host: str
+    port: int
+    tls: TlsMode
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}/{self.tls.value}"
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """One relay (a provider account): endpoints tried in order, credentials, limits."""
+
+    name: str
+    endpoints: tuple[Endpoint, ...]
+    username: str | None = None
+    password: Secret | None = None
+    verify: bool = True
+    cafile: Path | None = None
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    max_per_minute: int | None = None
+    max_per_day: int | None = None
+
+    @property
+    def primary(self) -> Endpoint:
+        return self.endpoints[0]
+
+
+DEFAULT_PORTS = {TlsMode.STARTTLS: 587, TlsMode.IMPLICIT: 465, TlsMode.NONE: 25}
 _SCHEMES = {
     "smtp": TlsMode.NONE,
     "smtp+tls": TlsMode.STARTTLS,

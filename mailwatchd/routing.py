@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from mailwatchd.config import Endpoint, RelayConfig
 from mailwatchd.outcome import Cause, DeliveryResult, Outcome
+from mailwatchd.relays import Endpoint, RelayConfig
 
 BREAKER_MIN_S = 5.0
 BREAKER_MAX_S = 300.0

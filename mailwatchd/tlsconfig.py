@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ssl
 
-from mailwatchd.config import RelayConfig
+from mailwatchd.relays import RelayConfig
 
 
 def client_context(relay: RelayConfig) -> ssl.SSLContext:

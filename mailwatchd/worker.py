@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from mailwatchd import envelope
 from mailwatchd.backoff import retry_delay
-from mailwatchd.config import Endpoint, RelayConfig
 from mailwatchd.envelope import OutgoingMessage
 from mailwatchd.errors import MalformedMessage, RefusedSpoolEntry, SpoolFull
 from mailwatchd.logs import get_logger
 from mailwatchd.messagestate import Attempt, MessageState, queue_id_time
 from mailwatchd.outcome import DeliveryResult, Outcome, RefusedRecipient
+from mailwatchd.relays import Endpoint, RelayConfig
 from mailwatchd.scheduler import WorkItem
 from mailwatchd.spool import Location
 

@@ -16,10 +16,11 @@ import trustme
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from mailwatchd import envelope
-from mailwatchd.config import Endpoint, RelayConfig, Secret, Settings, TlsMode
+from mailwatchd.config import Settings
 from mailwatchd.delivery import SmtpSession
 from mailwatchd.envelope import OutgoingMessage
 from mailwatchd.outcome import Cause, DeliveryResult, Outcome, Phase, RefusedRecipient
+from mailwatchd.relays import Endpoint, RelayConfig, Secret, TlsMode
 from mailwatchd.smtpwire import wire_body
 from tests.conftest import LOOPBACK, RecordingHandler, SmtpServer, wait_until
 from tests.rawservers import BlackHole, DripServer, ScriptedServer, SilentServer, ThreadedServer

@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from mailwatchd.config import Endpoint, RelayConfig, Secret, Settings, TlsMode
+from mailwatchd.config import Settings
 from mailwatchd.diagnosis import CheckReport, alternative_endpoints, hint_for, run_check
 from mailwatchd.outcome import Cause
+from mailwatchd.relays import Endpoint, RelayConfig, Secret, TlsMode
 from tests.conftest import LOOPBACK, SmtpServer
 from tests.daemonproc import run_cli
 from tests.probe_servers import RejectMailHandler, RejectRcptHandler, closed_port, probe_settings

@@ -21,9 +21,10 @@ import pytest
 import trustme
 
 from mailwatchd import probe as probe_module
-from mailwatchd.config import Endpoint, RelayConfig, Secret, Settings, TlsMode
+from mailwatchd.config import Settings
 from mailwatchd.outcome import Cause
 from mailwatchd.probe import ProbeReport, probe_endpoint
+from mailwatchd.relays import Endpoint, RelayConfig, Secret, TlsMode
 from mailwatchd.tlsconfig import client_context
 from tests.conftest import LOOPBACK, RecordingHandler, SmtpServer
 from tests.probe_servers import (
@@ -377,7 +378,8 @@ def test_every_resolved_address_is_tried_within_the_deadline(smtp_server_factory
 
 ISOLATED_PROBE = """
 import asyncio, json, pathlib, sys
-from mailwatchd.config import Endpoint, RelayConfig, Settings, TlsMode
+from mailwatchd.config import Settings
+from mailwatchd.relays import Endpoint, RelayConfig, TlsMode
 from mailwatchd.probe import probe_endpoint
 endpoint = Endpoint("relay.mailwatchd-test.invalid", 587, TlsMode.STARTTLS)
 settings = Settings(spool=pathlib.Path("/nonexistent"), outbox=pathlib.Path("/nonexistent"), helo_name="probe.test",

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailwatchd.config import Endpoint, RelayConfig, TlsMode
 from mailwatchd.outcome import Cause, DeliveryResult, Outcome, Phase
+from mailwatchd.relays import Endpoint, RelayConfig, TlsMode
 from mailwatchd.routing import BREAKER_MAX_S, BREAKER_MIN_S, DAY_S, QUOTA_PAUSE_S, Health, Router, Transition
 
 A587 = Endpoint("a.example.net", 587, TlsMode.STARTTLS)

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import trustme
 
-from mailwatchd.config import Endpoint, RelayConfig, Settings, TlsMode
+from mailwatchd.config import Settings
 from mailwatchd.delivery import SmtpSession
 from mailwatchd.envelope import OutgoingMessage
 from mailwatchd.outcome import DeliveryResult, Outcome
+from mailwatchd.relays import Endpoint, RelayConfig, TlsMode
 from mailwatchd.tlsconfig import client_context
 from tests.conftest import LOOPBACK, RecordingHandler, SmtpServer
 
