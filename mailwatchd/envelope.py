@@ -9,7 +9,7 @@ each); they override the From/Sender/To/Cc/Bcc fields and are removed, with Bcc 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.utils import getaddresses
 
@@ -38,9 +38,6 @@ class OutgoingMessage:
     recipients: tuple[str, ...]
     data: bytes  # what follows DATA: envelope fields and Bcc removed
     size: int
-
-    def for_recipients(self, recipients: Iterable[str]) -> OutgoingMessage:
-        return OutgoingMessage(self.queue_id, self.sender, tuple(recipients), self.data, self.size)
 
 
 @dataclass(frozen=True)
@@ -77,7 +74,9 @@ def split_header(raw: bytes) -> tuple[list[HeaderField], bytes]:
 
 
 def _value(field: HeaderField) -> str:
-    text = field.raw.decode("utf-8", errors="replace")
+    # surrogateescape keeps invalid bytes distinct (U+DC80..U+DCFF) so check_address can refuse
+    # them; "replace" would turn them into U+FFFD, an address that is not in the message.
+    text = field.raw.decode("utf-8", errors="surrogateescape")
     value = text.split(":", 1)[1]
     return " ".join(value.split())  # unfold (RFC 5322 §2.2.3)
 
@@ -109,6 +108,16 @@ def qualify(address: str, default_domain: str | None) -> str:
 
 
 def check_address(address: str, role: str) -> str:
+    """`address` if it can go into MAIL FROM / RCPT TO as it is, else MalformedMessage."""
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        # RFC 6532 §3.2: non-ASCII header text is UTF-8. Shown as the bytes it came from.
+        try:
+            raw = address.encode("utf-8", errors="surrogateescape")
+        except UnicodeEncodeError:  # a surrogate no bytes were decoded to: only a caller's str has one
+            raw = address.encode("utf-8", errors="surrogatepass")
+        raise MalformedMessage(f"{role} address {repr(raw)[1:]} is not valid UTF-8") from None
     if not _ADDRESS.match(address):
         raise MalformedMessage(f"{role} address {address!r} is not usable (it needs a user@domain form)")
     return address
@@ -165,8 +174,6 @@ def parse(queue_id: str, raw: bytes, *, default_domain: str | None = None) -> Ou
     else:
         data = raw
     return OutgoingMessage(queue_id, sender, tuple(recipients), data, len(raw))
-
-
 
 
 def with_envelope(raw: bytes, sender: str, recipients: Sequence[str]) -> bytes:

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from mailwatchd.config import Settings
 from mailwatchd.envelope import OutgoingMessage
+from mailwatchd.errors import SpoolFull
 from mailwatchd.outcome import Cause, DeliveryResult, Outcome, Phase, classify_exception
-from mailwatchd.spool import fsync_dir
+from mailwatchd.spool import install_durably
 
 RELAY_NAME = "outbox"
 _counter = itertools.count()
@@ -54,13 +55,14 @@ class OutboxSession:
         return time.monotonic() - self._last_used
 
     async def deliver(self, message: OutgoingMessage) -> DeliveryResult:
-        """Store the message durably in new/; an OSError becomes a TEMPORARY local_error."""
+        """Store the message durably in new/; an OSError or a full disk becomes a TEMPORARY local_error."""
         try:
             name = await asyncio.to_thread(self._store, message)
-        except OSError as exc:
+        except (OSError, SpoolFull) as exc:
             self._dirs_made = False  # someone may have removed the Maildir: make it again next time
             verdict = classify_exception(Phase.LOCAL, exc)
-            detail = f"cannot write to the outbox {self._root}: {exc.strerror or exc}"
+            problem = exc.strerror if isinstance(exc, OSError) else None
+            detail = f"cannot write to the outbox {self._root}: {problem or exc}"
             return DeliveryResult(verdict.outcome, verdict.cause, Phase.LOCAL, None, " ".join(detail.split()),
                                   RELAY_NAME, self._endpoint)
         finally:
@@ -77,21 +79,6 @@ class OutboxSession:
                 (self._root / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
             self._dirs_made = True
         name = _unique_name()
-        tmp_path = self._root / "tmp" / name
-        new_path = self._root / "new" / name
         # Invariant: a file in new/ is always complete and on disk (write, fsync, rename, fsync dir).
-        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                view = memoryview(envelope_header(message) + message.data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp_path, new_path)
-        except BaseException:
-            tmp_path.unlink(missing_ok=True)
-            raise
-        fsync_dir(new_path.parent)
+        install_durably(self._root / "tmp" / name, self._root / "new" / name, envelope_header(message) + message.data)
         return name

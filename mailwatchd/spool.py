@@ -36,7 +36,8 @@ from mailwatchd.messagestate import MessageState, State, is_queue_id, new_queue_
 STALE_TMP_SECONDS = 36 * 3600  # the Maildir convention for abandoned tmp/ files
 TMP_PREFIX = ".tmp-"
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # no room for the data, an inode or a directory entry
+_SYMLINK = "is a symbolic link"
 
 
 class Location(StrEnum):
@@ -45,6 +46,16 @@ class Location(StrEnum):
     QUEUE = "queue"
     DEFERRED = "deferred"
     FAILED = "failed"
+
+
+# Where a message in each state belongs; meta/ names the state before the file moves there.
+LOCATION_OF = {State.QUEUED: Location.QUEUE, State.DEFERRED: Location.DEFERRED, State.FAILED: Location.FAILED}
+_STATE_IN = {location: state for state, location in LOCATION_OF.items()}
+
+
+def drop_dirs(root: Path) -> tuple[Path, Path]:
+    """The Maildir drop under a spool root: (tmp/, new/)."""
+    return root / "tmp", root / "new"
 
 
 @dataclass(frozen=True)
@@ -75,15 +86,26 @@ class Pending:
 
 
 def describe_non_regular(mode: int) -> str | None:
-    """Why an inode of this mode cannot be a message, or None for a regular file."""
+    """Why an inode of this mode cannot be a message ("is a FIFO"), or None for a regular file."""
     if stat.S_ISREG(mode):
         return None
-    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
-                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+    for test, kind in ((stat.S_ISLNK, _SYMLINK), (stat.S_ISDIR, "is a directory"),
+                       (stat.S_ISFIFO, "is a FIFO"), (stat.S_ISSOCK, "is a socket"),
+                       (stat.S_ISCHR, "is a character device"), (stat.S_ISBLK, "is a block device")):
         if test(mode):
-            return name
-    return "not a regular file"
+            return kind
+    return "is not a regular file"
+
+
+def refusal(problem: str) -> str:
+    """The recorded reason for an entry that cannot be a message: `problem` completes the sentence."""
+    return f"refused: the spool entry {problem}"
+
+
+def raise_if_full(exc: OSError) -> None:
+    """Raise SpoolFull from `exc` when it says the filesystem is full; otherwise return."""
+    if exc.errno in _FULL_ERRNOS:
+        raise SpoolFull(f"the filesystem is full ({exc.strerror})") from exc
 
 
 def fsync_dir(path: Path) -> None:
@@ -99,8 +121,7 @@ def write_durably(path: Path, data: bytes, mode: int = 0o600) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     except OSError as exc:
-        if exc.errno in _FULL_ERRNOS:  # no free inode, or no room for the directory entry
-            raise SpoolFull(f"the spool's filesystem is full ({exc.strerror})") from exc
+        raise_if_full(exc)
         raise
     try:
         os.fchmod(fd, mode)  # exactly `mode`, whatever the writer's umask (the daemon reads 0640 drops)
@@ -112,10 +133,25 @@ def write_durably(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(path)
-        if exc.errno in _FULL_ERRNOS:
-            raise SpoolFull(f"the spool's filesystem is full ({exc.strerror})") from exc
+        raise_if_full(exc)
         raise
     os.close(fd)
+
+
+def install_durably(temporary: Path, final: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write `data` to `temporary`, fsync, rename it to `final`, fsync that directory.
+
+    `final` is never seen incomplete; on failure no temporary is left. SpoolFull when the disk is full.
+    """
+    write_durably(temporary, data, mode)
+    try:
+        os.rename(temporary, final)
+        fsync_dir(final.parent)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise_if_full(exc)
+        raise
 
 
 class Spool:
@@ -124,8 +160,7 @@ class Spool:
     def __init__(self, root: Path, *, max_message_size: int = 25 * 1024 * 1024) -> None:
         self.root = root
         self.max_message_size = max_message_size
-        self.tmp = root / "tmp"
-        self.new = root / "new"
+        self.tmp, self.new = drop_dirs(root)
         self.meta = root / "meta"
         self.lock_path = root / "mailwatchd.lock"
         self._lock_fd: int | None = None
@@ -210,21 +245,15 @@ class Spool:
             st = os.lstat(source)
         except FileNotFoundError:
             return None
-        problem = describe_non_regular(st.st_mode)
-        if problem is None and st.st_nlink > 1:
-            if self._tmp_twin(name, st):
-                return Pending(name)
-            problem = f"has {st.st_nlink} hard links"
-        if problem is None and st.st_size > self.max_message_size:
-            problem = f"is too large ({st.st_size} bytes; the limit is {self.max_message_size})"
+        if stat.S_ISREG(st.st_mode) and self._tmp_twin(name, st):
+            return Pending(name)
+        reason = self._refusal(st)
         queue_id = self._fresh_id(name)
-        if problem is not None:
-            state = MessageState(queue_id, st.st_mtime, State.FAILED, source=name,
-                                 reason=f"refused: the spool entry {problem}")
-            self.write_state(state)
+        if reason is not None:
+            self.write_state(MessageState(queue_id, st.st_mtime, State.FAILED, source=name, reason=reason))
             if not self.move(Path(source), self.dir(Location.FAILED) / queue_id):
                 return None
-            return Refused(queue_id, name, state.reason or "")
+            return Refused(queue_id, name, reason)
         try:
             os.rename(source, f"{self._dirs[Location.QUEUE]}/{queue_id}")
         except FileNotFoundError:
@@ -233,17 +262,22 @@ class Spool:
 
     def _tmp_twin(self, name: str, st: os.stat_result) -> bool:
         """True when tmp/<name> is the same inode: a link-then-unlink delivery in progress."""
+        if st.st_nlink != 2:
+            return False
         try:
             twin = os.lstat(os.path.join(self.tmp, name))
         except OSError:
             return False
-        return st.st_nlink == 2 and (twin.st_dev, twin.st_ino) == (st.st_dev, st.st_ino)
+        return (twin.st_dev, twin.st_ino) == (st.st_dev, st.st_ino)
 
-    def refuse_drop(self, name: str, reason: str) -> str | None:
-        """Move a drop that cannot be claimed into failed/ with `reason`."""
-        queue_id = self._fresh_id(name)
-        self.write_state(MessageState(queue_id, time.time(), State.FAILED, source=name, reason=reason))
-        return queue_id if self.move(self.new / name, self.dir(Location.FAILED) / queue_id) else None
+    def _refusal(self, st: os.stat_result) -> str | None:
+        """Why an entry with this status cannot be a message, or None when it can be one."""
+        problem = describe_non_regular(st.st_mode)
+        if problem is None and st.st_nlink > 1:
+            problem = f"has {st.st_nlink} hard links"
+        if problem is None and st.st_size > self.max_message_size:
+            problem = f"is too large ({st.st_size} bytes; the limit is {self.max_message_size})"
+        return None if problem is None else refusal(problem)
 
     def clean_tmp(self, now: float | None = None) -> int:
         """Remove regular files abandoned in tmp/ for more than 36 hours."""
@@ -264,18 +298,13 @@ class Spool:
         try:
             fd = os.open(f"{self._dirs[location]}/{queue_id}", _READ_FLAGS)
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise RefusedSpoolEntry("refused: the spool entry is a symbolic link") from None
+            if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link
+                raise RefusedSpoolEntry(refusal(_SYMLINK)) from None
             raise
         try:
-            st = os.fstat(fd)
-            problem = describe_non_regular(st.st_mode)
-            if problem is None and st.st_nlink > 1:
-                problem = f"has {st.st_nlink} hard links"
-            if problem is None and st.st_size > self.max_message_size:
-                problem = f"is too large ({st.st_size} bytes; the limit is {self.max_message_size})"
-            if problem is not None:
-                raise RefusedSpoolEntry(f"refused: the spool entry {problem}")
+            reason = self._refusal(os.fstat(fd))
+            if reason is not None:
+                raise RefusedSpoolEntry(reason)
             chunks = []
             remaining = self.max_message_size + 1
             while remaining > 0:
@@ -285,7 +314,7 @@ class Spool:
                 chunks.append(chunk)
                 remaining -= len(chunk)
             if remaining <= 0:
-                raise RefusedSpoolEntry("refused: the spool entry grew past the size limit")
+                raise RefusedSpoolEntry(refusal("grew past the size limit"))
             return b"".join(chunks)
         finally:
             os.close(fd)
@@ -313,9 +342,7 @@ class Spool:
         temporary = self.meta / f"{TMP_PREFIX}{state.queue_id}"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
-        write_durably(temporary, state.to_json())
-        os.rename(temporary, final)
-        fsync_dir(self.meta)
+        install_durably(temporary, final, state.to_json())
 
     def move(self, source: Path, target: Path) -> bool:
         """rename(2) then fsync both directories; False when the source vanished."""
@@ -356,14 +383,10 @@ class Spool:
 
     def add(self, data: bytes, state: MessageState, location: Location) -> None:
         """Store a new message (a split-off part) directly in `location`, state first."""
-        state.state = {Location.QUEUE: State.QUEUED, Location.DEFERRED: State.DEFERRED,
-                       Location.FAILED: State.FAILED}[location]
+        state.state = _STATE_IN[location]
         self.write_state(state)
         directory = self.dir(location)
-        temporary = directory / f"{TMP_PREFIX}{state.queue_id}"
-        write_durably(temporary, data)
-        os.rename(temporary, directory / state.queue_id)
-        fsync_dir(directory)
+        install_durably(directory / f"{TMP_PREFIX}{state.queue_id}", directory / state.queue_id, data)
 
     def new_id(self) -> str:
         return self._fresh_id()
@@ -415,9 +438,6 @@ class Spool:
         except (OSError, SpoolFull) as exc:
             return str(exc)
         return None
-
-
-LOCATION_OF = {State.QUEUED: Location.QUEUE, State.DEFERRED: Location.DEFERRED, State.FAILED: Location.FAILED}
 
 
 def scandir(path: Path) -> Iterator[os.DirEntry[str]]:

@@ -6,9 +6,7 @@ half-written is ever visible in new/. Never waits on the network.
 
 from __future__ import annotations
 
-import contextlib
 import getpass
-import os
 import socket
 import time
 from collections.abc import Sequence
@@ -17,9 +15,9 @@ from email.utils import formataddr, formatdate, make_msgid
 from pathlib import Path
 
 from mailwatchd import envelope
-from mailwatchd.errors import MalformedMessage, SpoolFull
+from mailwatchd.errors import MalformedMessage
 from mailwatchd.messagestate import new_queue_id
-from mailwatchd.spool import fsync_dir, write_durably
+from mailwatchd.spool import drop_dirs, install_durably
 
 
 @dataclass(frozen=True)
@@ -35,22 +33,12 @@ class Submission:
 
 def enqueue(spool_root: Path, data: bytes) -> str:
     """Store `data` in new/ durably; returns the queue id. SpoolFull when the disk is full."""
-    tmp_dir, new_dir = spool_root / "tmp", spool_root / "new"
+    tmp_dir, new_dir = drop_dirs(spool_root)
     for directory in (tmp_dir, new_dir):
         if not directory.is_dir():
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     queue_id = new_queue_id()
-    temporary = tmp_dir / queue_id
-    write_durably(temporary, data, mode=0o640)
-    try:
-        os.rename(temporary, new_dir / queue_id)
-        fsync_dir(new_dir)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        if exc.errno in (28, 122):  # ENOSPC, EDQUOT
-            raise SpoolFull(str(exc)) from exc
-        raise
+    install_durably(tmp_dir / queue_id, new_dir / queue_id, data, mode=0o640)
     return queue_id
 
 
@@ -73,6 +61,13 @@ def local_sender(default_domain: str | None) -> str:
     return f"{getpass.getuser()}@{default_domain or socket.getfqdn()}"
 
 
+def _mailbox(name: str, address: str) -> str:
+    """A From field's value. formataddr takes ASCII addresses only; RFC 6532 §3.2 allows UTF-8."""
+    if address.isascii():
+        return formataddr((name, address))
+    return f"{formataddr((name, 'x@x')).removesuffix(' <x@x>')} <{address}>" if name else address
+
+
 def prepare(raw: bytes, submission: Submission, default_domain: str | None) -> bytes:
     """The spool file for a submission: headers completed, explicit envelope where given.
 
@@ -90,10 +85,11 @@ def prepare(raw: bytes, submission: Submission, default_domain: str | None) -> b
         if not raw.startswith((b"\n", b"\r\n")):
             raw = newline + raw  # a body with no header at all: the blank line that will end the added ones
     sender = envelope.qualify(submission.sender, default_domain) if submission.sender is not None else None
+    if sender:
+        envelope.check_address(sender, "sender")
     added = []
     if b"from" not in names:
-        address = sender or local_sender(default_domain)
-        added.append(f"From: {formataddr((submission.full_name or '', address))}".encode())
+        added.append(f"From: {_mailbox(submission.full_name or '', sender or local_sender(default_domain))}".encode())
     if b"date" not in names:
         added.append(f"Date: {formatdate(time.time(), localtime=True)}".encode())
     if b"message-id" not in names:

@@ -13,6 +13,7 @@ from mailwatchd.envelope import (
     ENVELOPE_FROM,
     ENVELOPE_TO,
     OutgoingMessage,
+    check_address,
     parse,
     sender_of,
     split_header,
@@ -250,6 +251,71 @@ def test_no_header_value_yields_an_unsafe_address(to: str, sender: str) -> None:
         assert SAFE_ADDRESS.match(address), address
 
 
+# -- UTF-8 (RFC 6531, RFC 6532) ----------------------------------------------------------------------
+
+
+def test_utf8_addresses_are_used_as_they_are() -> None:
+    raw = ("From: Jörg <jörg@bücher.example>\nTo: 用户@例子.广告, \"Zoë\" <zoë@example.org>\n"
+           "Subject: grüße\n\nbody\n").encode()
+    message = parse("Q", raw)
+    assert (message.sender, message.recipients) == ("jörg@bücher.example", ("用户@例子.广告", "zoë@example.org"))
+    assert message.data == raw
+    assert sender_of(raw) == "jörg@bücher.example"
+    stored = with_envelope(raw, message.sender, message.recipients)
+    assert parse("Q", stored).recipients == message.recipients
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    (b"From: s@x.test\nTo: \xff\xfe@y.test\n\nbody\n", r"recipient address '\xff\xfe@y.test' is not valid UTF-8"),
+    (b"From: s@x.test\nTo: a@y.test\nCc: Ann <ann@\xc3.test>\n\nbody\n",
+     r"recipient address 'ann@\xc3.test' is not valid UTF-8"),
+    (b'From: s@x.test\nTo: "Doe, J" <j\xc3\xb6rg\xff@y.test>\n\nbody\n',
+     r"recipient address 'j\xc3\xb6rg\xff@y.test' is not valid UTF-8"),
+    (f"{ENVELOPE_TO}: <\xff@y.test>\nFrom: s@x.test\n\nbody\n".encode("latin-1"),
+     r"recipient address '\xff@y.test' is not valid UTF-8"),
+    (b"From: App <app@\xe9xample.com>\nTo: a@y.test\n\nbody\n",
+     r"sender address 'app@\xe9xample.com' is not valid UTF-8"),
+    (f"{ENVELOPE_FROM}: <b\xf6se@x.test>\nFrom: s@x.test\nTo: a@y.test\n\nbody\n".encode("latin-1"),
+     r"sender address 'b\xf6se@x.test' is not valid UTF-8"),
+])
+def test_an_address_that_is_not_utf8_is_refused(raw: bytes, reason: str) -> None:
+    assert malformed(raw) == reason
+
+
+def test_a_sender_that_is_not_utf8_is_refused_by_sender_of() -> None:
+    with pytest.raises(MalformedMessage, match="not valid UTF-8"):
+        sender_of(b"From: \xff@x.test\nTo: a@y.test\n\nbody\n")
+
+
+def test_a_display_name_that_is_not_utf8_leaves_the_address_usable() -> None:
+    raw = b'From: s@x.test\nTo: "\xff" <a@y.test>, \xfe <b@y.test>\n\nbody\n'
+    message = parse("Q", raw)
+    assert (message.recipients, message.data) == (("a@y.test", "b@y.test"), raw)
+
+
+def test_with_envelope_refuses_an_address_that_is_not_utf8() -> None:
+    # A command-line argument with invalid bytes reaches Python as surrogate escapes.
+    recipient = b"\xff@y.test".decode("utf-8", errors="surrogateescape")
+    with pytest.raises(MalformedMessage, match=r"recipient address '\\xff@y.test' is not valid UTF-8"):
+        with_envelope(b"From: s@x.test\n\nbody\n", "s@x.test", [recipient])
+    with pytest.raises(MalformedMessage, match=r"sender address '\\xed\\xa0\\x80@x.test' is not valid UTF-8"):
+        check_address("\ud800@x.test", "sender")
+
+
+@given(st.binary(max_size=40))
+@example(b"\xff\xfe@y.test")
+@example(b"\"x\" <\xc3@y.test>")
+def test_every_address_sent_is_valid_utf8_from_the_message(value: bytes) -> None:
+    raw = b"From: s@x.test\r\nTo: " + value + b"\r\nSubject: x\r\n\r\nbody"
+    try:
+        message = parse("Q", raw)
+    except MalformedMessage:
+        return
+    for address in message.recipients:
+        address.encode("utf-8")  # UnicodeEncodeError for an invalid byte kept as a surrogate escape
+        assert "\ufffd" not in address or "\ufffd".encode() in value
+
+
 # -- default domain ---------------------------------------------------------------------------------
 
 
@@ -360,9 +426,3 @@ def test_split_header_keeps_folded_fields_whole() -> None:
     fields, rest = split_header(b"A: 1\r\nB: 2\r\n  3\r\nC:4\r\n\r\nbody")
     assert [(f.name, f.raw) for f in fields] == [(b"a", b"A: 1\r\n"), (b"b", b"B: 2\r\n  3\r\n"), (b"c", b"C:4\r\n")]
     assert rest == b"\r\nbody"
-
-
-def test_for_recipients() -> None:
-    message = parse("Q", b"From: s@example.com\nTo: a@example.org, b@example.org\n\nbody\n")
-    part = message.for_recipients(["b@example.org"])
-    assert part == OutgoingMessage("Q", "s@example.com", ("b@example.org",), message.data, message.size)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import mailbox
+import os
 import stat
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from mailwatchd.config import Settings
 from mailwatchd.envelope import OutgoingMessage
 from mailwatchd.outbox import OutboxSession
 from mailwatchd.outcome import Cause, DeliveryResult, Outcome, Phase
+from tests.test_spool import tmpfs
 
 
 def settings_for(outbox: Path, tmp_path: Path) -> Settings:
@@ -94,3 +97,13 @@ def test_failed_rename_is_a_temporary_local_error_and_leaves_no_temporary_file(t
     assert first.outcome is Outcome.DELIVERED and third.outcome is Outcome.DELIVERED
     assert (second.outcome, second.cause, second.phase) == (Outcome.TEMPORARY, Cause.LOCAL_ERROR, Phase.LOCAL)
     assert len(list((outbox / "new").iterdir())) == 1 and list((outbox / "tmp").iterdir()) == []
+
+
+def test_full_outbox_disk_is_a_temporary_local_error_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "small", "size=64k,mode=0700") as outbox:
+        session = OutboxSession(settings_for(outbox, tmp_path))
+        [result] = deliver_all(session, message(b"Subject: big\n\n" + b"x" * 256 * 1024))
+        assert (result.outcome, result.cause, result.phase) == (Outcome.TEMPORARY, Cause.LOCAL_ERROR, Phase.LOCAL)
+        assert result.detail == (f"cannot write to the outbox {outbox}: "
+                                 f"the filesystem is full ({os.strerror(errno.ENOSPC)})")
+        assert list((outbox / "tmp").iterdir()) == [] and list((outbox / "new").iterdir()) == []

@@ -31,6 +31,7 @@ from mailwatchd.spool import (
     Refused,
     Spool,
     describe_non_regular,
+    install_durably,
     write_durably,
 )
 from mailwatchd.submit import enqueue
@@ -129,10 +130,10 @@ def test_claim_of_a_vanished_drop(spool: Spool) -> None:
     assert listing(spool)["meta"] == []
 
 
-def assert_refused(spool: Spool, result: Claimed | Refused | Pending | None, name: str, words: str) -> str:
+def assert_refused(spool: Spool, result: Claimed | Refused | Pending | None, name: str, reason: str) -> str:
     assert isinstance(result, Refused), result
     assert result.source == name and is_queue_id(result.queue_id)
-    assert words in result.reason and result.reason.startswith("refused: ")
+    assert result.reason == reason
     state = spool.load_state(result.queue_id)
     assert state is not None
     assert (state.state, state.source, state.reason) == (State.FAILED, name, result.reason)
@@ -154,7 +155,7 @@ def test_claim_refuses_a_symlink_without_touching_its_target(spool: Spool, tmp_p
     atime_is_tracked = control.stat().st_atime != past
     before = target.stat()
     os.symlink(target, spool.new / "link")
-    queue_id = assert_refused(spool, spool.claim("link"), "link", "a symbolic link")
+    queue_id = assert_refused(spool, spool.claim("link"), "link", "refused: the spool entry is a symbolic link")
     moved = spool.dir(Location.FAILED) / queue_id
     assert moved.is_symlink() and os.readlink(moved) == str(target)
     after = target.stat()
@@ -162,8 +163,7 @@ def test_claim_refuses_a_symlink_without_touching_its_target(spool: Spool, tmp_p
     assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
     if atime_is_tracked:
         assert after.st_atime_ns == before.st_atime_ns, "the symlink's target was read"
-    with pytest.raises(RefusedSpoolEntry, match="symbolic link"):
-        spool.read(queue_id, Location.FAILED)
+    assert read_refusal(spool, queue_id, Location.FAILED) == "refused: the spool entry is a symbolic link"
 
 
 @pytest.mark.timeout(10)
@@ -171,27 +171,26 @@ def test_claim_refuses_a_symlink_to_a_fifo_without_opening_it(spool: Spool, tmp_
     fifo = tmp_path / "outside.fifo"
     os.mkfifo(fifo)
     os.symlink(fifo, spool.new / "link")
-    assert_refused(spool, spool.claim("link"), "link", "a symbolic link")
+    assert_refused(spool, spool.claim("link"), "link", "refused: the spool entry is a symbolic link")
 
 
 def test_claim_refuses_a_dangling_symlink(spool: Spool, tmp_path: Path) -> None:
     os.symlink(tmp_path / "nowhere", spool.new / "dangling")
-    assert_refused(spool, spool.claim("dangling"), "dangling", "a symbolic link")
+    assert_refused(spool, spool.claim("dangling"), "dangling", "refused: the spool entry is a symbolic link")
 
 
 @pytest.mark.timeout(10)
 def test_claim_refuses_a_fifo_without_blocking(spool: Spool) -> None:
     os.mkfifo(spool.new / "pipe")
-    queue_id = assert_refused(spool, spool.claim("pipe"), "pipe", "a FIFO")
+    queue_id = assert_refused(spool, spool.claim("pipe"), "pipe", "refused: the spool entry is a FIFO")
     assert stat.S_ISFIFO(os.lstat(spool.dir(Location.FAILED) / queue_id).st_mode)
-    with pytest.raises(RefusedSpoolEntry, match="a FIFO"):
-        spool.read(queue_id, Location.FAILED)
+    assert read_refusal(spool, queue_id, Location.FAILED) == "refused: the spool entry is a FIFO"
 
 
 def test_claim_refuses_a_directory(spool: Spool) -> None:
     (spool.new / "dir").mkdir()
     (spool.new / "dir" / "inner").write_bytes(MESSAGE)
-    queue_id = assert_refused(spool, spool.claim("dir"), "dir", "a directory")
+    queue_id = assert_refused(spool, spool.claim("dir"), "dir", "refused: the spool entry is a directory")
     assert (spool.dir(Location.FAILED) / queue_id / "inner").read_bytes() == MESSAGE
     assert spool.delete(queue_id)
     assert listing(spool)["failed"] == [] and listing(spool)["meta"] == []
@@ -201,18 +200,17 @@ def test_claim_refuses_a_socket(spool: Spool, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.chdir(spool.new)  # a short path: AF_UNIX names are limited to 108 bytes
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.bind("sock")
-        assert_refused(spool, spool.claim("sock"), "sock", "a socket")
+        assert_refused(spool, spool.claim("sock"), "sock", "refused: the spool entry is a socket")
 
 
 def test_claim_refuses_a_hard_link(spool: Spool, tmp_path: Path) -> None:
     outside = tmp_path / "shadow"
     outside.write_bytes(b"not for mailing\n")
     os.link(outside, spool.new / "linked")
-    queue_id = assert_refused(spool, spool.claim("linked"), "linked", "has 2 hard links")
+    queue_id = assert_refused(spool, spool.claim("linked"), "linked", "refused: the spool entry has 2 hard links")
     assert outside.read_bytes() == b"not for mailing\n"
     assert os.stat(outside).st_nlink == 2  # moved, not copied or unlinked
-    with pytest.raises(RefusedSpoolEntry, match="2 hard links"):
-        spool.read(queue_id, Location.FAILED)
+    assert read_refusal(spool, queue_id, Location.FAILED) == "refused: the spool entry has 2 hard links"
 
 
 def test_claim_waits_for_a_link_then_unlink_delivery(spool: Spool) -> None:
@@ -231,7 +229,7 @@ def test_claim_refuses_a_tmp_twin_with_a_third_link(spool: Spool, tmp_path: Path
     outside.write_bytes(b"not for mailing\n")
     os.link(outside, spool.tmp / "x")
     os.link(outside, spool.new / "x")
-    assert_refused(spool, spool.claim("x"), "x", "has 3 hard links")
+    assert_refused(spool, spool.claim("x"), "x", "refused: the spool entry has 3 hard links")
 
 
 def test_claim_refuses_a_hard_link_beside_an_unrelated_tmp_file(spool: Spool, tmp_path: Path) -> None:
@@ -239,12 +237,13 @@ def test_claim_refuses_a_hard_link_beside_an_unrelated_tmp_file(spool: Spool, tm
     outside.write_bytes(b"not for mailing\n")
     (spool.tmp / "x").write_bytes(b"another file")
     os.link(outside, spool.new / "x")
-    assert_refused(spool, spool.claim("x"), "x", "has 2 hard links")
+    assert_refused(spool, spool.claim("x"), "x", "refused: the spool entry has 2 hard links")
 
 
 def test_claim_refuses_an_oversize_file(spool: Spool) -> None:
     drop(spool, "big", b"x" * (LIMIT + 1))
-    assert_refused(spool, spool.claim("big"), "big", f"is too large ({LIMIT + 1} bytes; the limit is {LIMIT})")
+    assert_refused(spool, spool.claim("big"), "big",
+                   f"refused: the spool entry is too large ({LIMIT + 1} bytes; the limit is {LIMIT})")
 
 
 def test_claim_takes_a_file_of_exactly_the_limit(spool: Spool) -> None:
@@ -252,15 +251,6 @@ def test_claim_takes_a_file_of_exactly_the_limit(spool: Spool) -> None:
     claimed = spool.claim("edge")
     assert isinstance(claimed, Claimed) and claimed.size == LIMIT
     assert spool.read(claimed.queue_id, Location.QUEUE) == b"x" * LIMIT
-
-
-def test_refuse_drop(spool: Spool) -> None:
-    drop(spool, "bad.eml", b"garbage")
-    queue_id = spool.refuse_drop("bad.eml", "no sender")
-    assert queue_id is not None and spool.names(Location.FAILED) == [queue_id]
-    state = spool.load_state(queue_id)
-    assert state is not None and (state.state, state.reason, state.source) == (State.FAILED, "no sender", "bad.eml")
-    assert spool.refuse_drop("gone", "x") is None
 
 
 def test_mailbox_maildir_drop_is_claimed(spool: Spool) -> None:
@@ -283,6 +273,13 @@ def test_mailbox_maildir_drop_is_claimed(spool: Spool) -> None:
 # -- read -----------------------------------------------------------------------------------------
 
 
+def read_refusal(spool: Spool, queue_id: str, location: Location) -> str:
+    """The reason `spool.read` refuses the entry with."""
+    with pytest.raises(RefusedSpoolEntry) as info:
+        spool.read(queue_id, location)
+    return str(info.value)
+
+
 def claimed_id(spool: Spool, data: bytes = MESSAGE) -> str:
     name = new_queue_id()
     drop(spool, name, data)
@@ -298,8 +295,7 @@ def test_read_refuses_a_symlink_swapped_in_after_claim(spool: Spool, tmp_path: P
     path = spool.dir(Location.QUEUE) / queue_id
     path.unlink()
     os.symlink(target, path)
-    with pytest.raises(RefusedSpoolEntry, match="symbolic link"):
-        spool.read(queue_id, Location.QUEUE)
+    assert read_refusal(spool, queue_id, Location.QUEUE) == "refused: the spool entry is a symbolic link"
 
 
 @pytest.mark.timeout(10)
@@ -308,26 +304,24 @@ def test_read_refuses_a_fifo_without_blocking(spool: Spool) -> None:
     path = spool.dir(Location.QUEUE) / queue_id
     path.unlink()
     os.mkfifo(path)
-    with pytest.raises(RefusedSpoolEntry, match="a FIFO"):
-        spool.read(queue_id, Location.QUEUE)
+    assert read_refusal(spool, queue_id, Location.QUEUE) == "refused: the spool entry is a FIFO"
 
 
 def test_read_refuses_a_hard_link_made_after_claim(spool: Spool, tmp_path: Path) -> None:
     queue_id = claimed_id(spool)
     os.link(spool.dir(Location.QUEUE) / queue_id, tmp_path / "other")
-    with pytest.raises(RefusedSpoolEntry, match="has 2 hard links"):
-        spool.read(queue_id, Location.QUEUE)
+    assert read_refusal(spool, queue_id, Location.QUEUE) == "refused: the spool entry has 2 hard links"
 
 
 def test_read_refuses_a_directory_and_a_file_grown_too_large(spool: Spool) -> None:
     (spool.dir(Location.DEFERRED) / "D").mkdir()
-    with pytest.raises(RefusedSpoolEntry, match="a directory"):
-        spool.read("D", Location.DEFERRED)
+    assert read_refusal(spool, "D", Location.DEFERRED) == "refused: the spool entry is a directory"
     queue_id = claimed_id(spool)
     with open(spool.dir(Location.QUEUE) / queue_id, "ab") as handle:
         handle.write(b"x" * LIMIT)
-    with pytest.raises(RefusedSpoolEntry, match="too large"):
-        spool.read(queue_id, Location.QUEUE)
+    size = len(MESSAGE) + LIMIT
+    assert read_refusal(spool, queue_id, Location.QUEUE) == (
+        f"refused: the spool entry is too large ({size} bytes; the limit is {LIMIT})")
 
 
 def test_read_of_a_missing_message(spool: Spool) -> None:
@@ -756,6 +750,17 @@ def test_write_durably_never_replaces_or_follows(tmp_path: Path) -> None:
     assert stat.S_IMODE(os.stat(tmp_path / "mode").st_mode) == 0o640
 
 
+def test_install_durably_replaces_the_final_name_and_leaves_no_temporary(tmp_path: Path) -> None:
+    final = tmp_path / "final"
+    final.write_bytes(b"old")
+    install_durably(tmp_path / ".tmp-final", final, b"new", mode=0o640)
+    assert final.read_bytes() == b"new" and stat.S_IMODE(final.stat().st_mode) == 0o640
+    assert os.listdir(tmp_path) == ["final"]
+    with pytest.raises(FileNotFoundError):
+        install_durably(tmp_path / ".tmp-x", tmp_path / "missing" / "x", b"data")
+    assert os.listdir(tmp_path) == ["final"]  # the temporary of the failed rename is gone
+
+
 FSIZE_CHILD = """
 import json, os, resource, signal, sys
 from pathlib import Path
@@ -808,8 +813,9 @@ def test_enqueue_on_a_full_disk_raises_spool_full(tmp_path: Path) -> None:
     with tmpfs(tmp_path / "small", "size=1m,mode=0700") as root:
         (root / "tmp").mkdir()
         (root / "new").mkdir()
-        with pytest.raises(SpoolFull):
+        with pytest.raises(SpoolFull) as info:
             enqueue(root, os.urandom(2 * 2**20))
+        assert str(info.value) == f"the filesystem is full ({os.strerror(errno.ENOSPC)})"
         assert os.listdir(root / "tmp") == [] and os.listdir(root / "new") == []
         queue_id = enqueue(root, MESSAGE)  # the space came back
         assert os.listdir(root / "new") == [queue_id]
@@ -839,14 +845,13 @@ def test_full_spool_state_writes_and_probe(tmp_path: Path) -> None:
         with pytest.raises(SpoolFull):
             spool.write_state(state)
         assert os.listdir(spool.meta) == []
-        problem = spool.probe_writable()
-        assert problem is not None and "full" in problem
+        assert spool.probe_writable() == f"the filesystem is full ({os.strerror(errno.ENOSPC)})"
         filler.unlink()
         assert spool.probe_writable() is None
 
 
 def test_describe_non_regular() -> None:
-    assert describe_non_regular(os.stat("/dev/null").st_mode) == "a character device"
+    assert describe_non_regular(os.stat("/dev/null").st_mode) == "is a character device"
     assert describe_non_regular(stat.S_IFREG | 0o644) is None
-    assert describe_non_regular(stat.S_IFBLK) == "a block device"
-    assert describe_non_regular(0) == "not a regular file"
+    assert describe_non_regular(stat.S_IFBLK) == "is a block device"
+    assert describe_non_regular(0) == "is not a regular file"

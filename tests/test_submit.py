@@ -135,6 +135,19 @@ def test_prepare_from_uses_f_and_full_name() -> None:
     assert out.startswith(f"{ENVELOPE_FROM}: <cron@example.com>\n{ENVELOPE_TO}: <ann@example.org>\n".encode())
 
 
+@pytest.mark.parametrize(("full_name", "field"), [
+    ("Jörg", "=?utf-8?b?SsO2cmc=?= <jörg@bücher.example>"),
+    (None, "jörg@bücher.example"),
+])
+def test_prepare_from_with_a_utf8_sender(full_name: str | None, field: str) -> None:
+    out = prepare(b"To: ann@example.org\n\nbody\n",
+                  Submission(sender="jörg@bücher.example", full_name=full_name, from_headers=True), None)
+    assert header(out, b"From") == [field.encode()]
+    parsed = envelope.parse("Q", out)
+    assert (parsed.sender, parsed.recipients) == ("jörg@bücher.example", ("ann@example.org",))
+    assert envelope.sender_of(parsed.data) == "jörg@bücher.example"
+
+
 def test_prepare_explicit_sender_overrides_the_from_header() -> None:
     raw = b"From: app@example.com\nTo: ann@example.org\nDate: x\nMessage-ID: <1@x>\n\nbody\n"
     out = prepare(raw, Submission(sender="bounce@example.com", from_headers=True), None)
@@ -200,6 +213,14 @@ def test_prepare_a_body_starting_with_a_blank_line() -> None:
     (b"Subject: x\n\nbody\n", Submission(recipients=("root",)), "'root'"),
     (b"Subject: x\n\nbody\n", Submission(recipients=("a@b.c>\r\nRCPT TO:<x@y.z",)), "not usable"),
     (b"Subject: x\n\nbody\n", Submission(sender="bad sender", recipients=("a@example.org",)), "not usable"),
+    (b"From: a@example.com\nTo: \xff\xfe@example.org\n\nbody\n", Submission(from_headers=True),
+     r"recipient address '\\xff\\xfe@example.org' is not valid UTF-8"),
+    # An argument with invalid bytes, as Python decodes sys.argv (surrogate escapes).
+    (b"Subject: x\n\nbody\n", Submission(recipients=(b"\xff@example.org".decode(errors="surrogateescape"),)),
+     r"recipient address '\\xff@example.org' is not valid UTF-8"),
+    (b"Subject: x\n\nbody\n", Submission(sender=b"b\xf6se@example.com".decode(errors="surrogateescape"),
+                                          recipients=("a@example.org",)),
+     r"sender address 'b\\xf6se@example.com' is not valid UTF-8"),
 ])
 def test_prepare_refuses_what_cannot_be_sent(raw: bytes, submission: Submission, words: str) -> None:
     with pytest.raises(MalformedMessage, match=words):
