@@ -1,23 +1,23 @@
 """One SMTP connection to one relay endpoint, opened on demand and reused for consecutive messages.
 
 Every failure becomes a DeliveryResult through outcome.py's classifier; `deliver` never raises
-(except CancelledError). The session setup and each message transaction each run under one
-total deadline, so a server that never answers, or drips a byte a second, cannot stall it.
-aiosmtplib opens the session; smtpwire.Wire then carries the transactions, pipelined (RFC 2920)
-when the server offers PIPELINING.
+(except CancelledError). smtpclient opens the session (each step under its own deadline, the
+whole set-up under MAILWATCHD_TRANSACTION_TIMEOUT); then each message transaction runs under
+one total deadline that grows with the message's size, pipelined (RFC 2920) when the server
+offers PIPELINING.
+
+The body is written as the server reads it: an upload is cut off when the server reads nothing
+for EMAIL_TIMEOUT, or when the whole transaction outlives its deadline, never because a large
+message takes longer than one command timeout. The reply after the final dot may take the
+10 minutes RFC 5321 §4.5.3.2.6 allows, within that deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import re
-import socket
 import ssl
 import time
-
-import aiosmtplib
-from aiosmtplib import SMTPException, SMTPResponseException, SMTPServerDisconnected
 
 from mailwatchd.config import Settings
 from mailwatchd.envelope import OutgoingMessage
@@ -30,16 +30,41 @@ from mailwatchd.outcome import (
     Verdict,
     classify_exception,
     classify_reply,
-    is_quota_reply,
 )
 from mailwatchd.relays import Endpoint, RelayConfig, TlsMode
-from mailwatchd.smtpwire import Reply, Wire, describe, one_line, root_cause, wire_body
+from mailwatchd.smtpclient import (
+    Connection,
+    Resolver,
+    SetupFailed,
+    StepSink,
+    Timeouts,
+    open_session,
+    quit_session,
+    secret_forms,
+)
+from mailwatchd.smtpwire import Disconnected, MalformedReply, Reply, Wire, describe, scrub, wire_body
 from mailwatchd.tlsconfig import client_context
 
-QUIT_TIMEOUT = 2.0
+UPLOAD_FLOOR_BYTES_PER_S = 16 * 1024  # a transaction may take as long as the body needs at this rate
+FINAL_REPLY_TIMEOUT_S = 600.0  # RFC 5321 §4.5.3.2.6: "DATA Termination: 10 minutes"
 _DELIVERED = Verdict(Outcome.DELIVERED, Cause.OK)
 # What may not appear in an address put into MAIL FROM / RCPT TO (command injection, RFC 5321 §4.1.2).
 _UNSAFE_ADDRESS = re.compile(r"[\x00-\x20<>\x7f]")
+
+
+def transaction_deadline(settings: Settings, size: int) -> float:
+    """Seconds one message transaction may take: MAILWATCHD_TRANSACTION_TIMEOUT, more for a large body."""
+    return max(settings.transaction_timeout, size / UPLOAD_FLOOR_BYTES_PER_S)
+
+
+def attempt_bound(settings: Settings, size: int) -> float:
+    """The longest one `deliver` call can take: a dead reused connection, a fresh set-up, one transaction."""
+    return settings.command_timeout + settings.transaction_timeout + transaction_deadline(settings, size)
+
+
+def session_timeouts(settings: Settings) -> Timeouts:
+    return Timeouts(connect=settings.connect_timeout, command=settings.command_timeout,
+                    total=settings.transaction_timeout)
 
 
 class _Retry(Exception):
@@ -58,18 +83,21 @@ class SmtpSession:
     """One SMTP connection to one endpoint of one relay; deliver() reuses it between messages."""
 
     def __init__(self, relay: RelayConfig, endpoint: Endpoint, settings: Settings,
-                 tls_context: ssl.SSLContext | None = None) -> None:
+                 tls_context: ssl.SSLContext | None = None, *, resolve: Resolver | None = None,
+                 on_step: StepSink | None = None) -> None:
         self.relay = relay
         self.endpoint = endpoint
         self._settings = settings
         self._timeout = settings.command_timeout
         self._endpoint_text = str(endpoint)
         self._tls_context = tls_context
+        self._resolve = resolve
+        self._on_step = on_step
         self._wire: Wire | None = None
-        self._extensions: frozenset[str] = frozenset()
+        self._extensions: dict[str, str] = {}
         self._phase = Phase.CONNECT
         self._last_used = time.monotonic()
-        self._secrets = self._secret_forms(relay)
+        self._secrets = secret_forms(relay)
 
     @property
     def connected(self) -> bool:
@@ -84,7 +112,11 @@ class SmtpSession:
     @property
     def pipelining(self) -> bool:
         """True when the open connection's server offers RFC 2920 PIPELINING."""
-        return "pipelining" in self._extensions
+        return "PIPELINING" in self._extensions
+
+    def bound(self, message: OutgoingMessage) -> float:
+        """The longest `deliver(message)` can take."""
+        return attempt_bound(self._settings, message.size)
 
     async def deliver(self, message: OutgoingMessage) -> DeliveryResult:
         """Send one message; every failure is a DeliveryResult, never an exception."""
@@ -114,127 +146,44 @@ class SmtpSession:
             self._last_used = time.monotonic()
 
     async def close(self) -> None:
-        """QUIT under a short deadline, then close the transport; never raises."""
+        """QUIT under a short deadline, then drop the connection; never raises."""
         wire, self._wire = self._wire, None
-        if wire is None:
-            return
-        try:
-            if not wire.closed:
-                wire.write(b"QUIT\r\n")
-                await wire.read(min(QUIT_TIMEOUT, self._timeout))
-        except Exception:  # noqa: S110 - the connection is going away either way
-            pass
-        finally:
-            wire.close()
+        if wire is not None:
+            await quit_session(wire, min(2.0, self._timeout))
 
     def _abort(self) -> None:
         wire, self._wire = self._wire, None
         if wire is not None:
             wire.abort()
 
-    # Session setup: DNS, TCP, greeting, EHLO, STARTTLS, EHLO, AUTH (aiosmtplib).
-
     async def _open(self) -> None:
-        settings = self._settings
-        mode = self.endpoint.tls
-        smtp: aiosmtplib.SMTP | None = None
-        try:
-            async with asyncio.timeout(settings.transaction_timeout):
-                context = self._context() if mode is not TlsMode.NONE else None
-                sock = await self._connect_socket()
-                smtp = aiosmtplib.SMTP(hostname=self.endpoint.host, sock=sock, local_hostname=settings.helo_name,
-                                       timeout=self._timeout, use_tls=mode is TlsMode.IMPLICIT,
-                                       start_tls=False, tls_context=context)
-                self._phase = Phase.TLS if mode is TlsMode.IMPLICIT else Phase.GREETING
-                try:
-                    await smtp.connect()
-                except (aiosmtplib.SMTPConnectTimeoutError, aiosmtplib.SMTPConnectResponseError):
-                    self._phase = Phase.GREETING  # the TCP (and TLS) part had succeeded
-                    raise
-                except aiosmtplib.SMTPConnectError as exc:
-                    if isinstance(exc.__cause__, SMTPServerDisconnected):
-                        self._phase = Phase.GREETING
-                    raise
-                self._phase = Phase.EHLO
-                await smtp.ehlo()
-                if mode is TlsMode.STARTTLS:
-                    await self._starttls(smtp)
-                if self.relay.username is not None:
-                    self._phase = Phase.AUTH
-                    await self._login(smtp)
-                transport = smtp.transport
-                if transport is None or transport.is_closing():
-                    raise SMTPServerDisconnected("connection lost")
-                self._extensions = frozenset(smtp.esmtp_extensions)
-                self._wire = Wire(transport)
-        except BaseException as exc:
-            if smtp is not None:
-                smtp.close()
-            if isinstance(exc, _Fail | asyncio.CancelledError) or not isinstance(exc, Exception):
-                raise
-            raise _Fail(self._from_exception(self._phase, exc)) from None
-
-    def _context(self) -> ssl.SSLContext:
-        if self._tls_context is None:
-            self._phase = Phase.TLS
+        self._phase = Phase.CONNECT
+        if self._tls_context is None and self.endpoint.tls is not TlsMode.NONE:
             try:
                 self._tls_context = client_context(self.relay)
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                self._phase = Phase.TLS
                 raise _Fail(self._result(Verdict(Outcome.RELAY_FAULT, Cause.LOCAL_ERROR),
                                          detail=f"cannot load the TLS files: {describe(exc)}")) from None
-        return self._tls_context
-
-    async def _connect_socket(self) -> socket.socket:
-        loop = asyncio.get_running_loop()
-        host, port = self.endpoint.host, self.endpoint.port
-        timeout = self._settings.connect_timeout
-        self._phase = Phase.DNS
-        async with asyncio.timeout(timeout):
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        self._phase = Phase.CONNECT
-        error: Exception = OSError(f"no address for {host}")
-        for family, kind, proto, _, address in infos:
-            sock = socket.socket(family, kind, proto)
-            try:
-                sock.setblocking(False)
-                async with asyncio.timeout(timeout):
-                    await loop.sock_connect(sock, address)
-            except Exception as exc:
-                sock.close()
-                error = exc
-                continue
-            except BaseException:
-                sock.close()
-                raise
-            return sock
-        raise error
-
-    async def _starttls(self, smtp: aiosmtplib.SMTP) -> None:
-        self._phase = Phase.STARTTLS
-        if not smtp.supports_extension("starttls"):
-            # RFC 3207 §4: STARTTLS is required here; nothing more is sent in plain text.
-            raise _Fail(self._result(Verdict(Outcome.RELAY_FAULT, Cause.STARTTLS_UNAVAILABLE),
-                                     detail="the server does not offer STARTTLS"))
         try:
-            await smtp.starttls()
-        except (ssl.SSLError, aiosmtplib.SMTPTimeoutError, SMTPServerDisconnected) as exc:
-            if isinstance(exc, ssl.SSLError) or "upgrading transport" in str(exc):
-                self._phase = Phase.TLS  # the 220 came; the handshake failed
-            raise
-        self._phase = Phase.EHLO
-        await smtp.ehlo()  # RFC 3207 §4.2: forget what was learnt before TLS
+            connection = await open_session(self.relay, self.endpoint, timeouts=session_timeouts(self._settings),
+                                            helo_name=self._settings.helo_name, tls_context=self._tls_context,
+                                            resolve=self._resolve, on_step=self._on_step, secrets=self._secrets)
+        except SetupFailed as failed:
+            self._phase = failed.phase
+            raise _Fail(self._result(failed.verdict, code=failed.code, detail=failed.detail)) from None
+        self._wire = connection.wire
+        self._extensions = connection.extensions
 
-    async def _login(self, smtp: aiosmtplib.SMTP) -> None:
-        if not smtp.supports_extension("auth") or not smtp.supported_auth_methods:
-            raise _Fail(self._result(Verdict(Outcome.RELAY_FAULT, Cause.AUTH_UNAVAILABLE),
-                                     detail="the server offers no AUTH method we can use"))
-        assert self.relay.username is not None
-        password = self.relay.password.reveal() if self.relay.password is not None else ""
+    async def send_on(self, connection: Connection, message: OutgoingMessage) -> DeliveryResult:
+        """Send one message on a session open_session just opened (`check --send-test`)."""
+        self._wire, self._extensions = connection.wire, connection.extensions
         try:
-            await smtp.login(self.relay.username, password)
-        except aiosmtplib.SMTPAuthenticationError as exc:
-            raise _Fail(self._result(classify_reply(Phase.AUTH, exc.code, exc.message), code=exc.code,
-                                     detail=exc.message)) from None
+            return await self._transaction(message, False)
+        except _Fail as fail:
+            return fail.result
+        finally:
+            self._last_used = time.monotonic()
 
     # One message: MAIL FROM .. the reply after the final dot.
 
@@ -242,16 +191,18 @@ class SmtpSession:
         wire = self._wire
         assert wire is not None
         self._phase = Phase.MAIL
+        deadline = transaction_deadline(self._settings, message.size)
+        scope = asyncio.timeout(deadline)
         try:
-            async with asyncio.timeout(self._settings.transaction_timeout):
+            async with scope:
                 return await self._send(wire, message, reused)
         except (_Retry, _Fail):
             raise
-        except SMTPResponseException as exc:  # a malformed or oversized reply
-            self._abort()
-            return self._result(classify_reply(self._phase, exc.code, exc.message), detail=exc.message)
         except Exception as exc:
             self._abort()
+            if scope.expired():
+                return self._result(classify_exception(self._phase, exc),
+                                    detail=f"the transaction took longer than its deadline of {deadline:g}s")
             return self._from_exception(self._phase, exc)
 
     async def _send(self, wire: Wire, message: OutgoingMessage, reused: bool) -> DeliveryResult:
@@ -263,7 +214,7 @@ class SmtpSession:
         wire.write(b"".join((mail, *rcpts, b"DATA\r\n")) if pipelined else mail)
         try:
             reply = await wire.read(timeout)
-        except SMTPServerDisconnected:
+        except Disconnected:
             if reused:
                 raise _Retry() from None
             raise
@@ -277,7 +228,7 @@ class SmtpSession:
                 rcpt_replies = [await wire.read(timeout) for _ in rcpts]
                 self._phase = Phase.DATA
                 data_reply = await wire.read(timeout)
-            except (SMTPException, TimeoutError, ConnectionError):
+            except (MalformedReply, TimeoutError, ConnectionError):
                 if reply.code == 250:
                     raise
                 self._abort()  # the refusal of MAIL stands; the server went away after it
@@ -295,13 +246,14 @@ class SmtpSession:
             else:
                 wire.write(rcpts[index])
                 reply = await wire.read(timeout)
-            if reply.code in (250, 251):
+            verdict = classify_reply(Phase.RCPT, reply.code, reply.text)
+            if verdict.outcome is Outcome.DELIVERED:
                 accepted.append(recipient)
-            elif reply.code == 421 or is_quota_reply(reply.text):
-                # The server is closing, or the account is over quota: nothing goes on this connection.
+            elif verdict.outcome is Outcome.RELAY_FAULT or verdict.cause is Cause.SERVER_BUSY:
+                # Over quota, or the server is closing: nothing more goes on this connection.
                 return await self._refused(Phase.RCPT, reply, in_data=in_data)
             else:
-                refused.append(RefusedRecipient(recipient, reply.code, one_line(reply.text)))
+                refused.append(RefusedRecipient(recipient, reply.code, scrub(reply.text, ()), verdict.outcome))
         if not accepted:
             worst = min(refused, key=lambda item: item.outcome is not Outcome.TEMPORARY)
             return await self._refused(Phase.RCPT, Reply(worst.code, worst.reply), tuple(refused), in_data=in_data)
@@ -314,8 +266,10 @@ class SmtpSession:
         if data_reply.code != 354:
             return await self._refused(Phase.DATA, data_reply, tuple(refused))
         self._phase = Phase.BODY
-        wire.write(wire_body(message.data))
-        reply = await wire.read(timeout)
+        await wire.send_body(wire_body(message.data), stall_timeout=timeout)
+        # Bytes the socket took may still sit in kernel buffers: the server's own allowance applies,
+        # capped by this transaction's deadline.
+        reply = await wire.read(FINAL_REPLY_TIMEOUT_S)
         if reply.code != 250:
             return await self._refused(Phase.BODY, reply, tuple(refused))
         return self._result(_DELIVERED, code=reply.code, detail=reply.text, refused=tuple(refused))
@@ -329,14 +283,14 @@ class SmtpSession:
                                      detail="an address holds white space, a control character or <>"))
         encoding = "ascii"
         if not all(address.isascii() for address in addresses):
-            if "smtputf8" not in extensions:
+            if "SMTPUTF8" not in extensions:
                 raise _Fail(self._result(Verdict(Outcome.PERMANENT, Cause.MESSAGE_REJECTED),
                                          detail="an address is not ASCII and the server does not offer SMTPUTF8"))
             encoding = "utf-8"
         command = b"MAIL FROM:<" + message.sender.encode(encoding) + b">"
-        if "size" in extensions:
+        if "SIZE" in extensions:
             command += b" SIZE=%d" % len(message.data)  # RFC 1870
-        if "8bitmime" in extensions and not message.data.isascii():
+        if "8BITMIME" in extensions and not message.data.isascii():
             command += b" BODY=8BITMIME"  # RFC 6152
         if encoding != "ascii":
             command += b" SMTPUTF8"  # RFC 6531
@@ -360,9 +314,8 @@ class SmtpSession:
         if wire is None:
             return
         try:
-            wire.write(b"RSET\r\n")
-            reply = await wire.read(self._timeout)
-        except (SMTPException, TimeoutError, ConnectionError):
+            reply = await wire.command(b"RSET", self._timeout)
+        except (MalformedReply, TimeoutError, ConnectionError):
             self._abort()
             return
         if reply.code != 250:
@@ -370,28 +323,13 @@ class SmtpSession:
 
     # Results.
 
-    @staticmethod
-    def _secret_forms(relay: RelayConfig) -> tuple[str, ...]:
-        if relay.password is None:
-            return ()
-        password = relay.password.reveal()
-        user = relay.username or ""
-        forms = [password, base64.b64encode(password.encode()).decode(),
-                 base64.b64encode(f"\0{user}\0{password}".encode()).decode()]
-        return tuple(form for form in forms if form)
-
     def _result(self, verdict: Verdict, *, code: int | None = None, detail: str = "",
                 refused: tuple[RefusedRecipient, ...] = ()) -> DeliveryResult:
-        detail = one_line(detail)
-        for secret in self._secrets:
-            if secret in detail:
-                detail = detail.replace(secret, "***")
         return DeliveryResult(verdict.outcome, verdict.cause, self._phase, code if code and code > 0 else None,
-                              detail, self.relay.name, self._endpoint_text, refused)
+                              scrub(detail, self._secrets), self.relay.name, self._endpoint_text, refused)
 
     def _from_exception(self, phase: Phase, exc: BaseException) -> DeliveryResult:
         self._phase = phase
-        if isinstance(exc, SMTPResponseException):
-            return self._result(classify_reply(phase, exc.code, exc.message), code=exc.code, detail=exc.message)
-        cause = root_cause(exc)
-        return self._result(classify_exception(phase, cause), detail=describe(cause))
+        timeout = FINAL_REPLY_TIMEOUT_S if phase is Phase.BODY else self._timeout
+        detail = describe(exc, host=self.endpoint.host, port=self.endpoint.port, timeout=timeout)
+        return self._result(classify_exception(phase, exc), detail=detail)

@@ -16,14 +16,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mailwatchd.config import Settings
+from mailwatchd.envelope import check_address
+from mailwatchd.errors import MalformedMessage
 from mailwatchd.outcome import Cause
+from mailwatchd.probe import ProbeReport, TestMessage, probe_endpoint
 from mailwatchd.relays import Endpoint, RelayConfig, TlsMode
-
-if TYPE_CHECKING:
-    from mailwatchd.probe import ProbeReport, Resolver
+from mailwatchd.smtpclient import Resolver
 
 AltPort = int | tuple[int, TlsMode]
 DEFAULT_ALT_PORTS: tuple[AltPort, ...] = (587, 465, 2525)
@@ -180,16 +181,45 @@ def hint_for(cause: Cause, endpoint: Endpoint, detail: str, *, relay: RelayConfi
 
 
 @dataclass
+class Finding:
+    """One probed endpoint with what to do about it and, if it failed, how the usual other ports fared."""
+
+    report: ProbeReport
+    hint: str = ""
+    alternatives: list[ProbeReport] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.report.ok
+
+    @property
+    def relay(self) -> str:
+        return self.report.relay
+
+    @property
+    def cause(self) -> Cause:
+        return self.report.cause
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.report.endpoint
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.report.to_json(), "hint": self.hint,
+                "alternatives": [{**alt.to_json(), "hint": "", "alternatives": []} for alt in self.alternatives]}
+
+
+@dataclass
 class CheckReport:
     """The result of `mailwatchd check`."""
 
-    endpoints: list[ProbeReport]
+    endpoints: list[Finding]
     relays: list[str]
     duration_ms: float
     checked_at: datetime
     outbox: Path | None = None
     send_test_to: str | None = None
-    send_test: ProbeReport | None = None
+    send_test: Finding | None = None
     notes: list[str] = field(default_factory=list)
 
     def usable_relays(self) -> list[str]:
@@ -253,7 +283,8 @@ class CheckReport:
         return f"verdict: DEGRADED (exit 1): {problems}failing: {broken}; mail flows through {', '.join(usable)}"
 
 
-def _render_endpoint(report: ProbeReport, title: str = "relay") -> list[str]:
+def _render_endpoint(finding: Finding, title: str = "relay") -> list[str]:
+    report = finding.report
     state = "OK" if report.ok else f"FAILED ({report.cause.value})"
     lines = [f"{title} {report.relay!r}, endpoint {report.endpoint}: {state}"]
     for step in report.steps:
@@ -262,12 +293,12 @@ def _render_endpoint(report: ProbeReport, title: str = "relay") -> list[str]:
         lines.append(f"  certificate: {report.cert_days_left} days left ({report.tls_version})")
     if not report.ok:
         lines.append(f"  cause: {report.cause.value}")
-        lines.append(f"  fix: {report.hint}")
+        lines.append(f"  fix: {finding.hint}")
     else:
         lines.append(f"  result: {report.detail}")
-    if report.alternatives:
+    if finding.alternatives:
         alts = "; ".join(f"{alt.port}/{alt.tls.value} " + (f"works (answered in {alt.answered_ms:g} ms)" if alt.ok
-                                                              else alt.cause.value) for alt in report.alternatives)
+                                                              else alt.cause.value) for alt in finding.alternatives)
         lines.append(f"  other ports on {report.host}: {alts}")
     lines.append("")
     return lines
@@ -284,13 +315,22 @@ def alternative_endpoints(host: str, alt_ports: Sequence[AltPort], configured: s
     return endpoints
 
 
+def send_test_sender(relay: RelayConfig, helo_name: str) -> str:
+    """Who the test message is from: the relay's login when it is an address, else mailwatchd@<helo name>."""
+    user = relay.username
+    if user is not None:
+        try:
+            return str(check_address(user, "sender"))
+        except MalformedMessage:
+            pass
+    return f"mailwatchd@{helo_name}"
+
+
 async def run_check(settings: Settings, *, send_test_to: str | None = None, resolve: Resolver | None = None,
                     alt_ports: Sequence[AltPort] = DEFAULT_ALT_PORTS) -> CheckReport:
     """Probe every endpoint of every relay (and the alternatives) concurrently; optionally send a test."""
-    from mailwatchd.probe import is_plain_address, probe_endpoint  # probe.py imports this module for its hints
-
-    if send_test_to is not None and not is_plain_address(send_test_to):
-        raise ValueError(f"{send_test_to!r} is not an e-mail address")
+    if send_test_to is not None:
+        TestMessage("mailwatchd@example.invalid", send_test_to)  # ValueError before anything is probed
     start = time.perf_counter()
     checked_at = datetime.now(UTC)
     if not settings.relays:
@@ -307,16 +347,19 @@ async def run_check(settings: Settings, *, send_test_to: str | None = None, reso
     results = await asyncio.gather(*(probe_endpoint(relay, endpoint, settings, resolve=resolve)
                                      for relay, endpoint in targets + alt_targets))
     reports, alt_reports = list(results[: len(targets)]), results[len(targets):]
+    findings: list[Finding] = []
     for (relay, endpoint), report in zip(targets, reports, strict=True):
+        finding = Finding(report)
+        findings.append(finding)
         if report.ok:
             continue
         if report.cause in ALT_CAUSES:
-            report.alternatives = [alt for (alt_relay, alt_endpoint), alt in zip(alt_targets, alt_reports, strict=True)
-                                   if alt_relay.name == relay.name and alt_endpoint.host == endpoint.host]
+            finding.alternatives = [alt for (alt_relay, alt_endpoint), alt in zip(alt_targets, alt_reports, strict=True)
+                                    if alt_relay.name == relay.name and alt_endpoint.host == endpoint.host]
         fallback = next((r.endpoint for r in reports if r.relay == relay.name and r.ok), None)
-        report.hint = hint_for(report.cause, endpoint, report.detail, relay=relay,
-                               alternatives=report.alternatives, fallback=fallback)
-    check = CheckReport(endpoints=reports, relays=[relay.name for relay in settings.relays], duration_ms=0.0,
+        finding.hint = hint_for(report.cause, endpoint, report.detail, relay=relay,
+                                alternatives=finding.alternatives, fallback=fallback)
+    check = CheckReport(endpoints=findings, relays=[relay.name for relay in settings.relays], duration_ms=0.0,
                         checked_at=checked_at, send_test_to=send_test_to)
     if send_test_to is not None:
         healthy = next(((relay, r.endpoint) for relay in settings.relays for r in reports
@@ -324,6 +367,9 @@ async def run_check(settings: Settings, *, send_test_to: str | None = None, reso
         if healthy is None:
             check.notes.append(f"send test skipped: no usable relay ({send_test_to} not sent)")
         else:
-            check.send_test = await probe_endpoint(*healthy, settings, resolve=resolve, send_test_to=send_test_to)
+            relay, endpoint = healthy
+            test = TestMessage(send_test_sender(relay, settings.helo_name), send_test_to)
+            report = await probe_endpoint(relay, endpoint, settings, resolve=resolve, send_test=test)
+            check.send_test = Finding(report, hint_for(report.cause, endpoint, report.detail, relay=relay))
     check.duration_ms = round((time.perf_counter() - start) * 1000, 1)
     return check

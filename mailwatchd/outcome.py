@@ -76,6 +76,7 @@ class Cause(StrEnum):
     DISCONNECTED = "disconnected"
     PROTOCOL_ERROR = "protocol_error"
     LOCAL_ERROR = "local_error"
+    EXPIRED = "expired"  # the message's lifetime ran out while it kept failing temporarily
 
 
 @dataclass(frozen=True)
@@ -174,10 +175,7 @@ class RefusedRecipient:
     recipient: str
     code: int
     reply: str
-
-    @property
-    def outcome(self) -> Outcome:
-        return Outcome.TEMPORARY if 400 <= self.code < 500 else Outcome.PERMANENT
+    outcome: Outcome  # TEMPORARY or PERMANENT, as classify_reply(Phase.RCPT, ...) said
 
 
 @dataclass(frozen=True)

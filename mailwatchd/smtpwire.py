@@ -1,10 +1,10 @@
-"""The SMTP client's hot path on an established connection: commands out, replies in; and
-one-line texts for what went wrong.
+"""The SMTP client's wire: commands out, replies in, the message body under flow control; and
+the one-line texts that say what went wrong.
 
-aiosmtplib sets the connection up (greeting, EHLO, STARTTLS, AUTH); then a `Wire` takes over
-its transport (`BaseTransport.set_protocol`) for the message transactions. Unlike aiosmtplib's
-protocol it keeps every reply that arrives, in order, so several commands can be written at
-once and their replies read afterwards: RFC 2920 PIPELINING.
+A `Wire` is the asyncio protocol of one connection from the TCP connect to the close. It keeps
+every reply that arrives, in order, so several commands can be written at once and their
+replies read afterwards (RFC 2920 PIPELINING), and it upgrades itself to TLS in place
+(RFC 3207 STARTTLS). Reply parsing exists only here.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ import ssl
 from collections import deque
 from typing import NamedTuple
 
-from aiosmtplib import SMTPException, SMTPResponseException, SMTPServerDisconnected
-
 MAX_REPLY_BYTES = 64 * 1024  # a reply (all its lines) larger than this is not SMTP
 MAX_DETAIL = 300
+BODY_CHUNK = 64 * 1024
 _LINE_ENDING = re.compile(rb"\r\n|\r|\n")
 
 
@@ -28,6 +27,21 @@ class Reply(NamedTuple):
 
     code: int
     text: str
+
+    def __str__(self) -> str:
+        return one_line(f"{self.code} {self.text}")
+
+
+class MalformedReply(ValueError):
+    """The server sent something that is not an SMTP reply (RFC 5321 §4.2)."""
+
+
+class Disconnected(ConnectionError):
+    """The connection closed, from either side, before the reply came."""
+
+
+class UploadStalled(TimeoutError):
+    """The server stopped reading the message body."""
 
 
 def wire_body(data: bytes) -> bytes:
@@ -50,44 +64,62 @@ def one_line(text: str, limit: int = MAX_DETAIL) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def describe(exc: BaseException) -> str:
-    """A one-line description of a failure without a reply; never a traceback."""
+def scrub(text: str, secrets: tuple[str, ...]) -> str:
+    """`text` on one line with every secret form replaced by ***."""
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, "***")
+    return one_line(text)
+
+
+def describe(exc: BaseException, *, host: str = "", port: int = 0, timeout: float | None = None,
+             step: str = "") -> str:
+    """One line saying what went wrong without a reply, in the words an operator searches for."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"certificate verify failed: {exc.verify_message or exc.reason}"
+        return f"certificate verify failed: {exc.verify_message} (OpenSSL verify code {exc.verify_code})"
     if isinstance(exc, ssl.SSLError):
-        return f"TLS error: {exc.reason or exc}"
+        return f"TLS handshake failed: {exc.reason or exc}" if step == "tls" else f"TLS error: {exc.reason or exc}"
     if isinstance(exc, socket.gaierror):
-        return f"cannot resolve the host name: {exc.strerror}"
-    if isinstance(exc, TimeoutError) and not isinstance(exc, SMTPException):
-        return "timed out"
-    if isinstance(exc, SMTPException):
-        return exc.message
+        return f"cannot resolve {host}: {exc.strerror or exc}"
+    if isinstance(exc, UploadStalled):
+        return str(exc)
+    if isinstance(exc, TimeoutError):
+        within = f" within {timeout:g}s" if timeout is not None else ""
+        match step:
+            case "connect":
+                return f"no answer from {host}:{port}{within} (connect timed out)"
+            case "dns":
+                return f"resolving {host} took too long{within}"
+            case "banner":
+                return f"connected, but no complete greeting{within}"
+            case "tls":
+                return f"no TLS handshake{within}"
+        return f"no reply{within}"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"{host}:{port} refused the connection (nothing listens there, or a firewall rejects)"
+    if isinstance(exc, Disconnected | EOFError | ConnectionError):
+        return f"the server closed the connection ({exc})" if str(exc) else "the server closed the connection"
+    if isinstance(exc, MalformedReply):
+        return f"malformed reply: {exc}"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
 
 
-def root_cause(exc: BaseException) -> BaseException:
-    """The socket, TLS or timeout error an aiosmtplib exception wraps, if any."""
-    for _ in range(8):
-        if not isinstance(exc, SMTPException) or isinstance(exc, SMTPResponseException) or exc.__cause__ is None:
-            break
-        exc = exc.__cause__
-    return exc
-
-
 class Wire(asyncio.Protocol):
-    """Writes commands to a transport and hands out the server's replies in the order they came."""
+    """Writes commands to one connection and hands out the server's replies in the order they came."""
 
-    def __init__(self, transport: asyncio.BaseTransport) -> None:
+    def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._transport: asyncio.WriteTransport | None = transport  # type: ignore[assignment]
+        self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._lines: list[str] = []
+        self._code = b""
         self._replies: deque[Reply] = deque()
         self._error: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
-        transport.set_protocol(self)
+        self._writable = asyncio.Event()
+        self._writable.set()
 
     @property
     def closed(self) -> bool:
@@ -97,27 +129,75 @@ class Wire(asyncio.Protocol):
     @property
     def pending(self) -> bool:
         """True when replies arrived that no command asked for (a 421 sent while idle, say)."""
-        return bool(self._replies) or bool(self._buffer)
+        return bool(self._replies) or bool(self._buffer) or bool(self._lines)
+
+    @property
+    def tls(self) -> ssl.SSLObject | None:
+        """The TLS session once the connection is encrypted."""
+        if self._transport is None:
+            return None
+        tls = self._transport.get_extra_info("ssl_object")
+        return tls if isinstance(tls, ssl.SSLObject) else None
 
     def write(self, data: bytes) -> None:
-        """Send bytes as they are; raise SMTPServerDisconnected if the connection is gone."""
+        """Send bytes as they are; Disconnected if the connection is gone."""
         if self._transport is None or self._transport.is_closing():
-            raise SMTPServerDisconnected("the connection is closed")
+            raise Disconnected("the connection is closed")
         self._transport.write(data)
 
+    async def command(self, line: bytes, timeout: float) -> Reply:
+        """Send one command line (CRLF added) and read its reply."""
+        self.write(line + b"\r\n")
+        return await self.read(timeout)
+
     async def read(self, timeout: float) -> Reply:
-        """The next reply; TimeoutError after `timeout` seconds, SMTPServerDisconnected at EOF."""
-        while not self._replies:
-            if self._error is not None:
-                raise self._error
-            waiter = self._waiter = self._loop.create_future()
-            expiry = self._loop.call_later(timeout, _expire, waiter)
-            try:
+        """The next complete reply within `timeout` seconds (TimeoutError), Disconnected at EOF."""
+        expiry: asyncio.TimerHandle | None = None
+        try:
+            while not self._replies:
+                if self._error is not None:
+                    raise self._error
+                waiter = self._waiter = self._loop.create_future()
+                if expiry is None:  # one deadline for the whole reply: a drip of bytes does not extend it
+                    expiry = self._loop.call_later(timeout, self._expire)
                 await waiter
-            finally:
+        finally:
+            if expiry is not None:
                 expiry.cancel()
-                self._waiter = None
+            self._waiter = None
         return self._replies.popleft()
+
+    async def send_body(self, data: bytes, stall_timeout: float) -> None:
+        """Write `data` as the server reads it; UploadStalled after `stall_timeout` seconds without progress."""
+        view = memoryview(data)
+        for start in range(0, len(view), BODY_CHUNK):
+            await self._drained(stall_timeout)
+            self.write(bytes(view[start : start + BODY_CHUNK]))
+        await self._drained(stall_timeout)
+
+    async def _drained(self, stall_timeout: float) -> None:
+        if self._writable.is_set():
+            return
+        try:
+            async with asyncio.timeout(stall_timeout):
+                await self._writable.wait()
+        except TimeoutError:
+            raise UploadStalled(f"the server read nothing of the message for {stall_timeout:g}s") from None
+        if self._error is not None:
+            raise self._error
+
+    async def start_tls(self, context: ssl.SSLContext, server_hostname: str, timeout: float) -> None:
+        """Upgrade this connection to TLS in place (after the server's 220 to STARTTLS)."""
+        if self.pending:
+            # RFC 3207 §6: anything received before the handshake was not protected; an
+            # injected reply would be read as the server's answer after it.
+            raise MalformedReply("the server sent data before the TLS handshake (a possible injection)")
+        assert self._transport is not None
+        transport = await self._loop.start_tls(self._transport, self, context, server_hostname=server_hostname,
+                                               ssl_handshake_timeout=timeout)
+        if transport is None:
+            raise Disconnected("the connection closed during the TLS handshake")
+        self._transport = transport
 
     def close(self) -> None:
         """Close after what was written is sent."""
@@ -131,6 +211,10 @@ class Wire(asyncio.Protocol):
 
     # asyncio.Protocol callbacks.
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
         buffer += data
@@ -139,34 +223,43 @@ class Wire(asyncio.Protocol):
             line = bytes(buffer[start:end]).rstrip(b"\r")
             start = end + 1
             code, separator = line[:3], line[3:4]
-            if len(code) != 3 or not code.isdigit() or separator not in (b"", b" ", b"-"):
+            if (len(code) != 3 or not code.isdigit() or separator not in (b"", b" ", b"-")
+                    or (self._lines and code != self._code)):
                 shown = line[:80].decode("ascii", "replace")
-                self._fail(SMTPResponseException(-1, f"malformed reply line: {shown!r}"))
+                self._fail(MalformedReply(f"{shown!r} is not an SMTP reply line"))
                 return
+            self._code = code
             self._lines.append(line[4:].decode("utf-8", "replace"))
             if separator != b"-":
                 self._replies.append(Reply(int(code), "\n".join(self._lines)))
                 self._lines = []
         del buffer[:start]
         if len(buffer) + sum(map(len, self._lines)) > MAX_REPLY_BYTES:
-            self._fail(SMTPResponseException(-1, "reply too long"))
+            self._fail(MalformedReply("a reply of more than 64 KiB"))
             return
         self._wake()
 
     def eof_received(self) -> bool:
-        self._fail(SMTPServerDisconnected("the server closed the connection"))
+        self._fail(Disconnected("the server closed the connection"))
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        error = SMTPServerDisconnected("connection lost")
+        error = Disconnected("connection lost")
         error.__cause__ = exc
         self._fail(error)
         self._transport = None
+        self._writable.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
 
     def _fail(self, error: Exception) -> None:
         if self._error is None:
             self._error = error
-        if isinstance(error, SMTPResponseException) and self._transport is not None:
+        if isinstance(error, MalformedReply) and self._transport is not None:
             self._transport.abort()
         self._wake()
 
@@ -175,7 +268,7 @@ class Wire(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError("no reply in time"))
+    def _expire(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(TimeoutError("no reply in time"))

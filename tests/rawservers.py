@@ -5,6 +5,7 @@
 - DripServer: sends `payload` one byte every `interval` seconds (a banner that never ends).
 - BlackHole: a listening socket whose accept queue is full, so a new connect gets no SYN-ACK.
 - ScriptedServer: sends the given reply lines, one per command received, then goes silent or closes.
+- SlowReaderServer: reads the message body slowly, or stops reading it, with a small receive buffer.
 
 Silent, drip and scripted servers run an asyncio loop in a daemon thread (for a custom one,
 subclass ThreadedServer and write `serve`); `.connections` counts accepted connections,
@@ -19,9 +20,10 @@ import errno
 import select
 import socket
 import threading
+import time
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 LOOPBACK = "127.0.0.1"
 
@@ -161,10 +163,9 @@ class BlackHole:
     waits. Entering checks that a probe connect really gets no answer within `probe_timeout`.
     """
 
-    host = LOOPBACK
-
-    def __init__(self, probe_timeout: float = 0.3, max_fill: int = 64) -> None:
-        self.port = 0
+    def __init__(self, probe_timeout: float = 0.3, max_fill: int = 64, host: str = LOOPBACK, port: int = 0) -> None:
+        self.host = host
+        self.port = port
         self.probe_timeout = probe_timeout
         self.max_fill = max_fill
         self._listener: socket.socket | None = None
@@ -172,7 +173,7 @@ class BlackHole:
 
     def __enter__(self) -> Self:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.bind((LOOPBACK, 0))
+        listener.bind((self.host, self.port))
         listener.listen(0)
         self._listener = listener
         self.port = listener.getsockname()[1]
@@ -187,7 +188,7 @@ class BlackHole:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         self._fillers.append(sock)
-        code = sock.connect_ex((LOOPBACK, self.port))
+        code = sock.connect_ex((self.host, self.port))
         if code not in (0, errno.EINPROGRESS):
             raise OSError(code, f"connect to the black hole failed: {errno.errorcode.get(code, code)}")
         _, writable, _ = select.select([], [sock], [], self.probe_timeout)
@@ -201,3 +202,94 @@ class BlackHole:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+
+
+class SlowReaderServer:
+    """A minimal SMTP server in a thread that reads the message body at `rate` bytes a second
+    (0: it stops reading after the 354), with a small receive buffer, then answers 250.
+
+    `.body_bytes` counts what it read of the body; `.replied` is set once it answered the final dot.
+    """
+
+    host = LOOPBACK
+
+    def __init__(self, rate: float, rcvbuf: int = 32 * 1024) -> None:
+        self.rate = rate
+        self.rcvbuf = rcvbuf
+        self.port = 0
+        self.body_bytes = 0
+        self.replied = threading.Event()
+        self._stop = threading.Event()
+        self._listener: socket.socket | None = None
+        self._thread = threading.Thread(target=self._serve, name="SlowReaderServer", daemon=True)
+
+    def __enter__(self) -> Self:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)  # inherited by accepted sockets
+        listener.bind((LOOPBACK, 0))
+        listener.listen(1)
+        self._listener = listener
+        self.port = listener.getsockname()[1]
+        self._thread.start()
+        return self
+
+    def _serve(self) -> None:
+        assert self._listener is not None
+        try:
+            conn, _ = self._listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(0.2)
+            reader = conn.makefile("rb")
+            conn.sendall(b"220 slow ESMTP\r\n")
+            while not self._stop.is_set():
+                try:
+                    line = reader.readline()
+                except TimeoutError:
+                    continue
+                if not line:
+                    return
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    conn.sendall(b"250-slow\r\n250 8BITMIME\r\n")
+                elif verb == b"DATA":
+                    conn.sendall(b"354 go ahead\r\n")
+                    if not self._read_body(reader):
+                        return
+                    conn.sendall(b"250 2.0.0 queued\r\n")
+                    self.replied.set()
+                elif verb == b"QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    conn.sendall(b"250 ok\r\n")
+
+    def _read_body(self, reader: Any) -> bool:
+        """Read up to the final dot at the configured rate; False when stopped first."""
+        tail = b""
+        chunk = max(int(self.rate / 20), 1)  # 20 reads a second
+        while not self._stop.is_set():
+            if self.rate <= 0:
+                self._stop.wait(0.05)
+                continue
+            started = time.monotonic()
+            try:
+                data = reader.read1(chunk)
+            except TimeoutError:
+                continue
+            if not data:
+                return False
+            self.body_bytes += len(data)
+            tail = (tail + data)[-5:]
+            if tail == b"\r\n.\r\n":
+                return True
+            self._stop.wait(max(0.0, 0.05 - (time.monotonic() - started)))
+        return False
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stop.set()
+        if self._listener is not None:
+            self._listener.close()
+        self._thread.join(10)

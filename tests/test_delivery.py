@@ -284,7 +284,7 @@ def test_4xx_at_rcpt_is_temporary_and_drops_the_connection(pipelining: bool, smt
     session = session_for(make_relay(server.port), make_settings(tmp_path))
     [result], connected = run_session(session, message())
     assert (result.outcome, result.phase, result.code) == (Outcome.TEMPORARY, Phase.RCPT, 450)
-    assert result.refused == (RefusedRecipient("b@example.test", 450, "4.2.1 mailbox busy"),)
+    assert result.refused == (RefusedRecipient("b@example.test", 450, "4.2.1 mailbox busy", Outcome.TEMPORARY),)
     assert not connected and handler.messages == []
 
 
@@ -341,7 +341,7 @@ def test_some_recipients_refused(pipelining: bool, smtp_server_factory: ServerFa
     item = message(recipients=("gone@example.test", "b@example.test"))
     [result] = deliver(session_for(make_relay(server.port), make_settings(tmp_path)), item)
     assert result.outcome is Outcome.DELIVERED
-    assert result.refused == (RefusedRecipient("gone@example.test", 550, "5.1.1 no such user"),)
+    assert result.refused == (RefusedRecipient("gone@example.test", 550, "5.1.1 no such user", Outcome.PERMANENT),)
     assert handler.wait_for(1)[0].rcpt_tos == ["b@example.test"]
 
 

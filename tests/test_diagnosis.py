@@ -179,7 +179,8 @@ def test_render_text_shows_every_step_with_its_timing(smtp_server_factory: Facto
     up = smtp_server_factory()
     report = check(probe_settings(tmp_path), (relay("main", (up.port, TlsMode.STARTTLS), cafile=ca_file),))
     text = report.render_text()
-    [endpoint] = report.endpoints
+    [finding] = report.endpoints
+    endpoint = finding.report
     for step in endpoint.steps:
         assert f"{step.name:<9}{step.ms:>9.1f} ms  ok" in text
     assert f"certificate: {endpoint.cert_days_left} days left" in text
@@ -215,9 +216,13 @@ def test_hints_name_the_provider_specific_fix() -> None:
 def _fake_ok(endpoint: Endpoint) -> Any:
     from datetime import UTC, datetime
 
+    from mailwatchd.outcome import Phase
     from mailwatchd.probe import ProbeReport
-    return ProbeReport("r", endpoint.host, endpoint.port, endpoint.tls, True, Cause.OK, "", "",
-                       {"connect": 10.0, "tls": 20.0, "banner": 11.0}, [], [], None, None, datetime.now(UTC))
+    from mailwatchd.smtpclient import Step
+    steps = [Step("connect", Phase.CONNECT, True, 10.0), Step("tls", Phase.TLS, True, 20.0),
+             Step("banner", Phase.GREETING, True, 11.0)]
+    return ProbeReport("r", endpoint.host, endpoint.port, endpoint.tls, True, Cause.OK, "", steps, [], None, None,
+                       datetime.now(UTC))
 
 
 def test_cli_check_json_exit_code(clean_env: dict[str, str], tmp_path: Path, refused_port: int) -> None:

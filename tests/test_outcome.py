@@ -14,7 +14,6 @@ from mailwatchd.outcome import (
     Cause,
     Outcome,
     Phase,
-    RefusedRecipient,
     classify_exception,
     classify_reply,
     is_quota_reply,
@@ -141,10 +140,12 @@ def test_a_connection_lost_in_the_transaction_is_temporary(phase: Phase, exc: Ex
     assert (verdict.outcome, verdict.cause) == (Outcome.TEMPORARY, Cause.DISCONNECTED)
 
 
-@given(st.integers(400, 599), texts)
-def test_refused_recipient_outcome_follows_the_code(code: int, reply: str) -> None:
+@given(st.integers(400, 599).filter(lambda code: code != 421), texts)
+def test_a_refused_recipient_is_temporary_or_permanent_by_its_code(code: int, reply: str) -> None:
+    """What delivery keeps for one refused recipient of several: a 4xx waits, a 5xx fails (not quota, not 421)."""
+    assume(not is_quota_reply(reply))
     expected = Outcome.TEMPORARY if code < 500 else Outcome.PERMANENT
-    assert RefusedRecipient("a@example.test", code, reply).outcome is expected
+    assert classify_reply(Phase.RCPT, code, reply).outcome is expected
 
 
 def test_local_errors_are_temporary() -> None:
