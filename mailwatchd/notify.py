@@ -1,20 +1,31 @@
 """sd_notify(3) for the daemon: readiness, status, reload and stop, the watchdog.
 
 Everything here is a no-op when $NOTIFY_SOCKET is unset (not started by systemd with Type=notify).
-Sending never raises: the first failure is logged (`sd_notify_failed`), later ones are silent, so a
+Sending never blocks and never raises. The socket is non-blocking: a notification the reader's full
+queue cannot take now stays pending (the newest one per kind: STATUS=, READY=1, WATCHDOG=1, …) and is
+retried, in order, on the next send, on `flush()`, and from a short backing-off timer on the running
+event loop. Any other failure is logged once (`sd_notify_failed`) and the notification dropped, so a
 broken notify socket cannot take the mail loop down with it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import enum
+import errno
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import sdnotify
 import structlog
 
 log = structlog.get_logger()
+
+# The reader's queue is full (or the kernel is short of buffers): worth retrying on the same socket.
+_QUEUE_FULL = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS})
+_RETRY_FIRST_S = 0.02
+_RETRY_MAX_S = 1.0
 
 
 def watchdog_interval(environ: Mapping[str, str] | None = None, pid: int | None = None) -> float | None:
@@ -41,6 +52,16 @@ def _one_line(text: str) -> str:
     return " ".join(text.splitlines())
 
 
+def _kind(state: str) -> str:
+    return state.split("=", 1)[0]
+
+
+class _Outcome(enum.Enum):
+    SENT = enum.auto()
+    QUEUE_FULL = enum.auto()
+    FAILED = enum.auto()
+
+
 class Notifier:
     """The daemon's side of the notify socket."""
 
@@ -50,18 +71,23 @@ class Notifier:
         self._interval = watchdog_interval()
         self._notifier: sdnotify.SystemdNotifier | None = None
         self._failed = False
-
-    @property
-    def enabled(self) -> bool:
-        return self.socket_path is not None
+        # Unsent states, oldest first, at most one per kind (the newest, moved to the end): replaying them
+        # in order leaves systemd in the state the sends would have left it in, and the list stays bounded.
+        self._pending: list[str] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
+        self._retry_delay = _RETRY_FIRST_S
 
     def ready(self) -> None:
+        """READY=1: start-up (or a reload) is complete."""
         self.send("READY=1")
 
     def status(self, text: str) -> None:
+        """STATUS=text, on one line; a pending STATUS= is replaced by a newer one."""
         self.send(f"STATUS={_one_line(text)}")
 
     def stopping(self) -> None:
+        """STOPPING=1: shutdown has begun."""
         self.send("STOPPING=1")
 
     def reloading(self) -> None:
@@ -73,78 +99,87 @@ class Notifier:
         self.send(f"EXTEND_TIMEOUT_USEC={max(int(seconds * 1_000_000), 0)}")
 
     def watchdog_ping(self) -> None:
+        """WATCHDOG=1: the service is alive."""
         self.send("WATCHDOG=1")
 
     def watchdog_interval(self) -> float | None:
         """Seconds between watchdog pings (half of $WATCHDOG_USEC at start-up), or None when it is off."""
         return self._interval
 
+    @property
+    def pending(self) -> tuple[str, ...]:
+        """Notifications kept for a retry because the reader's queue was full, oldest first."""
+        return tuple(self._pending)
+
     def send(self, state: str) -> bool:
-        """Send one notification (newline-separated assignments); False when it could not be sent."""
+        """Send one notification (newline-separated assignments) after any pending ones; True when it went out now."""
         if self.socket_path is None:
             return False
+        kind = _kind(state)
+        self._pending = [older for older in self._pending if _kind(older) != kind]
+        self._pending.append(state)
+        return self._send_pending() is _Outcome.SENT
+
+    def flush(self) -> bool:
+        """Retry pending notifications now, without blocking; True when none is left pending."""
+        if self._pending:
+            self._send_pending()
+        return not self._pending
+
+    def _send_pending(self) -> _Outcome | None:
+        """Send pending states in order until the queue is full; the outcome of the last one tried."""
+        outcome = None
+        while self._pending:
+            outcome = self._send_now(self._pending[0])
+            if outcome is _Outcome.QUEUE_FULL:
+                self._schedule_retry()
+                return outcome
+            del self._pending[0]
+        self._cancel_retry()
+        self._retry_delay = _RETRY_FIRST_S
+        return outcome
+
+    def _send_now(self, state: str) -> _Outcome:
         # sdnotify encodes latin-1; systemd reads UTF-8: hand it the UTF-8 bytes spelled as latin-1.
         payload = state.encode("utf-8").decode("latin-1")
         for attempt in range(2):  # a second try on a fresh socket: the manager may have re-executed
             try:
                 if self._notifier is None:
-                    self._notifier = sdnotify.SystemdNotifier(debug=True)
+                    self._notifier = sdnotify.SystemdNotifier(debug=True)  # debug: raise, do not swallow
+                    self._notifier.socket.setblocking(False)
                 self._notifier.notify(payload)
-                return True
+                return _Outcome.SENT
             except Exception as exc:  # sdnotify raises whatever socket raised, or TypeError
-                self._notifier = None
+                if isinstance(exc, OSError) and exc.errno in _QUEUE_FULL:
+                    return _Outcome.QUEUE_FULL
+                self._disconnect()
                 if attempt == 1 and not self._failed:
                     self._failed = True
                     log.warning("sd_notify_failed", socket=self.socket_path, error=f"{type(exc).__name__}: {exc}",
-                                state=state.split("=", 1)[0])
-        return False
+                                state=_kind(state))
+        return _Outcome.FAILED
 
+    def _disconnect(self) -> None:
+        if self._notifier is not None and self._notifier.socket is not None:
+            self._notifier.socket.close()
+        self._notifier = None
 
-class WatchdogGate:
-    """Pings the watchdog only while the work is healthy (STYLE rule 6: the watchdog tells the truth).
+    def _schedule_retry(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no event loop in this thread: the next send() or flush() retries
+        if self._timer is not None and self._timer_loop is loop:
+            return
+        self._timer = loop.call_later(self._retry_delay, self._on_retry_timer)
+        self._timer_loop = loop
+        self._retry_delay = min(self._retry_delay * 2, _RETRY_MAX_S)
 
-    The work loop calls `beat()` after each completed iteration. A ping goes out when the last iteration
-    completed within `interval`, the stuck check (if any) finds nothing, and the previous ping is at least
-    `interval / 2` old. A loop that stops iterating, or reports itself stuck, stops the pings and systemd
-    kills and restarts the service after WatchdogSec.
-    """
+    def _on_retry_timer(self) -> None:
+        self._timer = None
+        self._send_pending()
 
-    def __init__(self, notifier: Notifier, interval: float | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.notifier = notifier
-        self.interval = interval if interval is not None else notifier.watchdog_interval()
-        self._clock = clock
-        self._last_iteration: float | None = None
-        self._last_ping: float | None = None
-        self._stuck_check: Callable[[], str | None] | None = None
-        self.reason: str | None = None  # why the last maybe_ping() withheld the ping, when it did
-
-    def set_stuck_check(self, check: Callable[[], str | None]) -> None:
-        """`check()` returns why the work is stuck, or None when it is healthy."""
-        self._stuck_check = check
-
-    def note_iteration(self, now: float | None = None) -> None:
-        self._last_iteration = self._clock() if now is None else now
-
-    def maybe_ping(self, now: float | None = None) -> bool:
-        """Ping if healthy and due; True when a ping was sent."""
-        if self.interval is None:
-            return False
-        now = self._clock() if now is None else now
-        if self._last_iteration is None or now - self._last_iteration > self.interval:
-            self.reason = "no work-loop iteration completed within the watchdog interval"
-            return False
-        self.reason = self._stuck_check() if self._stuck_check is not None else None
-        if self.reason is not None:
-            return False
-        if self._last_ping is not None and now - self._last_ping < self.interval / 2:
-            return False
-        self.notifier.watchdog_ping()
-        self._last_ping = now
-        return True
-
-    def beat(self, now: float | None = None) -> bool:
-        """One work-loop iteration completed: note it and ping if due."""
-        now = self._clock() if now is None else now
-        self.note_iteration(now)
-        return self.maybe_ping(now)
+    def _cancel_retry(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import select
 import socket
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import structlog
 
 from mailwatchd import notify
-from mailwatchd.notify import Notifier, WatchdogGate
+from mailwatchd.notify import Notifier
+
+PROMPT_S = 0.5  # a notification that takes longer has blocked on the full queue
+RESCUE_AFTER_S = 2.0
+FILLER = "filler"
 
 
 class NotifySocket:
@@ -45,6 +53,68 @@ def bind(address: str) -> socket.socket:
     return sock
 
 
+def fill(address: str) -> int:
+    """Queue datagrams at `address` until the kernel refuses more; how many it took."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+        sender.connect(address)
+        sender.setblocking(False)
+        count = 0
+        while True:
+            try:
+                sender.send(FILLER.encode())
+            except BlockingIOError:
+                return count
+            count += 1
+
+
+class StuckReader:
+    """The reader has stopped reading and its queue is full, as when PID 1 falls behind.
+
+    A sender that blocks on the full queue (the bug) would hang the test: after RESCUE_AFTER_S a thread
+    starts draining, so that sender returns late and fails the test's PROMPT_S bound instead.
+    """
+
+    def __init__(self, reader: NotifySocket) -> None:
+        self.reader = reader
+        self.filled = fill(reader.sock.getsockname())
+        assert self.filled > 0
+        self._released = threading.Event()
+        self._rescuer = threading.Thread(target=self._rescue, daemon=True)
+        self._rescuer.start()
+
+    def _rescue(self) -> None:
+        if self._released.wait(RESCUE_AFTER_S):
+            return
+        while not self._released.is_set():
+            if select.select([self.reader.sock], [], [], 0.05)[0]:
+                with contextlib.suppress(BlockingIOError):
+                    self.reader.sock.recv(65536, socket.MSG_DONTWAIT)
+
+    def stop_rescuer(self) -> None:
+        self._released.set()
+        self._rescuer.join(5)
+
+    def catch_up(self) -> None:
+        """The reader reads its queue again: only the filler was in it."""
+        self.stop_rescuer()
+        assert self.reader.pending() == [FILLER] * self.filled
+
+
+def returns_promptly(call: Callable[[], object]) -> None:
+    started = time.monotonic()
+    call()
+    elapsed = time.monotonic() - started
+    assert elapsed < PROMPT_S, f"the call blocked for {elapsed:.2f}s"
+
+
+async def until(predicate: Callable[[], object], timeout: float = 5.0) -> None:
+    """Poll `predicate` on the running event loop until it holds; fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout:g}s"
+        await asyncio.sleep(0.01)
+
+
 @pytest.fixture(autouse=True)
 def no_inherited_notify_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
@@ -57,6 +127,13 @@ def systemd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifyS
     with bind(str(path)) as sock:
         monkeypatch.setenv("NOTIFY_SOCKET", str(path))
         yield NotifySocket(sock)
+
+
+@pytest.fixture
+def full_queue(systemd: NotifySocket) -> Iterator[StuckReader]:
+    stuck = StuckReader(systemd)
+    yield stuck
+    stuck.stop_rescuer()
 
 
 def test_each_notification_is_one_datagram(systemd: NotifySocket) -> None:
@@ -106,8 +183,9 @@ def test_without_notify_socket_everything_is_a_no_op() -> None:
         notifier.status("x")
         notifier.watchdog_ping()
 
-    assert notifier.enabled is False
     assert notifier.send("READY=1") is False
+    assert notifier.flush() is True
+    assert notifier.pending == ()
     assert logs == []
 
 
@@ -155,51 +233,131 @@ def test_watchdog_interval_from_the_environment(monkeypatch: pytest.MonkeyPatch)
     assert Notifier().watchdog_interval() == 1.0
 
 
-class TestWatchdogGate:
-    """interval 10 s: pings at most every 5 s, only after an iteration completed within the last 10 s."""
+def test_a_full_queue_neither_blocks_nor_raises(systemd: NotifySocket, full_queue: StuckReader) -> None:
+    notifier = Notifier()
+    with structlog.testing.capture_logs() as logs:
+        returns_promptly(lambda: notifier.status("1 queued"))
+        returns_promptly(notifier.ready)
+        returns_promptly(notifier.watchdog_ping)
 
-    def test_pings_on_beats_at_most_every_half_interval(self, systemd: NotifySocket) -> None:
-        gate = WatchdogGate(Notifier(), interval=10.0)
+    assert notifier.pending == ("STATUS=1 queued", "READY=1", "WATCHDOG=1")
+    assert logs == []
 
-        sent = [gate.beat(now) for now in (100.0, 101.0, 104.9, 105.0, 107.0, 110.5)]
 
-        assert sent == [True, False, False, True, False, True]
-        assert systemd.pending() == ["WATCHDOG=1"] * 3
+def test_flush_sends_what_is_pending_once_the_reader_catches_up(systemd: NotifySocket,
+                                                               full_queue: StuckReader) -> None:
+    notifier = Notifier()
+    notifier.status("1 queued")
+    assert notifier.send("READY=1") is False
+    notifier.status("2 queued")
+    assert notifier.flush() is False  # still full
 
-    def test_no_ping_before_the_first_iteration_or_after_the_loop_stalls(self, systemd: NotifySocket) -> None:
-        gate = WatchdogGate(Notifier(), interval=10.0)
-        assert gate.maybe_ping(100.0) is False
+    full_queue.catch_up()
 
-        gate.note_iteration(100.0)
-        assert gate.maybe_ping(100.0) is True
-        assert gate.maybe_ping(110.5) is False  # the last iteration is 10.5 s old: the loop is stuck
-        assert gate.reason is not None and "iteration" in gate.reason
-        assert systemd.pending() == ["WATCHDOG=1"]
+    assert notifier.flush() is True
+    assert notifier.pending == ()
+    assert systemd.pending() == ["READY=1", "STATUS=2 queued"]
+    assert notifier.send("STATUS=3 queued") is True
+    assert systemd.receive() == "STATUS=3 queued"
 
-    def test_a_stuck_reason_withholds_pings_until_it_clears(self, systemd: NotifySocket) -> None:
-        stuck: list[str | None] = ["worker 0 has been in one delivery for 400s"]
-        gate = WatchdogGate(Notifier(), interval=10.0)
-        gate.set_stuck_check(lambda: stuck[0])
 
-        assert gate.beat(100.0) is False
-        assert gate.reason == "worker 0 has been in one delivery for 400s"
-        stuck[0] = None
-        assert gate.beat(101.0) is True
-        assert gate.reason is None
-        assert systemd.pending() == ["WATCHDOG=1"]
+def test_the_retry_timer_sends_what_is_pending_once_the_reader_catches_up(systemd: NotifySocket,
+                                                                         full_queue: StuckReader) -> None:
+    async def scenario() -> list[str]:
+        notifier = Notifier()
+        returns_promptly(lambda: notifier.status("1 queued"))
+        returns_promptly(notifier.ready)
+        notifier.status("2 queued")
+        notifier.watchdog_ping()
+        await asyncio.sleep(0.1)  # the reader stays behind for a few retries
+        assert notifier.pending == ("READY=1", "STATUS=2 queued", "WATCHDOG=1")
 
-    def test_takes_the_interval_from_the_environment(self, systemd: NotifySocket,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setenv("WATCHDOG_USEC", "4000000")
-        clock = iter([50.0, 50.5, 51.0])
-        gate = WatchdogGate(Notifier(), clock=lambda: next(clock))
+        full_queue.catch_up()
+        await until(lambda: not notifier.pending)
+        return systemd.pending()
 
-        assert gate.interval == 2.0
-        assert [gate.beat(), gate.beat(), gate.beat()] == [True, False, True]
+    assert asyncio.run(scenario()) == ["READY=1", "STATUS=2 queued", "WATCHDOG=1"]
 
-    def test_without_a_watchdog_it_never_pings(self, systemd: NotifySocket) -> None:
-        gate = WatchdogGate(Notifier())
 
-        assert gate.interval is None
-        assert gate.beat(1.0) is False
-        assert systemd.pending() == []
+def test_the_event_loop_keeps_running_while_the_queue_is_full(systemd: NotifySocket,
+                                                              full_queue: StuckReader) -> None:
+    ticks: list[float] = []
+
+    async def ticker() -> None:
+        while True:
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.001)
+
+    notifier = Notifier()
+
+    async def scenario() -> None:
+        task = asyncio.create_task(ticker())
+        await until(lambda: ticks)
+        notifier.ready()
+        for queued in range(20):
+            notifier.status(f"{queued} queued")
+            notifier.watchdog_ping()
+            await asyncio.sleep(0.01)
+        ticks.append(time.monotonic())
+        task.cancel()
+
+    asyncio.run(scenario())
+    gaps = [later - earlier for earlier, later in zip(ticks, ticks[1:], strict=False)]
+    assert max(gaps) < PROMPT_S, f"the event loop stood still for {max(gaps):.2f}s"
+    assert len(ticks) > 20
+    assert notifier.pending == ("READY=1", "STATUS=19 queued", "WATCHDOG=1")
+
+
+def test_pending_notifications_keep_their_order_and_the_newest_of_each_kind(systemd: NotifySocket,
+                                                                            full_queue: StuckReader) -> None:
+    notifier = Notifier()
+    notifier.watchdog_ping()
+    notifier.reloading()
+    notifier.extend_timeout(5)
+    notifier.watchdog_ping()
+    notifier.ready()
+    notifier.ready()
+    notifier.stopping()
+    expected = ["RELOADING=1", "EXTEND_TIMEOUT_USEC=5000000", "WATCHDOG=1", "READY=1", "STOPPING=1"]
+    assert [state.split("\n")[0] for state in notifier.pending] == expected
+
+    full_queue.catch_up()
+
+    assert notifier.flush() is True
+    received = systemd.pending()
+    assert [datagram.split("\n")[0] for datagram in received] == expected
+    assert received[0].split("\n")[1].startswith("MONOTONIC_USEC=")
+
+
+def test_pending_notifications_are_dropped_when_the_socket_goes_away(systemd: NotifySocket,
+                                                                    full_queue: StuckReader) -> None:
+    notifier = Notifier()
+    returns_promptly(notifier.ready)
+    notifier.status("1 queued")
+    assert notifier.pending == ("READY=1", "STATUS=1 queued")
+    full_queue.stop_rescuer()
+    path = systemd.sock.getsockname()
+    systemd.sock.close()  # the manager went away with its queue
+    os.unlink(path)
+
+    with structlog.testing.capture_logs() as logs:
+        assert notifier.flush() is True
+
+    assert not notifier.pending
+    assert [(entry["event"], entry["state"]) for entry in logs] == [("sd_notify_failed", "READY")]
+    with bind(path) as second:
+        notifier.status("2 queued")
+        assert second.recv(100) == b"STATUS=2 queued"
+
+
+def test_the_retry_timer_backs_off_instead_of_spinning(systemd: NotifySocket, full_queue: StuckReader) -> None:
+    async def scenario() -> tuple[float, float]:
+        notifier = Notifier()
+        notifier.ready()
+        wall, cpu = time.monotonic(), time.process_time()
+        await asyncio.sleep(0.5)  # the reader stays behind while the timer retries
+        assert notifier.pending == ("READY=1",)
+        return time.monotonic() - wall, time.process_time() - cpu
+
+    wall, cpu = asyncio.run(scenario())
+    assert cpu < wall / 2, f"{cpu:.2f}s of CPU in {wall:.2f}s"
