@@ -15,15 +15,17 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from mailwatchd import __version__, exitcodes
 from mailwatchd.config import Settings, load_settings
 from mailwatchd.errors import ConfigError, MalformedMessage, SpoolFull
-from mailwatchd.health import STATUS_FILE
 from mailwatchd.messagestate import is_queue_id
 from mailwatchd.queueview import list_entries, render_table
 from mailwatchd.spool import Location, Spool
+
+if TYPE_CHECKING:
+    from mailwatchd.submit import Submission
 
 
 def _fail(message: str, code: int) -> int:
@@ -45,14 +47,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
-    from mailwatchd.submit import Submission, enqueue, prepare, read_message
+    from mailwatchd.submit import Submission
 
-    submission = Submission(sender=args.sender, recipients=tuple(args.recipients), dot_ends_input=False)
-    return _submit(args, submission, lambda: read_message(sys.stdin.buffer, False), prepare, enqueue)
+    return _submit(args, Submission(sender=args.sender, recipients=tuple(args.recipients), dot_ends_input=False))
 
 
 def cmd_sendmail(args: argparse.Namespace) -> int:
-    from mailwatchd.submit import enqueue, parse_sendmail_args, prepare, read_message
+    from mailwatchd.submit import parse_sendmail_args
 
     try:
         submission = parse_sendmail_args(args.sendmail_args)
@@ -60,13 +61,15 @@ def cmd_sendmail(args: argparse.Namespace) -> int:
         return _fail(str(exc), exitcodes.USAGE)
     if not submission.from_headers and not submission.recipients:
         return _fail("no recipients given (pass addresses, or -t to read them from the headers)", exitcodes.USAGE)
-    return _submit(args, submission, lambda: read_message(sys.stdin.buffer, submission.dot_ends_input),
-                   prepare, enqueue)
+    return _submit(args, submission)
 
 
-def _submit(args: argparse.Namespace, submission: Any, read: Any, prepare: Any, enqueue: Any) -> int:
+def _submit(args: argparse.Namespace, submission: Submission) -> int:
+    """Read the message from standard input, complete it and store it durably in the spool."""
+    from mailwatchd.submit import enqueue, prepare, read_message
+
     settings = _settings(args)
-    raw = read()
+    raw = read_message(sys.stdin.buffer, submission.dot_ends_input)
     if len(raw) > settings.max_message_size:
         return _fail(f"message too large ({len(raw)} bytes; limit {settings.max_message_size})", exitcodes.DATAERR)
     try:
@@ -165,15 +168,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from mailwatchd.health import status_line
+    from mailwatchd.statusfile import read_status, status_line
 
     settings = _settings(args)
     spool = Spool(settings.spool)
     pid = spool.running_pid()
-    try:
-        status = json.loads((settings.spool / STATUS_FILE).read_text())
-    except (OSError, ValueError):
-        status = None
+    status = read_status(settings.spool)
     running = pid is not None and status is not None and status.get("pid") == pid
     if args.json:
         print(json.dumps({"running": running, "pid": pid, "status": status if running else None}, indent=2))

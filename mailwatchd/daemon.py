@@ -1,86 +1,75 @@
 """The daemon's life: start-up (layout, lock, recovery) → main loop → shutdown.
 
-Signal handlers only record the signal and wake the main loop, which acts: SIGTERM/SIGINT
-ask for a warm stop (attempts in flight finish, within the shutdown grace), a second one
-stops at once; SIGHUP reloads settings; SIGUSR1 retries everything now. Messages are never
-at risk on either stop: a file leaves the spool only after the relay's reply to DATA.
+The daemon builds the parts and hands each what it uses: the spool, the scheduler, the live
+configuration (settings and router, swapped by a reload), the counters and the stop event.
+Signal handlers only record the signal and wake the main loop, which acts: SIGTERM/SIGINT ask
+for a warm stop (attempts in flight finish, within the shutdown grace), a second one stops at
+once; SIGHUP reloads settings; SIGUSR1 retries everything now. Messages are never at risk on
+either stop: a file leaves the spool only after the relay's reply to DATA.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
-import ssl
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from dotenv import dotenv_values
 
 from mailwatchd import exitcodes, notify
 from mailwatchd.config import Settings, load_settings
-from mailwatchd.delivery import SmtpSession
+from mailwatchd.counters import Counters
 from mailwatchd.errors import ConfigError, SpoolLocked
 from mailwatchd.health import HealthReporter
 from mailwatchd.intake import Intake
+from mailwatchd.live import Live, SessionFactory
 from mailwatchd.logs import get_logger
-from mailwatchd.outbox import OutboxSession
 from mailwatchd.recovery import recover
-from mailwatchd.relays import Endpoint, RelayConfig
-from mailwatchd.routing import Router
 from mailwatchd.scheduler import Scheduler, WorkItem
 from mailwatchd.spool import Location, Spool
-from mailwatchd.tlsconfig import client_context
-from mailwatchd.worker import Session, Worker
+from mailwatchd.worker import Worker
 
 log = get_logger()
-# A delivery call is bounded by session setup plus one transaction, each under
-# transaction_timeout; past this margin beyond that it is stuck, and the watchdog stops.
+# A worker past the bound of its delivery call, or an idle worker that has not gone round its
+# loop, by more than this margin is stuck: the watchdog pings stop and systemd restarts us.
 STUCK_MARGIN_S = 10.0
 MAIN_LOOP_PERIOD_S = 5.0
 RECOVERY_EXTEND_ABOVE = 10_000
 RECOVERY_S_PER_MESSAGE = 0.001  # 40x margin: recover() took 0.024 ms a message (20k queued + 20k deferred, ext4)
 
 
-@dataclass
-class Stats:
-    """Counters for status lines and drain-pass summaries."""
-
-    delivered: int = 0
-    deferred: int = 0
-    failed: int = 0
-    failed_total: int = 0
-    last_delivery: float | None = None
-    pass_started: float | None = None
-    pass_counts: dict[str, int] = field(default_factory=lambda: {"delivered": 0, "deferred": 0, "failed": 0})
-
-
 class Daemon:
     """mailwatchd run: one spool, one process."""
 
-    def __init__(self, settings: Settings, *, environ: Mapping[str, str] | None = None) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings, *, environ: Mapping[str, str] | None = None,
+                 session_factory: SessionFactory | None = None) -> None:
         self.environ = dict(os.environ if environ is None else environ)
         self.spool = Spool(settings.spool, max_message_size=settings.max_message_size)
         self.scheduler = Scheduler()
-        self.router = Router(settings.relays)
-        self.stats = Stats()
+        # An endpoint going down or up changes what status says: the main loop refreshes it at once.
+        self.live = Live(settings, session_factory, on_transition=lambda _: self._attention.set())
+        self.counters = Counters(lambda: (self.scheduler.ready_count, self.scheduler.deferred_count))
         self.notifier = notify.Notifier()
-        self.generation = 0  # bumped by a reload; workers drop sessions of older generations
+        self.stop = asyncio.Event()
         self.workers: list[Worker] = []
-        self._worker_tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[Worker, asyncio.Task[None]] = {}
         self._signals: list[int] = []
         self._attention = asyncio.Event()
         self._stop_requested = 0
-        self.stopping = False
-        self._tls_contexts: dict[str, ssl.SSLContext] = {}
         self._file_values_at_start = _file_values(settings.config_path)
-        self.intake = Intake(self)
-        self.health = HealthReporter(self)
+        self.intake = Intake(spool=self.spool, scheduler=self.scheduler, counters=self.counters, live=self.live,
+                             stop=self.stop)
+        self.health = HealthReporter(spool=self.spool, scheduler=self.scheduler, live=self.live,
+                                     counters=self.counters, notifier=self.notifier, stuck=self.stuck_reason)
+
+    @property
+    def settings(self) -> Settings:
+        return self.live.settings
 
     # -- signals: record and wake, nothing else ---------------------------------------------------
 
@@ -111,7 +100,7 @@ class Daemon:
             self.scheduler.add_ready(WorkItem(queue_id, Location.QUEUE))
         for due, queue_id in recovery.deferred:
             self.scheduler.add_deferred(due, queue_id)
-        self.stats.failed_total = len(self.spool.names(Location.FAILED))
+        self.counters.failed_in_store = len(self.spool.names(Location.FAILED))
         if recovery.ready or recovery.deferred or recovery.completed_moves or recovery.orphans_removed:
             log.info("spool_recovered", ready=len(recovery.ready), deferred=len(recovery.deferred),
                      completed_moves=recovery.completed_moves, orphans_removed=recovery.orphans_removed)
@@ -138,7 +127,7 @@ class Daemon:
         self._install_signals(loop)
         try:
             self.intake.start(loop)
-            self._start_workers()
+            self._resize_workers(self.settings.concurrency)
             self.health.start()
             relays = ",".join(relay.name for relay in self.settings.relays) or "outbox"
             log.info("daemon_ready", spool=str(self.settings.spool), relays=relays,
@@ -149,11 +138,20 @@ class Daemon:
             await self._shutdown()
         return exitcodes.OK
 
-    def _start_workers(self) -> None:
-        for index in range(self.settings.concurrency):
-            worker = Worker(self, index)
-            self.workers.append(worker)
-            self._worker_tasks.append(asyncio.create_task(worker.run(), name=f"worker-{index}"))
+    def _start_worker(self, index: int) -> Worker:
+        worker = Worker(index, spool=self.spool, scheduler=self.scheduler, live=self.live, counters=self.counters,
+                        stop=self.stop)
+        self._tasks[worker] = asyncio.create_task(worker.run(), name=f"worker-{index}")
+        return worker
+
+    def _resize_workers(self, concurrency: int) -> None:
+        """Start workers up to `concurrency`; retire the ones above it (each finishes its message first)."""
+        while len(self.workers) < concurrency:
+            self.workers.append(self._start_worker(len(self.workers)))
+        while len(self.workers) > concurrency:
+            self.workers.pop().retired = True
+        self.scheduler.wake()  # a retired worker waiting for work notices at once
+        self.live.wakeup().set()
 
     # -- main loop: notices signals, checks health, pings the watchdog -------------------------------
 
@@ -172,48 +170,37 @@ class Daemon:
                     self.reload()
                 elif signum == signal.SIGUSR1:
                     flushed = self.scheduler.flush()
-                    self.router.reset()
+                    self.live.router.reset()
                     log.info("flush_requested", deferred=flushed)
             if self._stop_requested:
                 return
             self._replace_crashed_workers()
             self.health.tick()
+            self.notifier.flush()
 
     def _replace_crashed_workers(self) -> None:
         """A worker that died of a bug is logged and replaced: one failure must not stall the queue."""
-        for index, task in enumerate(self._worker_tasks):
-            if task.done() and not self.stopping:
+        for index, worker in enumerate(self.workers):
+            task = self._tasks[worker]
+            if task.done():
                 error = None if task.cancelled() else task.exception()
                 log.error("worker_crashed", worker=index, exc_info=error)
-                self.workers[index] = Worker(self, index)
-                self._worker_tasks[index] = asyncio.create_task(self.workers[index].run(), name=f"worker-{index}")
+                del self._tasks[worker]
+                self.workers[index] = self._start_worker(index)
+        for worker, task in list(self._tasks.items()):
+            if worker.retired and task.done():
+                del self._tasks[worker]
 
     def stuck_reason(self) -> str | None:
         """Why the work is not healthy now, for the watchdog; None when it is."""
-        limit = 2 * self.settings.transaction_timeout + self.settings.connect_timeout + STUCK_MARGIN_S
-        # An idle worker goes round at least every idle_timeout (waiting for work) or 5 s (for a relay).
-        idle_limit = max(self.settings.idle_timeout, 5.0) + STUCK_MARGIN_S
         now = time.monotonic()
-        for worker in self.workers:
-            if worker.busy_since is not None and now - worker.busy_since > limit:
-                return f"worker {worker.index} has been in one delivery for {now - worker.busy_since:.0f}s"
-            if worker.busy_since is None and now - worker.last_iteration > idle_limit:
-                return f"worker {worker.index} has not gone round its loop for {now - worker.last_iteration:.0f}s"
-        if any(task.done() for task in self._worker_tasks):
+        for worker in self._tasks:
+            reason = worker.stuck(now, STUCK_MARGIN_S)
+            if reason is not None:
+                return reason
+        if any(self._tasks[worker].done() for worker in self.workers):
             return "a worker task has ended"
         return None
-
-    def make_session(self, relay: RelayConfig | None, endpoint: Endpoint | None) -> Session:
-        """A transport session: SMTP to one relay endpoint, or the local outbox."""
-        if relay is None or endpoint is None:
-            return OutboxSession(self.settings)
-        context = self._tls_contexts.get(relay.name)
-        if context is None:
-            context = self._tls_contexts[relay.name] = client_context(relay)
-        return SmtpSession(relay, endpoint, self.settings, context)
-
-    def request_attention(self) -> None:
-        self._attention.set()
 
     # -- reload ------------------------------------------------------------------------------------
 
@@ -226,23 +213,19 @@ class Daemon:
             log.error("config_reload_failed", key=exc.key, problem=exc.problem, fix=exc.fix)
             self.notifier.ready()
             return
-        if new.spool != self.settings.spool:
-            log.warning("config_reload_spool_ignored", spool=str(new.spool), kept=str(self.settings.spool),
+        old = self.settings
+        if new.spool != old.spool:
+            log.warning("config_reload_spool_ignored", spool=str(new.spool), kept=str(old.spool),
                         hint="restart the daemon to change MAILWATCHD_SPOOL")
-            new = _replace(new, spool=self.settings.spool, outbox=self.settings.outbox)
-        self.settings = new
+            new = dataclasses.replace(new, spool=old.spool, outbox=old.outbox)
         self.spool.max_message_size = new.max_message_size
-        self.router = Router(new.relays)
-        self._tls_contexts.clear()
-        self.generation += 1
+        self.live.replace(new)
+        workers_before = len(self.workers)
+        self._resize_workers(new.concurrency)
         self.scheduler.wake()
         relays = ",".join(relay.name for relay in new.relays) or "outbox"
-        log.info("config_reloaded", relays=relays, concurrency=new.concurrency)
-        if len(self.workers) < new.concurrency:
-            for index in range(len(self.workers), new.concurrency):
-                worker = Worker(self, index)
-                self.workers.append(worker)
-                self._worker_tasks.append(asyncio.create_task(worker.run(), name=f"worker-{index}"))
+        log.info("config_reloaded", relays=relays, workers=f"{workers_before} -> {len(self.workers)}",
+                 sessions="reopened with the new settings")
         self.notifier.ready()
 
     def environ_for_reload(self) -> dict[str, str]:
@@ -258,13 +241,14 @@ class Daemon:
     # -- shutdown ----------------------------------------------------------------------------------
 
     async def _shutdown(self) -> None:
-        self.stopping = True
+        self.stop.set()  # every waiter notices at once: workers waiting for work or for a relay
         self.notifier.stopping()
-        in_flight = sum(1 for worker in self.workers if worker.busy_since is not None)
+        in_flight = sum(1 for worker in self._tasks if worker.busy_until is not None)
         log.info("daemon_stopping", in_flight=in_flight, grace_s=self.settings.shutdown_grace)
         self.intake.stop()
         self.scheduler.close()
-        pending = [task for task in self._worker_tasks if not task.done()]
+        tasks = list(self._tasks.values())
+        pending = [task for task in tasks if not task.done()]
         if pending and self._stop_requested < 2:
             waiter = asyncio.ensure_future(asyncio.wait(pending, timeout=self.settings.shutdown_grace))
             while not waiter.done():
@@ -277,15 +261,13 @@ class Daemon:
                     log.warning("daemon_stopping_now", reason="second signal")
                     break
             waiter.cancel()
-        for task in self._worker_tasks:
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._worker_tasks, return_exceptions=True)
-        for worker in self.workers:
-            await worker.close_sessions()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.health.stop()
         self.spool.release_lock()
-        log.info("daemon_stopped", delivered=self.stats.delivered, deferred=self.stats.deferred,
-                 failed=self.stats.failed)
+        totals = self.counters.totals
+        log.info("daemon_stopped", delivered=totals.delivered, deferred=totals.deferred, failed=totals.failed)
 
 
 def _file_values(path: Path | None) -> dict[str, str]:
@@ -297,16 +279,6 @@ def _file_values(path: Path | None) -> dict[str, str]:
         return {}
 
 
-def _replace(settings: Settings, **changes: Any) -> Settings:
-    import dataclasses
-
-    return dataclasses.replace(settings, **changes)
-
-
 def run_daemon(settings: Settings) -> int:
     """Entry point for `mailwatchd run` once settings are valid."""
     return asyncio.run(Daemon(settings).run())
-
-
-def load_or_exit(config_path: Path | None) -> Settings:
-    return load_settings(config_path)

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING
 
 from inotify_simple import INotify, flags
 
+from mailwatchd.counters import Counters
+from mailwatchd.live import Live
 from mailwatchd.logs import get_logger
-from mailwatchd.scheduler import WorkItem
-from mailwatchd.spool import Location, Pending, Refused
-
-if TYPE_CHECKING:
-    from mailwatchd.daemon import Daemon
+from mailwatchd.scheduler import Scheduler, WorkItem
+from mailwatchd.spool import Location, Pending, Refused, Spool
 
 log = get_logger()
 # IN_MOVED_TO: a Maildir writer's rename(2) from tmp/; IN_CREATE: a writer's link(2) from
@@ -28,10 +26,18 @@ PENDING_TRIES = 250  # then the periodic rescan takes over
 
 
 class Intake:
-    """Claims drops from new/ for the daemon."""
+    """Claims drops from new/ into the scheduler.
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    Names starting with a dot are left alone (the Maildir convention for files being written).
+    """
+
+    def __init__(self, *, spool: Spool, scheduler: Scheduler, counters: Counters, live: Live,
+                 stop: asyncio.Event) -> None:
+        self.spool = spool
+        self.scheduler = scheduler
+        self.counters = counters
+        self.live = live
+        self.stop_requested = stop
         self._inotify: INotify | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rescan_task: asyncio.Task[None] | None = None
@@ -39,7 +45,7 @@ class Intake:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._inotify = INotify()
-        self._inotify.add_watch(str(self.daemon.spool.new), WATCH_MASK)
+        self._inotify.add_watch(str(self.spool.new), WATCH_MASK)
         loop.add_reader(self._inotify.fileno(), self._on_events)
         self.rescan()  # after the watch is set, so nothing falls between the two
         self._rescan_task = asyncio.create_task(self._rescan_forever(), name="rescan")
@@ -68,22 +74,21 @@ class Intake:
 
     async def _rescan_forever(self) -> None:
         while True:
-            await asyncio.sleep(self.daemon.settings.rescan_interval)
+            await asyncio.sleep(self.live.settings.rescan_interval)
             self.rescan()
-            removed = self.daemon.spool.clean_tmp()
+            removed = self.spool.clean_tmp()
             if removed:
                 log.info("tmp_cleaned", removed=removed)
 
     def rescan(self) -> int:
         """Claim everything waiting in new/; returns how many were claimed."""
-        return sum(1 for name in self.daemon.spool.drops() if self.claim(name))
+        return sum(1 for name in self.spool.drops() if self.claim(name))
 
     def claim(self, name: str, tries: int = 0) -> bool:
-        daemon = self.daemon
-        if daemon.stopping:
+        if self.stop_requested.is_set():
             return False
         try:
-            claimed = daemon.spool.claim(name)
+            claimed = self.spool.claim(name)
         except OSError as exc:
             log.error("claim_failed", source=name, detail=str(exc))
             return False
@@ -95,10 +100,9 @@ class Intake:
             return False
         if isinstance(claimed, Refused):
             log.warning("message_failed", queue_id=claimed.queue_id, source=name, reason=claimed.reason)
-            daemon.stats.failed += 1
-            daemon.stats.failed_total += 1
+            self.counters.failed()
             return False
-        daemon.scheduler.add_ready(WorkItem(claimed.queue_id, Location.QUEUE))
+        self.scheduler.add_ready(WorkItem(claimed.queue_id, Location.QUEUE))
         log.info("message_queued", queue_id=claimed.queue_id, source=claimed.source, size=claimed.size)
-        daemon.health.work_queued()
+        self.counters.queued()
         return True

@@ -43,6 +43,7 @@ class OutboxSession:
         self._endpoint = str(self._root)
         self._last_used = time.monotonic()
         self._dirs_made = False
+        self._bound = settings.transaction_timeout
 
     @property
     def connected(self) -> bool:
@@ -53,6 +54,10 @@ class OutboxSession:
     def idle_for(self) -> float:
         """Seconds since the last delivery (monotonic)."""
         return time.monotonic() - self._last_used
+
+    def bound(self, message: OutgoingMessage) -> float:
+        """A local write gets the same deadline as a relay transaction; past it the disk is stuck."""
+        return self._bound
 
     async def deliver(self, message: OutgoingMessage) -> DeliveryResult:
         """Store the message durably in new/; an OSError or a full disk becomes a TEMPORARY local_error."""

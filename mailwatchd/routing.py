@@ -16,9 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from mailwatchd.logs import get_logger
 from mailwatchd.outcome import Cause, DeliveryResult, Outcome
 from mailwatchd.relays import Endpoint, RelayConfig
 
+log = get_logger()
 BREAKER_MIN_S = 5.0
 BREAKER_MAX_S = 300.0
 QUOTA_PAUSE_S = 900.0  # a provider's quota reply: leave that relay alone for 15 minutes
@@ -84,8 +86,10 @@ class Transition:
 class Router:
     """Failover order and breakers. All times are monotonic seconds unless named epoch."""
 
-    def __init__(self, relays: tuple[RelayConfig, ...], clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, relays: tuple[RelayConfig, ...], clock: Callable[[], float] = time.monotonic,
+                 on_transition: Callable[[Transition], None] | None = None) -> None:
         self._clock = clock
+        self._on_transition = on_transition
         self.relays = [RelayState(relay, [EndpointHealth(ep) for ep in relay.endpoints]) for relay in relays]
         self.changed = asyncio.Event()  # set when something may have become usable
 
@@ -181,7 +185,11 @@ class Router:
             self.changed.set()
         # By identity: two relays may share an endpoint, and equal-valued health records.
         relay_name = next(r.config.name for r in self.relays if any(ep is health for ep in r.endpoints))
-        return Transition(relay_name, health.endpoint, up, cause, detail)
+        transition = Transition(relay_name, health.endpoint, up, cause, detail)
+        _log_transition(transition)
+        if self._on_transition is not None:
+            self._on_transition(transition)
+        return transition
 
     def reset(self) -> None:
         """Close every breaker and pause (an operator's flush)."""
@@ -192,5 +200,12 @@ class Router:
                 health.failures = 0
         self.changed.set()
 
-    def any_usable(self) -> bool:
-        return any(relay.health in (Health.UP, Health.DEGRADED, Health.UNKNOWN) for relay in self.relays)
+
+
+def _log_transition(transition: Transition) -> None:
+    """One log line when an endpoint goes down or comes back (not one per attempt or probe)."""
+    if transition.up:
+        log.info("relay_up", relay=transition.relay, endpoint=str(transition.endpoint))
+    else:
+        log.warning("relay_down", relay=transition.relay, endpoint=str(transition.endpoint),
+                    cause=transition.cause, detail=transition.detail)

@@ -1,0 +1,59 @@
+"""The live configuration: what a reload swaps, behind one handle that workers, intake and health
+keep. A reload replaces the settings and the router here; nobody holds on to the old ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+
+from mailwatchd.config import Settings
+from mailwatchd.delivery import SmtpSession
+from mailwatchd.outbox import OutboxSession
+from mailwatchd.relays import Endpoint, RelayConfig
+from mailwatchd.routing import Router, Transition
+from mailwatchd.tlsconfig import client_context
+from mailwatchd.transport import Session
+
+SessionFactory = Callable[[Settings, RelayConfig | None, Endpoint | None], Session]
+
+
+class Live:
+    """The current settings and router, the session factory, and a generation bumped by each reload."""
+
+    def __init__(self, settings: Settings, session_factory: SessionFactory | None = None,
+                 on_transition: Callable[[Transition], None] | None = None) -> None:
+        self.settings = settings
+        self._on_transition = on_transition
+        self.router = Router(settings.relays, on_transition=on_transition)
+        self.generation = 0
+        self._factory = session_factory
+        self._tls_contexts: dict[str, ssl.SSLContext] = {}
+
+    def replace(self, settings: Settings) -> None:
+        """Swap in new settings and a fresh router; wakes whoever waits on the old router."""
+        old = self.router
+        self.settings = settings
+        self.router = Router(settings.relays, on_transition=self._on_transition)
+        self._tls_contexts.clear()
+        self.generation += 1
+        old.changed.set()
+
+    def wakeup(self) -> asyncio.Event:
+        """The event a worker waiting for a relay waits on: set when an endpoint may be usable again."""
+        return self.router.changed
+
+    def make_session(self, relay: RelayConfig | None, endpoint: Endpoint | None) -> Session:
+        """A transport session: SMTP to one relay endpoint, or the local outbox."""
+        if self._factory is not None:
+            return self._factory(self.settings, relay, endpoint)
+        if relay is None or endpoint is None:
+            return OutboxSession(self.settings)
+        context = self._tls_contexts.get(relay.name)
+        if context is None:
+            try:
+                context = self._tls_contexts[relay.name] = client_context(relay)
+            except (OSError, ValueError):
+                context = None  # the session reports the unreadable TLS files as a relay fault
+        return SmtpSession(relay, endpoint, self.settings, context)
