@@ -261,13 +261,19 @@ class Spool:
         return Claimed(queue_id, name, st.st_mtime, st.st_size)
 
     def _tmp_twin(self, name: str, st: os.stat_result) -> bool:
-        """True when tmp/<name> is the same inode: a link-then-unlink delivery in progress."""
+        """True when tmp/<name> is, or was a moment ago, the same inode: a link-then-unlink delivery."""
         if st.st_nlink != 2:
             return False
         try:
             twin = os.lstat(os.path.join(self.tmp, name))
         except OSError:
-            return False
+            # The writer may have unlinked tmp/<name> since `st` was taken: then new/<name> is the
+            # same inode with one link left, and the next try claims it.
+            try:
+                now = os.lstat(os.path.join(self._new, name))
+            except OSError:
+                return False
+            return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino) and now.st_nlink == 1
         return (twin.st_dev, twin.st_ino) == (st.st_dev, st.st_ino)
 
     def _refusal(self, st: os.stat_result) -> str | None:

@@ -224,6 +224,18 @@ def test_claim_waits_for_a_link_then_unlink_delivery(spool: Spool) -> None:
     assert isinstance(claimed, Claimed) and spool.read(claimed.queue_id, Location.QUEUE) == MESSAGE
 
 
+def test_a_writer_finishing_between_the_two_looks_is_still_a_delivery_in_progress(spool: Spool) -> None:
+    """The race a Maildir writer's unlink can win: claim saw new/X with two links, then tmp/X is gone
+    before its twin is looked at. That is the writer finishing, not a hard link: wait, do not refuse."""
+    (spool.tmp / "1700000000.M1P3.host").write_bytes(MESSAGE)
+    os.link(spool.tmp / "1700000000.M1P3.host", spool.new / "1700000000.M1P3.host")
+    seen = os.lstat(spool.new / "1700000000.M1P3.host")
+    (spool.tmp / "1700000000.M1P3.host").unlink()  # the writer finishes in between
+    assert spool._tmp_twin("1700000000.M1P3.host", seen)
+    claimed = spool.claim("1700000000.M1P3.host")
+    assert isinstance(claimed, Claimed) and listing(spool)["failed"] == []
+
+
 def test_claim_refuses_a_tmp_twin_with_a_third_link(spool: Spool, tmp_path: Path) -> None:
     outside = tmp_path / "shadow"
     outside.write_bytes(b"not for mailing\n")

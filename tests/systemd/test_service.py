@@ -548,7 +548,8 @@ def test_stop_during_a_drain_loses_nothing(shared: Service) -> None:
 
     received = len(sink.messages())
     left = shared.spool_files("new", "queue", "deferred", "failed")
-    assert left["failed"] == []
+    reasons = [machine.read_file(f"{SPOOL}/meta/{name}.json").decode() for name in left["failed"]]
+    assert left["failed"] == [], (reasons, shared.events(f"QUEUE_ID={left['failed'][0]}"))
     assert received + len(left["new"]) + len(left["queue"]) + len(left["deferred"]) == total, (received, left)
     assert received < total, "the drain was over before the stop: nothing was tested"
 
