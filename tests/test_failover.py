@@ -151,6 +151,48 @@ def test_reload_switches_relay_and_keeps_the_old_one_on_a_bad_file(
     assert len(first.handler.messages) == 2
 
 
+def test_a_stop_wakes_workers_waiting_for_a_relay_at_once(spool_dir: Path, clean_env: dict[str, str],
+                                                         daemons: Any) -> None:
+    """Every relay down, mail waiting: SIGTERM ends the daemon at once, not on a worker's next tick."""
+    env = relay_env(clean_env, spool_dir, LOOPBACK, free_port(), MAILWATCHD_CONCURRENCY="3",
+                    MAILWATCHD_PROBE_INTERVAL="1h", MAILWATCHD_PROBE_INTERVAL_DOWN="1h")
+    daemon = daemons(env)
+    daemon.wait_event("relay_down")  # the start-up probe opened the breaker: workers wait for the relay
+    drop(spool_dir, message(1), "m1")
+    daemon.wait_event("message_queued")
+    started = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit(10) == 0
+    assert time.monotonic() - started < 2.0  # a worker's idle loop goes round only every 5 s
+    assert spool_names(spool_dir, "queue")["queue"]
+
+
+def test_reload_lowers_and_raises_the_number_of_workers(
+        smtp_server_factory: Any, spool_dir: Path, clean_env: dict[str, str], daemons: Any, tmp_path: Path) -> None:
+    server = smtp_server_factory(starttls=False)
+    config = tmp_path / "mailwatchd.env"
+    config.write_text(f"EMAIL_HOST={server.host}\nEMAIL_PORT={server.port}\nMAILWATCHD_CONCURRENCY=4\n")
+    env = relay_env(clean_env, spool_dir, server.host, server.port)
+    for key in ("EMAIL_HOST", "EMAIL_PORT"):
+        env.pop(key)
+    daemon = daemons(env, "--config", str(config))
+    assert daemon.named("daemon_ready")[0]["concurrency"] == 4
+
+    config.write_text(f"EMAIL_HOST={server.host}\nEMAIL_PORT={server.port}\nMAILWATCHD_CONCURRENCY=1\n")
+    daemon.signal(signal.SIGHUP)
+    assert daemon.wait_event("config_reloaded")[0]["workers"] == "4 -> 1"
+    for index in range(3):
+        drop(spool_dir, message(index), f"m{index}")
+    server.handler.wait_for(3)
+
+    config.write_text(f"EMAIL_HOST={server.host}\nEMAIL_PORT={server.port}\nMAILWATCHD_CONCURRENCY=2\n")
+    daemon.signal(signal.SIGHUP)
+    assert daemon.wait_event("config_reloaded", count=2)[1]["workers"] == "1 -> 2"
+    drop(spool_dir, message(9), "m9")
+    server.handler.wait_for(4)
+    assert not daemon.named("worker_crashed")
+
+
 def test_status_reports_a_running_healthy_daemon(smtp_server: SmtpServer, spool_dir: Path,
                                                  clean_env: dict[str, str], daemons: Any) -> None:
     env = relay_env(clean_env, spool_dir, smtp_server.host, smtp_server.port)
