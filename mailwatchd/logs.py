@@ -13,9 +13,10 @@ import logging
 import sys
 import traceback
 from collections.abc import MutableMapping
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 from mailwatchd import journal
 
@@ -91,5 +92,6 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
     return chosen
 
 
-def get_logger(**bound: Any) -> Any:
-    return structlog.get_logger(**bound)
+def get_logger(**bound: Any) -> FilteringBoundLogger:
+    """The process's logger: `log.info("event_name", field=value)`, one line per event."""
+    return cast(FilteringBoundLogger, structlog.get_logger(**bound))

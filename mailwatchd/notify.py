@@ -18,9 +18,10 @@ import time
 from collections.abc import Mapping
 
 import sdnotify
-import structlog
 
-log = structlog.get_logger()
+from mailwatchd.logs import get_logger
+
+log = get_logger()
 
 # The reader's queue is full (or the kernel is short of buffers): worth retrying on the same socket.
 _QUEUE_FULL = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS})
