@@ -33,6 +33,7 @@ class Scheduler:
         self._ready: deque[WorkItem] = deque()
         self._due: list[tuple[float, str]] = []
         self._due_at: dict[str, float] = {}  # queue id → its live heap entry (lazy deletion)
+        self._not_deferred: dict[str, Location] = {}  # a retry of a message that never left that directory
         self._held: set[str] = set()  # ids ready or taken
         self._wake = asyncio.Event()
         self.closed = False
@@ -63,10 +64,14 @@ class Scheduler:
             self._ready.append(item)
         self._wake.set()
 
-    def add_deferred(self, due: float, queue_id: str) -> None:
-        """Schedule a deferred message for `due` (epoch seconds)."""
+    def add_deferred(self, due: float, queue_id: str, location: Location = Location.DEFERRED) -> None:
+        """Schedule a message for `due` (epoch seconds); it is in deferred/ unless `location` says otherwise."""
         if queue_id in self._held:
             return
+        if location is Location.DEFERRED:
+            self._not_deferred.pop(queue_id, None)
+        else:
+            self._not_deferred[queue_id] = location
         self._due_at[queue_id] = due
         heapq.heappush(self._due, (due, queue_id))
         self._wake.set()
@@ -103,7 +108,7 @@ class Scheduler:
             heapq.heappop(self._due)
             del self._due_at[queue_id]
             self._held.add(queue_id)
-            self._ready.append(WorkItem(queue_id, Location.DEFERRED))
+            self._ready.append(WorkItem(queue_id, self._not_deferred.pop(queue_id, Location.DEFERRED)))
         return None
 
     def take_nowait(self) -> WorkItem | None:

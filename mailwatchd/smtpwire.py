@@ -169,10 +169,14 @@ class Wire(asyncio.Protocol):
 
     async def send_body(self, data: bytes, stall_timeout: float) -> None:
         """Write `data` as the server reads it; UploadStalled after `stall_timeout` seconds without progress."""
-        view = memoryview(data)
-        for start in range(0, len(view), BODY_CHUNK):
+        if len(data) <= BODY_CHUNK:
             await self._drained(stall_timeout)
-            self.write(bytes(view[start : start + BODY_CHUNK]))
+            self.write(data)
+        else:
+            view = memoryview(data)
+            for start in range(0, len(view), BODY_CHUNK):
+                await self._drained(stall_timeout)
+                self.write(bytes(view[start : start + BODY_CHUNK]))
         await self._drained(stall_timeout)
 
     async def _drained(self, stall_timeout: float) -> None:

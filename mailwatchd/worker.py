@@ -13,7 +13,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import assert_never
+from typing import NamedTuple, assert_never
 
 from mailwatchd import envelope
 from mailwatchd.backoff import retry_delay
@@ -35,11 +35,19 @@ log = get_logger()
 IDLE_LOOP_S = 5.0
 
 
+class Retry(NamedTuple):
+    """A message to try again at `due` (epoch seconds), from the directory it is in."""
+
+    due: float
+    queue_id: str
+    location: Location = Location.DEFERRED
+
+
 @dataclass
 class Followup:
     """What the scheduler must do once the worker let go of a message."""
 
-    retry_at: list[tuple[float, str]] = field(default_factory=list)
+    retry_at: list[Retry] = field(default_factory=list)
     give_back: bool = False  # no relay could take it now: first in line again
 
 
@@ -99,7 +107,8 @@ class Worker:
             return
         followup = Followup()
         self.counters.attempt_started()
-        retry_later = Followup(retry_at=[(time.time() + live.settings.retry_min, item.queue_id)])
+        # The message did not move: it is retried from where it is.
+        retry_later = Followup(retry_at=[Retry(time.time() + live.settings.retry_min, item.queue_id, item.location)])
         try:
             followup = await self.attempt(item)
         except (SpoolFull, OSError) as exc:
@@ -114,8 +123,8 @@ class Worker:
             self.scheduler.done(item.queue_id)
         if followup.give_back:
             self.scheduler.release(item)
-        for due, queue_id in followup.retry_at:
-            self.scheduler.add_deferred(due, queue_id)
+        for retry in followup.retry_at:
+            self.scheduler.add_deferred(*retry)
         self.counters.attempt_finished()
 
     async def _wait_for_relay(self, wait: float) -> None:
@@ -226,7 +235,7 @@ class Worker:
                 if temporary:
                     due = now + retry_delay(1, settings.retry_min, settings.retry_max)
                     part = self._split(state, raw, message, temporary, Location.DEFERRED, now, due=due)
-                    followup.retry_at.append((due, part))
+                    followup.retry_at.append(Retry(due, part))
                 spool.delivered(message.queue_id, location, has_state=has_state)
                 accepted = len(message.recipients) - len(result.refused)
                 log.info("message_delivered", **base, recipients=accepted, attempt=state.attempts + 1,
@@ -256,27 +265,28 @@ class Worker:
         """A temporary failure: permanently refused recipients leave now; the rest wait for a retry."""
         settings = self.live.settings
         spool = self.spool
-        followup = Followup()
-        if permanent:
-            self._split(state, raw, message, permanent, Location.FAILED, now)
-            remaining = [r for r in message.recipients if r not in {p.recipient for p in permanent}]
-            part_state = MessageState(spool.new_id(), state.received_at, attempts=state.attempts,
-                                      history=list(state.history), source=f"split from {message.queue_id}",
-                                      first_failure_at=state.first_failure_at)
-            due = now + retry_delay(state.attempts, settings.retry_min, settings.retry_max)
-            part_state.next_attempt_at = due
-            spool.add(envelope.with_envelope(raw, message.sender, remaining), part_state, Location.DEFERRED)
-            spool.delivered(message.queue_id, location)  # superseded by the parts just stored
-            followup.retry_at.append((due, part_state.queue_id))
-            return followup
-        # Time spent waiting for any relay to come back does not count: an outage is not the message's fault.
+        # Expiry happens only on the message's own failure: an outage alone (relay faults) never fails it.
         age = now - (state.first_failure_at or now)
         if age >= settings.max_lifetime:
+            refused = "".join(f"; {r.recipient} refused: {r.code} {r.reply}" for r in permanent)
             self._fail(state, location, f"gave up after {state.attempts} attempts over {age / 3600:.1f} h: "
-                       f"{result.summary}", cause=Cause.EXPIRED.value, relay=result.relay)
-            return followup
-        return self._defer(state, location, message, result,
-                           retry_delay(state.attempts, settings.retry_min, settings.retry_max))
+                       f"{result.summary}{refused}", cause=Cause.EXPIRED.value, relay=result.relay)
+            return Followup()
+        delay = retry_delay(state.attempts, settings.retry_min, settings.retry_max)
+        if not permanent:
+            return self._defer(state, location, message, result, delay)
+        self._split(state, raw, message, permanent, Location.FAILED, now)
+        remaining = [r for r in message.recipients if r not in {p.recipient for p in permanent}]
+        part_state = MessageState(spool.new_id(), state.received_at, attempts=state.attempts,
+                                  history=list(state.history), source=f"split from {message.queue_id}",
+                                  first_failure_at=state.first_failure_at, next_attempt_at=now + delay)
+        spool.add(envelope.with_envelope(raw, message.sender, remaining), part_state, Location.DEFERRED)
+        spool.delivered(message.queue_id, location)  # superseded by the parts just stored
+        log.info("message_deferred", queue_id=part_state.queue_id, relay=result.relay, size=message.size,
+                 attempt=state.attempts, delay_s=round(delay, 1), split_from=message.queue_id,
+                 cause=result.cause.value, reason=result.summary)
+        self.counters.deferred()
+        return Followup(retry_at=[Retry(now + delay, part_state.queue_id)])
 
     def _defer(self, state: MessageState, location: Location, message: OutgoingMessage, result: DeliveryResult,
                delay: float) -> Followup:
@@ -288,7 +298,7 @@ class Worker:
                  attempt=state.attempts, delay_s=round(delay, 1), next_attempt=next_attempt,
                  cause=result.cause.value, reason=result.summary)
         self.counters.deferred()
-        return Followup(retry_at=[(state.next_attempt_at, message.queue_id)])
+        return Followup(retry_at=[Retry(state.next_attempt_at, message.queue_id)])
 
     def _split(self, state: MessageState, raw: bytes, message: OutgoingMessage, refused: list[RefusedRecipient],
                location: Location, now: float, due: float | None = None) -> str:
@@ -306,6 +316,8 @@ class Worker:
         log.info(event, queue_id=message.queue_id, part_id=part.queue_id, recipients=len(refused), reason=reason)
         if location is Location.FAILED:
             self.counters.failed()
+        else:
+            self.counters.deferred()
         return part.queue_id
 
     def _fail(self, state: MessageState, location: Location, reason: str, **fields: str | None) -> None:

@@ -121,6 +121,18 @@ def test_add_ready_takes_a_message_off_the_heap() -> None:
     assert scheduler.take_nowait() is None
 
 
+def test_a_retry_of_a_message_that_never_moved_is_taken_from_where_it_is() -> None:
+    """A worker that could not write the spool retries the message in queue/, not in deferred/."""
+    scheduler = Scheduler(clock=lambda: 100.0)
+    scheduler.add_deferred(50.0, "A", Location.QUEUE)
+    scheduler.add_deferred(60.0, "B")
+    assert scheduler.take_nowait() == WorkItem("A", Location.QUEUE)
+    assert scheduler.take_nowait() == WorkItem("B", Location.DEFERRED)
+    scheduler.done("A")
+    scheduler.add_deferred(70.0, "A")  # later it did move to deferred/
+    assert scheduler.take_nowait() == WorkItem("A", Location.DEFERRED)
+
+
 def test_flush_makes_every_deferred_message_due() -> None:
     clock = Clock(0.0)
     scheduler = Scheduler(clock)
