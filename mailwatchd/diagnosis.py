@@ -22,7 +22,7 @@ from mailwatchd.config import Settings
 from mailwatchd.envelope import check_address
 from mailwatchd.errors import MalformedMessage
 from mailwatchd.outcome import Cause
-from mailwatchd.probe import ProbeReport, TestMessage, probe_endpoint
+from mailwatchd.probe import ProbeReport, SendTest, probe_endpoint
 from mailwatchd.relays import Endpoint, RelayConfig, TlsMode
 from mailwatchd.smtpclient import Resolver
 
@@ -330,7 +330,7 @@ async def run_check(settings: Settings, *, send_test_to: str | None = None, reso
                     alt_ports: Sequence[AltPort] = DEFAULT_ALT_PORTS) -> CheckReport:
     """Probe every endpoint of every relay (and the alternatives) concurrently; optionally send a test."""
     if send_test_to is not None:
-        TestMessage("mailwatchd@example.invalid", send_test_to)  # ValueError before anything is probed
+        SendTest("mailwatchd@example.invalid", send_test_to)  # ValueError before anything is probed
     start = time.perf_counter()
     checked_at = datetime.now(UTC)
     if not settings.relays:
@@ -368,7 +368,7 @@ async def run_check(settings: Settings, *, send_test_to: str | None = None, reso
             check.notes.append(f"send test skipped: no usable relay ({send_test_to} not sent)")
         else:
             relay, endpoint = healthy
-            test = TestMessage(send_test_sender(relay, settings.helo_name), send_test_to)
+            test = SendTest(send_test_sender(relay, settings.helo_name), send_test_to)
             report = await probe_endpoint(relay, endpoint, settings, resolve=resolve, send_test=test)
             check.send_test = Finding(report, hint_for(report.cause, endpoint, report.detail, relay=relay))
     check.duration_ms = round((time.perf_counter() - start) * 1000, 1)

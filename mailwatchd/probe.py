@@ -68,7 +68,7 @@ class ProbeReport:
 
 
 @dataclass(frozen=True)
-class TestMessage:
+class SendTest:
     """What `check --send-test` sends: from whom, to whom."""
 
     sender: str
@@ -93,7 +93,7 @@ class TestMessage:
 
 
 async def probe_endpoint(relay: RelayConfig, endpoint: Endpoint, settings: Settings, *,
-                         resolve: Resolver | None = None, send_test: TestMessage | None = None) -> ProbeReport:
+                         resolve: Resolver | None = None, send_test: SendTest | None = None) -> ProbeReport:
     """Probe one endpoint of `relay`; never raises for a network or protocol failure.
 
     `resolve(host, port)` defaults to the loop's getaddrinfo.

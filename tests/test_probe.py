@@ -24,7 +24,7 @@ from mailwatchd import probe as probe_module
 from mailwatchd.config import Settings
 from mailwatchd.diagnosis import hint_for, send_test_sender
 from mailwatchd.outcome import Cause
-from mailwatchd.probe import ProbeReport, TestMessage, probe_endpoint
+from mailwatchd.probe import ProbeReport, SendTest, probe_endpoint
 from mailwatchd.relays import Endpoint, RelayConfig, Secret, TlsMode
 from mailwatchd.tlsconfig import client_context
 from tests.conftest import LOOPBACK, RecordingHandler, SmtpServer
@@ -51,7 +51,7 @@ def relay_for(port: int, tls: TlsMode, *, cafile: Path | None = None, user: str 
 
 def run_probe(relay: RelayConfig, settings: Settings, *, send_test_to: str | None = None,
               **kwargs: Any) -> ProbeReport:
-    test = TestMessage(send_test_sender(relay, settings.helo_name), send_test_to) if send_test_to else None
+    test = SendTest(send_test_sender(relay, settings.helo_name), send_test_to) if send_test_to else None
     report = asyncio.run(probe_endpoint(relay, relay.primary, settings, send_test=test, **kwargs))
     HINTS[id(report)] = hint_for(report.cause, report.endpoint, report.detail, relay=relay)
     return report
