@@ -15,10 +15,12 @@ from pathlib import Path
 from dotenv import dotenv_values
 
 from mailwatchd.errors import ConfigError
+from mailwatchd.listensettings import ListenSettings, load_listen
 from mailwatchd.parsing import parse_duration, parse_int, parse_size
 from mailwatchd.relays import RelayConfig, load_relays
 
 SERVICE_SPOOL = Path("/var/spool/mailwatchd")
+SUBMIT_SOCKET = Path("/run/mailwatchd/submit.sock")  # the service's local submission socket (SMTP)
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,9 @@ class Settings:
     log_format: str = "auto"
     log_level: str = "info"
     config_path: Path | None = None
+    listen: ListenSettings = field(default_factory=ListenSettings)
+    admin_address: str | None = None  # where mail to local users (root, postmaster, bare names) goes
+    aliases: Path | None = None  # an aliases(5) file mapping local names to addresses
 
     @property
     def uses_outbox(self) -> bool:
@@ -79,13 +84,22 @@ MAILWATCHD_KEYS = frozenset(
         "MAILWATCHD_SHUTDOWN_GRACE",
         "MAILWATCHD_LOG_FORMAT",
         "MAILWATCHD_LOG_LEVEL",
+        "MAILWATCHD_LISTEN",
+        "MAILWATCHD_LISTEN_ALLOW",
+        "MAILWATCHD_LISTEN_USERS_FILE",
+        "MAILWATCHD_LISTEN_TLS_CERT",
+        "MAILWATCHD_LISTEN_TLS_KEY",
+        "MAILWATCHD_LISTEN_MAX_CONNECTIONS",
+        "MAILWATCHD_LISTEN_MAX_RECIPIENTS",
+        "MAILWATCHD_ADMIN_ADDRESS",
+        "MAILWATCHD_ALIASES",
     }
 )
 
 def default_spool(environ: Mapping[str, str]) -> Path:
-    """/var/spool/mailwatchd for root, and for users who may drop mail into it (members of
-    mailwatchd-submit); a per-user state directory otherwise."""
-    if os.geteuid() == 0 or os.access(SERVICE_SPOOL / "new", os.W_OK | os.X_OK):
+    """/var/spool/mailwatchd wherever the service is installed (its spool exists), for every user:
+    mail must reach the daemon that runs; a per-user state directory only where no service is."""
+    if os.geteuid() == 0 or SERVICE_SPOOL.is_dir():
         return SERVICE_SPOOL
     state_home = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(state_home) / "mailwatchd" / "spool"
@@ -184,6 +198,20 @@ def load_settings(config_path: Path | str | None = None,
             raise ConfigError("MAILWATCHD_LOG_LEVEL", f"{raw!r} is not a log level",
                               "use debug, info, warning or error")
         extra["log_level"] = raw.lower()
+
+    if (raw := get("MAILWATCHD_ADMIN_ADDRESS")) is not None:
+        address = raw.strip()
+        if address.count("@") != 1 or any(ch.isspace() or ch in "<>" for ch in address) or \
+                not all(address.split("@")):
+            raise ConfigError("MAILWATCHD_ADMIN_ADDRESS", f"{raw!r} is not an e-mail address",
+                              "use a full address such as ops@example.com")
+        extra["admin_address"] = address
+    if (raw := get("MAILWATCHD_ALIASES")) is not None:
+        if not Path(raw).is_file():
+            raise ConfigError("MAILWATCHD_ALIASES", f"{raw} does not exist or is not a file",
+                              "point it at an aliases(5) file such as /etc/aliases, or remove the setting")
+        extra["aliases"] = Path(raw)
+    extra["listen"] = load_listen(get, env)
 
     relays = load_relays(get, env)
     return Settings(spool=spool, outbox=outbox, relays=relays, config_path=path,
