@@ -1,31 +1,28 @@
 """The `mailwatchd` command: a thin face over the spool and the daemon.
 
-Installed as `sendmail` (a symlink named sendmail), it behaves as `mailwatchd sendmail`.
+Installed as `sendmail` (a symlink named sendmail), it behaves as `mailwatchd sendmail`; as
+`mailq` and `newaliases`, as `sendmail -bp` and `sendmail -bi` (sendmail.py). Those names are
+dispatched before argparse and the rest are imported: `sendmail -t` runs once per message.
 Exit statuses follow sysexits(3): see exitcodes.py and the README.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
 import os
-import signal
 import sys
-import time
-from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from mailwatchd import __version__, exitcodes
-from mailwatchd.config import Settings, load_settings
-from mailwatchd.errors import ConfigError, MalformedMessage, SpoolFull
-from mailwatchd.messagestate import is_queue_id
-from mailwatchd.queueview import list_entries, render_table
-from mailwatchd.spool import Location, Spool
+from mailwatchd.errors import ConfigError
 
 if TYPE_CHECKING:
-    from mailwatchd.submit import Submission
+    import argparse
+    from collections.abc import Callable, Sequence
+
+    from mailwatchd.config import Settings
+
+# The names (argv[0]) under which the program is sendmail.py's: sendmail, mailq (-bp), newaliases (-bi).
+SENDMAIL_PROGRAMS = frozenset({"sendmail", "sendmail.mailwatchd", "mailq", "newaliases"})
 
 
 def _fail(message: str, code: int) -> int:
@@ -34,6 +31,8 @@ def _fail(message: str, code: int) -> int:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    from mailwatchd.config import load_settings
+
     return load_settings(args.config)
 
 
@@ -47,50 +46,49 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
+    """Queue a message as sendmail does and print its queue id (via the daemon's socket: the one its reply names)."""
+    from mailwatchd.sendmail import NotQueued, prepare_message, queue_message
     from mailwatchd.submit import Submission
 
-    return _submit(args, Submission(sender=args.sender, recipients=tuple(args.recipients), dot_ends_input=False))
-
-
-def cmd_sendmail(args: argparse.Namespace) -> int:
-    from mailwatchd.submit import parse_sendmail_args
-
-    try:
-        submission = parse_sendmail_args(args.sendmail_args)
-    except ValueError as exc:
-        return _fail(str(exc), exitcodes.USAGE)
-    if not submission.from_headers and not submission.recipients:
-        return _fail("no recipients given (pass addresses, or -t to read them from the headers)", exitcodes.USAGE)
-    return _submit(args, submission)
-
-
-def _submit(args: argparse.Namespace, submission: Submission) -> int:
-    """Read the message from standard input, complete it and store it durably in the spool."""
-    from mailwatchd.submit import enqueue, prepare, read_message
-
     settings = _settings(args)
-    raw = read_message(sys.stdin.buffer, submission.dot_ends_input)
-    if len(raw) > settings.max_message_size:
-        return _fail(f"message too large ({len(raw)} bytes; limit {settings.max_message_size})", exitcodes.DATAERR)
+    submission = Submission(sender=args.sender, recipients=tuple(args.recipients), dot_ends_input=False)
     try:
-        data = prepare(raw, submission, settings.default_domain)
-    except MalformedMessage as exc:
-        return _fail(f"malformed message: {exc}", exitcodes.DATAERR)
-    try:
-        queue_id = enqueue(settings.spool, data)
-    except SpoolFull as exc:
-        return _fail(f"the spool cannot take the message now: {exc}", exitcodes.TEMPFAIL)
-    except PermissionError as exc:
-        return _fail(f"cannot write to the spool {settings.spool}: {exc.strerror} "
-                     "(is this user in the mailwatchd-submit group?)", exitcodes.NOPERM)
-    except OSError as exc:
-        return _fail(f"cannot write to the spool {settings.spool}: {exc}", exitcodes.CANTCREAT)
-    if not getattr(args, "quiet", False):
+        queue_id = queue_message(settings, prepare_message(settings, submission, sys.stdin.buffer))
+    except NotQueued as exc:
+        return _fail(exc.message, exc.status)
+    if queue_id is not None and not args.quiet:
         print(queue_id)
     return exitcodes.OK
 
 
+def cmd_sendmail(args: argparse.Namespace) -> int:
+    """`mailwatchd --config FILE sendmail ARGS`: main() runs the other spellings without argparse."""
+    config = [] if args.config is None else ["--config", str(args.config)]
+    return _run_sendmail("sendmail", [*config, *args.sendmail_args])
+
+
+def _run_sendmail(program: str, argv: list[str]) -> int:
+    """sendmail, mailq and newaliases: sendmail.py parses and submits; the queue commands are ours."""
+    from mailwatchd import sendmail
+
+    try:
+        request = sendmail.parse_command_line(argv, program=program)
+    except sendmail.UsageError as exc:
+        return _fail(f"{exc} (see sendmail --help)", exitcodes.USAGE)
+    if request.mode in (sendmail.Mode.LIST_QUEUE, sendmail.Mode.FLUSH):
+        import argparse
+
+        args = argparse.Namespace(config=request.config, json=False)
+        return cmd_queue(args) if request.mode is sendmail.Mode.LIST_QUEUE else cmd_flush(args)
+    return sendmail.run(request, sys.stdin.buffer)
+
+
 def cmd_queue(args: argparse.Namespace) -> int:
+    import json
+
+    from mailwatchd.queueview import list_entries, render_table
+    from mailwatchd.spool import Spool
+
     settings = _settings(args)
     entries = list_entries(Spool(settings.spool, max_message_size=settings.max_message_size))
     if args.json:
@@ -101,6 +99,11 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 
 def cmd_flush(args: argparse.Namespace) -> int:
+    import signal
+    import time
+
+    from mailwatchd.spool import Location, Spool
+
     settings = _settings(args)
     spool = Spool(settings.spool)
     pid = spool.running_pid()
@@ -125,6 +128,8 @@ def cmd_flush(args: argparse.Namespace) -> int:
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
+    from mailwatchd.spool import Location, Spool
+
     settings = _settings(args)
     spool = Spool(settings.spool)
     ids = spool.names(Location.FAILED) if args.failed else args.ids
@@ -140,6 +145,8 @@ def cmd_requeue(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
+    from mailwatchd.spool import Spool
+
     settings = _settings(args)
     spool = Spool(settings.spool)
     missing = [queue_id for queue_id in args.ids if not _valid(queue_id) or not spool.delete(queue_id)]
@@ -152,10 +159,15 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def _valid(queue_id: str) -> bool:
+    from mailwatchd.messagestate import is_queue_id
+
     return is_queue_id(queue_id)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
     from mailwatchd.diagnosis import run_check
 
     settings = _settings(args)
@@ -168,6 +180,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from mailwatchd.spool import Spool
     from mailwatchd.statusfile import read_status, status_line
 
     settings = _settings(args)
@@ -204,6 +220,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+    from pathlib import Path
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", "-c", type=Path, default=argparse.SUPPRESS,
                         help="env file with settings (default: $MAILWATCHD_CONFIG; else the environment only)")
@@ -244,24 +263,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    standalone = argv is None  # the process's own command line, not a caller's list
     program = os.path.basename(sys.argv[0]) if argv is None else "mailwatchd"
     argv = list(sys.argv[1:] if argv is None else argv)
-    if program in ("sendmail", "sendmail.mailwatchd"):
-        argv = ["sendmail", *argv]
-    elif program == "mailq":
-        argv = ["queue", *argv]
-    if argv[:1] == ["sendmail"]:
-        # sendmail's own options (-t, -f...) must not reach argparse.
-        namespace = argparse.Namespace(config=None, sendmail_args=argv[1:], quiet=True, func=cmd_sendmail)
-        if len(argv) > 2 and argv[1] in ("--config", "-c"):
-            namespace.config, namespace.sendmail_args = Path(argv[2]), argv[3:]
-        args = namespace
-    else:
-        args = build_parser().parse_args(argv)
-        if not hasattr(args, "config"):
-            args.config = None
+    if program in SENDMAIL_PROGRAMS or argv[:1] == ["sendmail"]:
+        name, rest = (program, argv) if program in SENDMAIL_PROGRAMS else ("sendmail", argv[1:])
+        status = _guarded(lambda: _run_sendmail(name, rest))
+        if standalone:
+            _exit_now(status)
+        return status
+    args = build_parser().parse_args(argv)
+    if not hasattr(args, "config"):
+        args.config = None
+    return _guarded(lambda: int(args.func(args)))
+
+
+def _exit_now(status: int) -> NoReturn:
+    """End the process without the interpreter's teardown, which frees every module one by one:
+    a sixth of a `sendmail -t` run. The message is fsynced by now; only stdout and stderr may
+    hold output still, and they are flushed first."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`mailq | head -1`): as Python's own exit does
+            status = status or 120
+    os._exit(status)
+
+
+def _guarded(command: Callable[[], int]) -> int:
+    """Run a command; the errors every command may meet become a sentence and an exit status."""
     try:
-        return int(args.func(args))
+        return command()
     except ConfigError as exc:
         print(f"mailwatchd: configuration error: {exc.key}: {exc.problem}\n"
               f"mailwatchd: fix: {exc.fix}", file=sys.stderr)

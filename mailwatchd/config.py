@@ -6,13 +6,12 @@ keys start with MAILWATCHD_. Every problem raises ConfigError naming the key and
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from dotenv import dotenv_values
 
 from mailwatchd.errors import ConfigError
 from mailwatchd.listensettings import ListenSettings, load_listen
@@ -30,7 +29,7 @@ class Settings:
     spool: Path
     outbox: Path
     relays: tuple[RelayConfig, ...] = ()
-    helo_name: str = field(default_factory=socket.getfqdn)
+    helo_name: str = ""  # MAILWATCHD_HELO_NAME; empty: the host's FQDN (see ehlo_name)
     default_domain: str | None = None
     connect_timeout: float = 5.0
     command_timeout: float = 30.0
@@ -55,6 +54,16 @@ class Settings:
     @property
     def uses_outbox(self) -> bool:
         return not self.relays
+
+    @property
+    def ehlo_name(self) -> str:
+        """The name this host gives in EHLO: MAILWATCHD_HELO_NAME, else its FQDN (looked up once, when needed)."""
+        return self.helo_name or _fqdn()
+
+
+@functools.cache
+def _fqdn() -> str:
+    return socket.getfqdn()
 
 
 # Keys this program reads; an unknown MAILWATCHD_* key in the env file is a typo worth
@@ -93,6 +102,7 @@ MAILWATCHD_KEYS = frozenset(
         "MAILWATCHD_LISTEN_MAX_RECIPIENTS",
         "MAILWATCHD_ADMIN_ADDRESS",
         "MAILWATCHD_ALIASES",
+        "MAILWATCHD_SUBMIT_SOCKET",
     }
 )
 
@@ -112,6 +122,8 @@ def load_environment(config_path: Path | None, environ: Mapping[str, str]) -> di
         if not config_path.is_file():
             raise ConfigError("MAILWATCHD_CONFIG", f"config file {config_path} does not exist",
                               "create it or point --config at the right file")
+        from dotenv import dotenv_values  # here: `sendmail` without an env file never pays for the import
+
         try:
             values = dotenv_values(config_path, interpolate=False)
         except (OSError, UnicodeDecodeError) as exc:

@@ -166,7 +166,7 @@ class SmtpSession:
                                          detail=f"cannot load the TLS files: {describe(exc)}")) from None
         try:
             connection = await open_session(self.relay, self.endpoint, timeouts=session_timeouts(self._settings),
-                                            helo_name=self._settings.helo_name, tls_context=self._tls_context,
+                                            helo_name=self._settings.ehlo_name, tls_context=self._tls_context,
                                             resolve=self._resolve, on_step=self._on_step, secrets=self._secrets)
         except SetupFailed as failed:
             self._phase = failed.phase

@@ -368,7 +368,7 @@ async def run_check(settings: Settings, *, send_test_to: str | None = None, reso
             check.notes.append(f"send test skipped: no usable relay ({send_test_to} not sent)")
         else:
             relay, endpoint = healthy
-            test = SendTest(send_test_sender(relay, settings.helo_name), send_test_to)
+            test = SendTest(send_test_sender(relay, settings.ehlo_name), send_test_to)
             report = await probe_endpoint(relay, endpoint, settings, resolve=resolve, send_test=test)
             check.send_test = Finding(report, hint_for(report.cause, endpoint, report.detail, relay=relay))
     check.duration_ms = round((time.perf_counter() - start) * 1000, 1)

@@ -4,6 +4,9 @@ On-disk form: an RFC 5322 message. An explicit envelope, when one was given, is 
 leading `X-Mailwatchd-Envelope-From:` and `X-Mailwatchd-Envelope-To:` fields (one address
 each); they override the From/Sender/To/Cc/Bcc fields and are removed, with Bcc (RFC 5322
 §3.6.3), before the message is sent.
+
+Parsing only: a bare local name (`root`) is read as it stands; the daemon completes it
+(addressing.py) before the message goes out.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ _FIELD_NAME = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 # An address we are willing to put in MAIL FROM / RCPT TO: no white space, controls or
 # angle brackets (they would let a header inject SMTP commands), one @ with both sides set.
 _ADDRESS = re.compile(r"^[^\s<>()\x00-\x1f\x7f@]+@[^\s<>()\x00-\x1f\x7f@]+$")
+# A local user name as cron and other local senders write it (`root`, `www-data`): the same
+# rule with no @, and none of the characters that separate or quote addresses either.
+_LOCAL_NAME = re.compile(r'^[^\s<>()\[\]\\,;:"\x00-\x1f\x7f@]+$')
 _DROPPED_FIELDS_FROM = ENVELOPE_FROM.lower().encode()
 _DROPPED_FIELDS_TO = ENVELOPE_TO.lower().encode()
 _DROPPED_FIELDS = frozenset({b"bcc", _DROPPED_FIELDS_FROM, _DROPPED_FIELDS_TO})
@@ -101,14 +107,16 @@ def _addresses(values: Sequence[str]) -> list[str]:
     return found
 
 
-def qualify(address: str, default_domain: str | None) -> str:
-    if default_domain and address and "@" not in address:
-        return f"{address}@{default_domain}"
-    return address
+def is_local_name(address: str) -> bool:
+    """True for a bare local user name (`root`): an address the daemon still has to complete."""
+    return bool(_LOCAL_NAME.match(address))
 
 
-def check_address(address: str, role: str) -> str:
-    """`address` if it can go into MAIL FROM / RCPT TO as it is, else MalformedMessage."""
+def check_address(address: str, role: str, *, local: bool = False) -> str:
+    """`address` if it can go into MAIL FROM / RCPT TO as it is, else MalformedMessage.
+
+    With `local`, a bare local user name passes too (the spool holds it; the daemon completes it).
+    """
     try:
         address.encode("utf-8")
     except UnicodeEncodeError:
@@ -118,9 +126,10 @@ def check_address(address: str, role: str) -> str:
         except UnicodeEncodeError:  # a surrogate no bytes were decoded to: only a caller's str has one
             raw = address.encode("utf-8", errors="surrogatepass")
         raise MalformedMessage(f"{role} address {repr(raw)[1:]} is not valid UTF-8") from None
-    if not _ADDRESS.match(address):
-        raise MalformedMessage(f"{role} address {address!r} is not usable (it needs a user@domain form)")
-    return address
+    if _ADDRESS.match(address) or (local and _LOCAL_NAME.match(address)):
+        return address
+    form = "a user@domain form or a local user name" if local else "a user@domain form"
+    raise MalformedMessage(f"{role} address {address!r} is not usable (it needs {form})")
 
 
 def _collect(fields: list[HeaderField]) -> dict[bytes, list[str]]:
@@ -131,29 +140,32 @@ def _collect(fields: list[HeaderField]) -> dict[bytes, list[str]]:
     return by_name
 
 
-def _sender(by_name: dict[bytes, list[str]], default_domain: str | None) -> str:
+def _sender(by_name: dict[bytes, list[str]]) -> str:
     explicit = by_name.get(_DROPPED_FIELDS_FROM)
     if explicit is not None:
-        sender = qualify(explicit[0].strip().strip("<>").strip(), default_domain)
-        return check_address(sender, "sender") if sender else ""
+        sender = explicit[0].strip().strip("<>").strip()
+        return check_address(sender, "sender", local=True) if sender else ""
     candidates = _addresses(by_name.get(b"sender", [])) or _addresses(by_name.get(b"from", []))
     if not candidates:
         raise MalformedMessage("no sender: the message has no From or Sender address")
-    return check_address(qualify(candidates[0], default_domain), "sender")
+    return check_address(candidates[0], "sender", local=True)
 
 
-def sender_of(raw: bytes, *, default_domain: str | None = None) -> str:
+def sender_of(raw: bytes) -> str:
     """The envelope sender a message's own headers give."""
     fields, _ = split_header(raw)
-    return _sender(_collect(fields), default_domain)
+    return _sender(_collect(fields))
 
 
-def parse(queue_id: str, raw: bytes, *, default_domain: str | None = None) -> OutgoingMessage:
-    """Envelope and sendable bytes of a spool file; MalformedMessage says why it cannot be sent."""
+def parse(queue_id: str, raw: bytes) -> OutgoingMessage:
+    """Envelope and sendable bytes of a spool file; MalformedMessage says why it cannot be sent.
+
+    Bare local names stay as they are: `addressing.Addressing.complete` qualifies them.
+    """
     fields, rest = split_header(raw)
     by_name = _collect(fields)
 
-    sender = _sender(by_name, default_domain)
+    sender = _sender(by_name)
     explicit_to = by_name.get(_DROPPED_FIELDS_TO)
     if explicit_to is not None:
         wanted = [value.strip().strip("<>").strip() for value in explicit_to]
@@ -162,7 +174,7 @@ def parse(queue_id: str, raw: bytes, *, default_domain: str | None = None) -> Ou
     recipients: list[str] = []
     seen: set[str] = set()
     for address in wanted:
-        address = check_address(qualify(address, default_domain), "recipient")
+        address = check_address(address, "recipient", local=True)
         if address.lower() not in seen:
             seen.add(address.lower())
             recipients.append(address)
@@ -178,9 +190,9 @@ def parse(queue_id: str, raw: bytes, *, default_domain: str | None = None) -> Ou
 
 def with_envelope(raw: bytes, sender: str, recipients: Sequence[str]) -> bytes:
     """The message with an explicit envelope in front (any earlier one replaced)."""
-    check = [check_address(address, "recipient") for address in recipients]
+    check = [check_address(address, "recipient", local=True) for address in recipients]
     if sender:
-        check_address(sender, "sender")
+        check_address(sender, "sender", local=True)
     if not check:
         raise MalformedMessage("no recipient given")
     fields, rest = split_header(raw)

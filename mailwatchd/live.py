@@ -1,5 +1,6 @@
 """The live configuration: what a reload swaps, behind one handle that workers, intake and health
-keep. A reload replaces the settings and the router here; nobody holds on to the old ones.
+keep. A reload replaces the settings, the router and the addressing here; nobody holds on to the
+old ones.
 """
 
 from __future__ import annotations
@@ -8,8 +9,10 @@ import asyncio
 import ssl
 from collections.abc import Callable
 
+from mailwatchd.addressing import Addressing
 from mailwatchd.config import Settings
 from mailwatchd.delivery import SmtpSession
+from mailwatchd.logs import get_logger
 from mailwatchd.outbox import OutboxSession
 from mailwatchd.relays import Endpoint, RelayConfig
 from mailwatchd.routing import Router, Transition
@@ -17,25 +20,38 @@ from mailwatchd.tlsconfig import client_context
 from mailwatchd.transport import Session
 
 SessionFactory = Callable[[Settings, RelayConfig | None, Endpoint | None], Session]
+log = get_logger()
+
+
+def build_addressing(settings: Settings) -> Addressing:
+    """The addressing of these settings; an aliases entry it cannot use is logged and skipped, not fatal."""
+    addressing = Addressing.from_settings(settings)
+    for warning in addressing.warnings:
+        log.warning("aliases_entry_skipped", aliases=str(settings.aliases), detail=warning)
+    return addressing
 
 
 class Live:
-    """The current settings and router, the session factory, and a generation bumped by each reload."""
+    """The current settings, router and addressing, the session factory, and a generation bumped by
+    each reload."""
 
     def __init__(self, settings: Settings, session_factory: SessionFactory | None = None,
                  on_transition: Callable[[Transition], None] | None = None) -> None:
         self.settings = settings
         self._on_transition = on_transition
         self.router = Router(settings.relays, on_transition=on_transition)
+        self.addressing = build_addressing(settings)
         self.generation = 0
         self._factory = session_factory
         self._tls_contexts: dict[str, ssl.SSLContext] = {}
 
     def replace(self, settings: Settings) -> None:
-        """Swap in new settings and a fresh router; wakes whoever waits on the old router."""
+        """Swap in new settings, a fresh router and addressing; wakes whoever waits on the old router."""
         old = self.router
+        addressing = build_addressing(settings)  # reads files: done before anything is swapped
         self.settings = settings
         self.router = Router(settings.relays, on_transition=self._on_transition)
+        self.addressing = addressing
         self._tls_contexts.clear()
         self.generation += 1
         old.changed.set()

@@ -112,7 +112,7 @@ async def probe_endpoint(relay: RelayConfig, endpoint: Endpoint, settings: Setti
     else:
         try:
             connection = await open_session(relay, endpoint, timeouts=session_timeouts(settings),
-                                            helo_name=settings.helo_name, tls_context=context, resolve=resolve,
+                                            helo_name=settings.ehlo_name, tls_context=context, resolve=resolve,
                                             on_step=steps.append, secrets=secrets)
         except SetupFailed as failed:
             cause, detail = failed.verdict.cause, failed.detail
@@ -122,7 +122,7 @@ async def probe_endpoint(relay: RelayConfig, endpoint: Endpoint, settings: Setti
             if send_test is not None:
                 started = time.perf_counter()
                 session = SmtpSession(relay, endpoint, settings, context)
-                result = await session.send_on(connection, send_test.render(relay, endpoint, settings.helo_name))
+                result = await session.send_on(connection, send_test.render(relay, endpoint, settings.ehlo_name))
                 ok = result.cause is Cause.OK
                 steps.append(Step("send", result.phase, ok, round((time.perf_counter() - started) * 1000, 1),
                                   result.summary))

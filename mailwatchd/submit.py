@@ -1,7 +1,9 @@
 """The submitter's side: put a message durably into the spool's new/ directory.
 
 Maildir delivery: write tmp/<id>, fsync, rename into new/<id>, fsync new/. Nothing
-half-written is ever visible in new/. Never waits on the network.
+half-written is ever visible in new/. Never waits on the network (no DNS either), and
+never completes addresses: a bare local name (`root`) is stored as given, and the
+daemon qualifies it from its own settings (addressing.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from email.utils import formataddr, formatdate, make_msgid
 from pathlib import Path
 
 from mailwatchd import envelope
+from mailwatchd.addressing import MAILNAME, read_mailname
 from mailwatchd.errors import MalformedMessage
 from mailwatchd.messagestate import new_queue_id
 from mailwatchd.spool import drop_dirs, install_durably
@@ -57,8 +60,9 @@ def read_message(stream: object, dot_ends_input: bool) -> bytes:
     return b"".join(lines)
 
 
-def local_sender(default_domain: str | None) -> str:
-    return f"{getpass.getuser()}@{default_domain or socket.getfqdn()}"
+def message_id_domain(mailname: Path = MAILNAME) -> str:
+    """The right side of a Message-ID: /etc/mailname, else the host name. Unique, not routable; no DNS."""
+    return read_mailname(mailname) or socket.gethostname()
 
 
 def _mailbox(name: str, address: str) -> str:
@@ -68,11 +72,12 @@ def _mailbox(name: str, address: str) -> str:
     return f"{formataddr((name, 'x@x')).removesuffix(' <x@x>')} <{address}>" if name else address
 
 
-def prepare(raw: bytes, submission: Submission, default_domain: str | None) -> bytes:
+def prepare(raw: bytes, submission: Submission) -> bytes:
     """The spool file for a submission: headers completed, explicit envelope where given.
 
-    Adds From (from -f/-F or the local user), Date and Message-ID when missing, as MTAs
-    do on submission (RFC 6409 §8). MalformedMessage when it could not be sent.
+    Adds From (from -f/-F or the local user's bare name), Date and Message-ID when missing, as
+    MTAs do on submission (RFC 6409 §8). Bare local names are kept: the daemon completes them.
+    MalformedMessage when it could not be sent.
     """
     if not raw.strip():
         raise MalformedMessage("the message is empty")
@@ -84,29 +89,29 @@ def prepare(raw: bytes, submission: Submission, default_domain: str | None) -> b
         names = set()
         if not raw.startswith((b"\n", b"\r\n")):
             raw = newline + raw  # a body with no header at all: the blank line that will end the added ones
-    sender = envelope.qualify(submission.sender, default_domain) if submission.sender is not None else None
+    sender = submission.sender
     if sender:
-        envelope.check_address(sender, "sender")
+        envelope.check_address(sender, "sender", local=True)
     added = []
     if b"from" not in names:
-        added.append(f"From: {_mailbox(submission.full_name or '', sender or local_sender(default_domain))}".encode())
+        added.append(f"From: {_mailbox(submission.full_name or '', sender or getpass.getuser())}".encode())
     if b"date" not in names:
         added.append(f"Date: {formatdate(time.time(), localtime=True)}".encode())
     if b"message-id" not in names:
-        added.append(f"Message-ID: {make_msgid(domain=default_domain or socket.getfqdn())}".encode())
+        added.append(f"Message-ID: {make_msgid(domain=message_id_domain())}".encode())
     if added:
         raw = newline.join(added) + newline + raw
-    recipients = [envelope.qualify(r, default_domain) for r in submission.recipients]
+    recipients = list(submission.recipients)
     if recipients and submission.from_headers:
-        parsed = envelope.parse("check", raw, default_domain=default_domain)
+        parsed = envelope.parse("check", raw)
         recipients = list(dict.fromkeys([*parsed.recipients, *recipients]))
     if recipients or sender is not None:
         if not recipients:
-            recipients = list(envelope.parse("check", raw, default_domain=default_domain).recipients)
+            recipients = list(envelope.parse("check", raw).recipients)
         if sender is None:
-            sender = envelope.sender_of(raw, default_domain=default_domain)
+            sender = envelope.sender_of(raw)
         raw = envelope.with_envelope(raw, sender, recipients)
-    envelope.parse("check", raw, default_domain=default_domain)  # MalformedMessage if unusable
+    envelope.parse("check", raw)  # MalformedMessage if unusable
     return raw
 
 

@@ -180,7 +180,8 @@ class Worker:
                        else f"cannot read the spool file: {exc.strerror}")
             return Followup()
         try:
-            message = envelope.parse(queue_id, raw, default_domain=self.live.settings.default_domain)
+            # Parsed as stored; completed (bare local names qualified, aliases applied) from the settings.
+            message = self.live.addressing.complete(envelope.parse(queue_id, raw))
         except MalformedMessage as exc:
             self._fail(state, location, f"malformed message: {exc}")
             return Followup()

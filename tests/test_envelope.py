@@ -14,6 +14,7 @@ from mailwatchd.envelope import (
     ENVELOPE_TO,
     OutgoingMessage,
     check_address,
+    is_local_name,
     parse,
     sender_of,
     split_header,
@@ -21,17 +22,18 @@ from mailwatchd.envelope import (
 )
 from mailwatchd.errors import MalformedMessage
 
-# What may go into MAIL FROM:<...> / RCPT TO:<...> without changing the SMTP command.
-SAFE_ADDRESS = re.compile(r"^[^\s<>\x00-\x1f\x7f@]+@[^\s<>\x00-\x1f\x7f@]+$")
+# What may go into MAIL FROM:<...> / RCPT TO:<...> without changing the SMTP command: a full
+# address, or a bare local name the daemon completes before it goes out.
+SAFE_ADDRESS = re.compile(r"^[^\s<>\x00-\x1f\x7f@]+@[^\s<>\x00-\x1f\x7f@]+$|^[^\s<>()\x00-\x1f\x7f@]+$")
 
 
 def crlf(text: bytes) -> bytes:
     return text.replace(b"\n", b"\r\n")
 
 
-def malformed(raw: bytes, **kwargs: str | None) -> str:
+def malformed(raw: bytes) -> str:
     with pytest.raises(MalformedMessage) as info:
-        parse("Q", raw, **kwargs)
+        parse("Q", raw)
     return str(info.value)
 
 
@@ -131,7 +133,6 @@ def test_explicit_null_sender() -> None:
     raw = f"{ENVELOPE_FROM}: <>\nFrom: s@example.com\nTo: a@example.org\n\nbody\n".encode()
     assert parse("Q", raw).sender == ""
     assert sender_of(raw) == ""
-    assert parse("Q", raw, default_domain="example.net").sender == ""
 
 
 def test_explicit_envelope_from_alone_keeps_header_recipients() -> None:
@@ -201,7 +202,7 @@ def test_no_recipient(raw: bytes) -> None:
 
 @pytest.mark.parametrize(("header", "address"), [
     (b"To: a b@example.org", "a b@example.org"),
-    (b"To: root", "root"),
+    (b"To: Ann Smith", "Ann Smith"),
     (b"To: @example.org", None),
     (b"To: user@", None),
 ])
@@ -213,7 +214,7 @@ def test_unusable_recipient(header: bytes, address: str | None) -> None:
 
 
 def test_unusable_sender() -> None:
-    assert "sender address 'cron'" in malformed(b"From: cron\nTo: a@example.org\n\nbody\n")
+    assert "sender address 'cron daemon'" in malformed(b"From: cron daemon\nTo: a@example.org\n\nbody\n")
 
 
 @pytest.mark.parametrize("raw", [
@@ -316,27 +317,44 @@ def test_every_address_sent_is_valid_utf8_from_the_message(value: bytes) -> None
         assert "\ufffd" not in address or "\ufffd".encode() in value
 
 
-# -- default domain ---------------------------------------------------------------------------------
+# -- bare local names -------------------------------------------------------------------------------
 
 
-def test_default_domain_qualifies_bare_names() -> None:
-    raw = b"From: cron\nTo: root, admin@example.org\nCc: ops\n\nbody\n"
-    message = parse("Q", raw, default_domain="host.example.net")
-    assert message.sender == "cron@host.example.net"
-    assert message.recipients == ("root@host.example.net", "admin@example.org", "ops@host.example.net")
-    assert message.data == raw  # the headers are not rewritten
-    assert sender_of(raw, default_domain="host.example.net") == "cron@host.example.net"
+def test_bare_local_names_are_parsed_as_they_stand() -> None:
+    # cron's headers: the daemon completes the names (addressing.py); parsing leaves them alone.
+    raw = b"From: root (Cron Daemon)\nTo: root, admin@example.org\nCc: www-data\n\nbody\n"
+    message = parse("Q", raw)
+    assert message.sender == "root"
+    assert message.recipients == ("root", "admin@example.org", "www-data")
+    assert message.data == raw
+    assert sender_of(raw) == "root"
 
 
-def test_default_domain_qualifies_explicit_envelope() -> None:
+def test_bare_local_names_in_the_explicit_envelope() -> None:
     raw = f"{ENVELOPE_FROM}: <cron>\n{ENVELOPE_TO}: <root>\nSubject: x\n\nbody\n".encode()
-    message = parse("Q", raw, default_domain="example.net")
-    assert (message.sender, message.recipients) == ("cron@example.net", ("root@example.net",))
+    message = parse("Q", raw)
+    assert (message.sender, message.recipients) == ("cron", ("root",))
 
 
-def test_qualified_duplicates_collapse() -> None:
-    raw = b"From: cron\nTo: root, root@example.net\n\nbody\n"
-    assert parse("Q", raw, default_domain="example.net").recipients == ("root@example.net",)
+def test_bare_duplicates_collapse_case_insensitively() -> None:
+    raw = b"From: cron\nTo: root, ROOT, nobody\n\nbody\n"
+    assert parse("Q", raw).recipients == ("root", "nobody")
+
+
+@pytest.mark.parametrize("address", ["root", "www-data", "nobody", "user.name", "jörg"])
+def test_local_names_pass_only_where_allowed(address: str) -> None:
+    assert is_local_name(address)
+    assert check_address(address, "recipient", local=True) == address
+    with pytest.raises(MalformedMessage, match="it needs a user@domain form\\)"):
+        check_address(address, "recipient")  # the wire's rule: only full addresses
+
+
+@pytest.mark.parametrize("address", ["", "two words", "a\tb", "<root>", "root(x)", "a,b", "a;b", "a:b", '"root"',
+                                     "a\\b", "[root]", "root\r\nRCPT TO:<x@y.z>", "x\x00", "root@"])
+def test_what_is_not_a_local_name(address: str) -> None:
+    assert not is_local_name(address)
+    with pytest.raises(MalformedMessage, match="user@domain form or a local user name"):
+        check_address(address, "recipient", local=True)
 
 
 # -- with_envelope ----------------------------------------------------------------------------------
@@ -347,6 +365,13 @@ def test_with_envelope_shape() -> None:
     out = with_envelope(raw, "b@example.com", ["x@example.org", "y@example.org"])
     assert out == (f"{ENVELOPE_FROM}: <b@example.com>\r\n{ENVELOPE_TO}: <x@example.org>\r\n"
                    f"{ENVELOPE_TO}: <y@example.org>\r\n").encode() + raw
+
+
+def test_with_envelope_keeps_bare_local_names() -> None:
+    raw = b"Subject: x\n\nbody\n"
+    out = with_envelope(raw, "cron", ["root", "ops@example.org"])
+    assert out == f"{ENVELOPE_FROM}: <cron>\n{ENVELOPE_TO}: <root>\n{ENVELOPE_TO}: <ops@example.org>\n".encode() + raw
+    assert (parse("Q", out).sender, parse("Q", out).recipients) == ("cron", ("root", "ops@example.org"))
 
 
 def test_with_envelope_replaces_an_earlier_one() -> None:
@@ -369,7 +394,7 @@ def test_with_envelope_drops_mbox_line() -> None:
     ("s@example.com", []),
     ("s@example.com", ["a b@example.org"]),
     ("s@example.com", ["a@b.c>\r\nRCPT TO:<x@y.z"]),
-    ("s@example.com", ["root"]),
+    ("s@example.com", ["Ann Smith"]),
     ("s@b.c>\r\nRCPT TO:<x@y.z", ["r@example.org"]),
     ("not an address", ["r@example.org"]),
 ])

@@ -15,7 +15,7 @@ import pytest
 from mailwatchd import envelope
 from mailwatchd.envelope import ENVELOPE_FROM, ENVELOPE_TO
 from mailwatchd.errors import MalformedMessage
-from mailwatchd.submit import Submission, local_sender, parse_sendmail_args, prepare, read_message
+from mailwatchd.submit import Submission, message_id_domain, parse_sendmail_args, prepare, read_message
 
 # -- parse_sendmail_args ----------------------------------------------------------------------------
 
@@ -102,33 +102,51 @@ def header(raw: bytes, name: bytes) -> list[bytes]:
 
 def test_prepare_adds_from_date_and_message_id() -> None:
     raw = b"To: ann@example.org\nSubject: report\n\nbody\n"
-    out = prepare(raw, Submission(from_headers=True), "example.com")
+    out = prepare(raw, Submission(from_headers=True))
     assert out.endswith(raw)
-    assert header(out, b"From") == [f"{getpass.getuser()}@example.com".encode()]
+    # The local user's bare name: the daemon qualifies it with its own settings.
+    assert header(out, b"From") == [getpass.getuser().encode()]
     (date,) = header(out, b"Date")
     assert parsedate_to_datetime(date.decode()).tzinfo is not None
     (message_id,) = header(out, b"Message-ID")
-    assert message_id.startswith(b"<") and message_id.endswith(b"@example.com>")
+    assert message_id.startswith(b"<") and message_id.endswith(f"@{message_id_domain()}>".encode())
     assert ENVELOPE_FROM.encode() not in out  # nothing explicit asked: the headers are the envelope
     parsed = envelope.parse("Q", out)
-    assert (parsed.sender, parsed.recipients) == (f"{getpass.getuser()}@example.com", ("ann@example.org",))
+    assert (parsed.sender, parsed.recipients) == (getpass.getuser(), ("ann@example.org",))
+
+
+def test_prepare_asks_no_dns(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_dns(*args: object) -> str:
+        raise AssertionError("the submitter must not resolve names")
+
+    for name in ("getfqdn", "gethostbyaddr", "gethostbyname", "getaddrinfo"):
+        monkeypatch.setattr(socket, name, no_dns)
+    out = prepare(b"Subject: x\n\nbody\n", Submission(recipients=("root",)))
+    assert envelope.parse("Q", out).recipients == ("root",)
+
+
+def test_message_id_domain_from_mailname_else_host_name(tmp_path: Path) -> None:
+    mailname = tmp_path / "mailname"
+    mailname.write_text("mail.example.com\nignored\n")
+    assert message_id_domain(mailname) == "mail.example.com"
+    assert message_id_domain(tmp_path / "missing") == socket.gethostname()
 
 
 def test_prepare_keeps_present_headers_untouched() -> None:
     raw = (b"From: App <app@example.com>\r\nTo: ann@example.org\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n"
            b"Message-ID: <1@example.com>\r\n\r\nbody\r\n")
-    assert prepare(raw, Submission(from_headers=True), None) == raw
+    assert prepare(raw, Submission(from_headers=True)) == raw
 
 
 def test_prepare_matches_the_message_line_endings() -> None:
     raw = b"To: ann@example.org\r\nSubject: x\r\n\r\nbody\r\n"
-    out = prepare(raw, Submission(from_headers=True), "example.com")
+    out = prepare(raw, Submission(from_headers=True))
     assert b"\n" not in out.replace(b"\r\n", b"")
 
 
 def test_prepare_from_uses_f_and_full_name() -> None:
     out = prepare(b"To: ann@example.org\n\nbody\n",
-                  Submission(sender="cron@example.com", full_name="Cron Daemon", from_headers=True), None)
+                  Submission(sender="cron@example.com", full_name="Cron Daemon", from_headers=True))
     assert header(out, b"From") == [b"Cron Daemon <cron@example.com>"]
     parsed = envelope.parse("Q", out)
     assert (parsed.sender, parsed.recipients) == ("cron@example.com", ("ann@example.org",))
@@ -141,7 +159,7 @@ def test_prepare_from_uses_f_and_full_name() -> None:
 ])
 def test_prepare_from_with_a_utf8_sender(full_name: str | None, field: str) -> None:
     out = prepare(b"To: ann@example.org\n\nbody\n",
-                  Submission(sender="jörg@bücher.example", full_name=full_name, from_headers=True), None)
+                  Submission(sender="jörg@bücher.example", full_name=full_name, from_headers=True))
     assert header(out, b"From") == [field.encode()]
     parsed = envelope.parse("Q", out)
     assert (parsed.sender, parsed.recipients) == ("jörg@bücher.example", ("ann@example.org",))
@@ -150,7 +168,7 @@ def test_prepare_from_with_a_utf8_sender(full_name: str | None, field: str) -> N
 
 def test_prepare_explicit_sender_overrides_the_from_header() -> None:
     raw = b"From: app@example.com\nTo: ann@example.org\nDate: x\nMessage-ID: <1@x>\n\nbody\n"
-    out = prepare(raw, Submission(sender="bounce@example.com", from_headers=True), None)
+    out = prepare(raw, Submission(sender="bounce@example.com", from_headers=True))
     assert out == f"{ENVELOPE_FROM}: <bounce@example.com>\n{ENVELOPE_TO}: <ann@example.org>\n".encode() + raw
     parsed = envelope.parse("Q", out)
     assert (parsed.sender, parsed.data) == ("bounce@example.com", raw)
@@ -158,22 +176,22 @@ def test_prepare_explicit_sender_overrides_the_from_header() -> None:
 
 def test_prepare_null_sender() -> None:
     raw = b"From: app@example.com\nTo: ann@example.org\nDate: x\nMessage-ID: <1@x>\n\nbody\n"
-    parsed = envelope.parse("Q", prepare(raw, Submission(sender="", recipients=("ann@example.org",)), None))
+    parsed = envelope.parse("Q", prepare(raw, Submission(sender="", recipients=("ann@example.org",))))
     assert parsed.sender == ""
 
 
 def test_prepare_recipients_without_t_replace_the_headers() -> None:
     raw = b"From: app@example.com\nTo: ann@example.org\nBcc: hidden@example.org\nDate: x\nMessage-ID: <1@x>\n\nb\n"
-    out = prepare(raw, Submission(recipients=("ops@example.net", "root")), "example.com")
+    out = prepare(raw, Submission(recipients=("ops@example.net", "root")))
     parsed = envelope.parse("Q", out)
     assert parsed.sender == "app@example.com"  # from the headers
-    assert parsed.recipients == ("ops@example.net", "root@example.com")
+    assert parsed.recipients == ("ops@example.net", "root")  # the daemon completes root
     assert b"hidden" not in parsed.data
 
 
 def test_prepare_t_plus_arguments_merges() -> None:
     raw = b"From: app@example.com\nTo: ann@example.org\nCc: bob@example.org\nDate: x\nMessage-ID: <1@x>\n\nb\n"
-    out = prepare(raw, Submission(recipients=("bob@example.org", "carol@example.org"), from_headers=True), None)
+    out = prepare(raw, Submission(recipients=("bob@example.org", "carol@example.org"), from_headers=True))
     parsed = envelope.parse("Q", out)
     assert parsed.recipients == ("ann@example.org", "bob@example.org", "carol@example.org")
 
@@ -181,17 +199,30 @@ def test_prepare_t_plus_arguments_merges() -> None:
 def test_prepare_cron_style() -> None:
     submission = parse_sendmail_args(["-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root"])
     raw = b"Subject: Cron <root@host> run-parts /etc/cron.hourly\nContent-Type: text/plain\n\noutput\n"
-    out = prepare(raw, submission, "host.example.com")
+    out = prepare(raw, submission)
     parsed = envelope.parse("Q", out)
-    assert parsed.recipients == ("root@host.example.com",)
-    assert parsed.sender == f"{getpass.getuser()}@host.example.com"
-    assert header(out, b"From") == [f"CronDaemon <{getpass.getuser()}@host.example.com>".encode()]
+    assert parsed.recipients == ("root",)
+    assert parsed.sender == getpass.getuser()
+    assert header(out, b"From") == [f"CronDaemon <{getpass.getuser()}>".encode()]
     assert parsed.data.endswith(b"\n\noutput\n")
+
+
+@pytest.mark.parametrize(("raw", "submission", "sender", "recipients"), [
+    (b"From: root (Cron Daemon)\nTo: root\n\nbody\n", Submission(from_headers=True), "root", ("root",)),
+    (b"From: a@example.com\nTo: www-data, nobody\n\nbody\n", Submission(from_headers=True), "a@example.com",
+     ("www-data", "nobody")),
+    (b"Subject: x\n\nbody\n", Submission(sender="cron", recipients=("root",)), "cron", ("root",)),
+])
+def test_prepare_keeps_bare_local_names(raw: bytes, submission: Submission, sender: str,
+                                        recipients: tuple[str, ...]) -> None:
+    parsed = envelope.parse("Q", prepare(raw, submission))
+    assert (parsed.sender, parsed.recipients) == (sender, recipients)
+    assert b"@" not in b"".join(header(parsed.data, b"To"))  # the headers are not qualified either
 
 
 def test_prepare_a_body_without_any_header() -> None:
     body = b"The backup finished.\nNo errors.\n"
-    out = prepare(body, Submission(recipients=("ann@example.org",)), "example.com")
+    out = prepare(body, Submission(recipients=("ann@example.org",)))
     parsed = envelope.parse("Q", out)
     assert parsed.recipients == ("ann@example.org",)
     fields, rest = envelope.split_header(parsed.data)
@@ -200,7 +231,7 @@ def test_prepare_a_body_without_any_header() -> None:
 
 
 def test_prepare_a_body_starting_with_a_blank_line() -> None:
-    out = prepare(b"\nbody\n", Submission(recipients=("ann@example.org",)), "example.com")
+    out = prepare(b"\nbody\n", Submission(recipients=("ann@example.org",)))
     _, rest = envelope.split_header(envelope.parse("Q", out).data)
     assert rest == b"\nbody\n"
 
@@ -209,8 +240,8 @@ def test_prepare_a_body_starting_with_a_blank_line() -> None:
     (b"", Submission(from_headers=True), "empty"),
     (b"  \n\n", Submission(recipients=("a@example.org",)), "empty"),
     (b"Subject: x\n\nbody\n", Submission(from_headers=True), "no recipient"),
-    (b"From: a@example.com\nTo: root\n\nbody\n", Submission(from_headers=True), "'root'"),
-    (b"Subject: x\n\nbody\n", Submission(recipients=("root",)), "'root'"),
+    (b"From: a@example.com\nTo: Ann Smith\n\nbody\n", Submission(from_headers=True), "'Ann Smith'"),
+    (b"Subject: x\n\nbody\n", Submission(recipients=("root,",)), "'root,'"),
     (b"Subject: x\n\nbody\n", Submission(recipients=("a@b.c>\r\nRCPT TO:<x@y.z",)), "not usable"),
     (b"Subject: x\n\nbody\n", Submission(sender="bad sender", recipients=("a@example.org",)), "not usable"),
     (b"From: a@example.com\nTo: \xff\xfe@example.org\n\nbody\n", Submission(from_headers=True),
@@ -224,12 +255,7 @@ def test_prepare_a_body_starting_with_a_blank_line() -> None:
 ])
 def test_prepare_refuses_what_cannot_be_sent(raw: bytes, submission: Submission, words: str) -> None:
     with pytest.raises(MalformedMessage, match=words):
-        prepare(raw, submission, None)
-
-
-def test_local_sender() -> None:
-    assert local_sender("example.com") == f"{getpass.getuser()}@example.com"
-    assert local_sender(None) == f"{getpass.getuser()}@{socket.getfqdn()}"
+        prepare(raw, submission)
 
 
 def test_bundled_flags_are_expanded_as_sendmail_does() -> None:

@@ -16,6 +16,7 @@ import pytest
 import structlog
 
 from mailwatchd import envelope
+from mailwatchd.addressing import Addressing
 from mailwatchd.backoff import JITTER
 from mailwatchd.config import Settings
 from mailwatchd.counters import Counters, Tally
@@ -25,6 +26,7 @@ from mailwatchd.outcome import Cause, Outcome
 from mailwatchd.relays import Endpoint, RelayConfig, TlsMode
 from mailwatchd.scheduler import Scheduler, WorkItem
 from mailwatchd.spool import Claimed, Location, Spool
+from mailwatchd.submit import parse_sendmail_args, prepare
 from mailwatchd.worker import IDLE_LOOP_S, Followup, Retry, Worker
 from tests.conftest import LOOPBACK, SmtpServer, wait_until
 from tests.probe_servers import closed_port
@@ -404,6 +406,65 @@ def test_address_with_invalid_utf8_fails_without_sending(smtp_server_factory: Se
     assert state.reason is not None and state.reason.startswith("malformed message: ")
     assert "not valid UTF-8" in state.reason and r"\xff\xfe@y.test" in state.reason
     assert handler.ehlos == [] and handler.rcpts == [] and handler.messages == []
+
+
+# -- bare local names: completed by the daemon -----------------------------------------------------
+
+# What cron (Debian's cron 3.0pl1) pipes into `sendmail -FCronDaemon -i -B8BITMIME -oem root`.
+CRON_ARGS = ["-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root"]
+CRON_MESSAGE = (b"From: root (Cron Daemon)\nTo: root\nSubject: Cron <root@host> run-parts /etc/cron.daily\n"
+                b"Content-Type: text/plain; charset=UTF-8\n\n/etc/cron.daily/logrotate: error: skipping\n")
+ADMIN = "ops@example.net"
+
+
+def cron_spool_file() -> bytes:
+    """cron's message as `mailwatchd sendmail` stores it: the bare names left for the daemon."""
+    return prepare(CRON_MESSAGE, parse_sendmail_args(CRON_ARGS))
+
+
+def test_cron_mail_is_completed_by_the_daemon(smtp_server_factory: ServerFactory, spool_dir: Path) -> None:
+    handler = AuditHandler()
+    server = smtp_server_factory(handler, starttls=False)
+    rig = make_rig(spool_dir, server.port, default_domain="example.com", admin_address=ADMIN)
+    stored = cron_spool_file()
+    queue_id = rig.put(stored)
+    assert rig.attempt(queue_id) == Followup()
+
+    [got] = handler.wait_for(1)
+    assert (got.mail_from, got.rcpt_tos) == ("root@example.com", [ADMIN])
+    # The stored message (envelope fields dropped) with the two addresses qualified, and nothing else changed.
+    expected = envelope.parse("Q", stored).data.replace(b"From: root (", b"From: root@example.com (")
+    expected = expected.replace(b"\nTo: root\n", b"\nTo: root@example.com\n")
+    assert b"From: root@example.com (Cron Daemon)\r\n" in got.data
+    assert got.data.replace(b"\r\n", b"\n") == expected
+    assert rig.everywhere() == {location: [] for location in Location}
+
+
+def test_a_reload_changes_where_local_mail_goes(smtp_server_factory: ServerFactory, spool_dir: Path) -> None:
+    handler = AuditHandler()
+    server = smtp_server_factory(handler, starttls=False)
+    rig = make_rig(spool_dir, server.port, default_domain="example.com", admin_address=ADMIN)
+    rig.live.replace(make_settings(spool_dir, server.port, default_domain="example.org",
+                                   admin_address="root-mail@example.org"))
+    queue_id = rig.put(cron_spool_file())
+    assert rig.attempt(queue_id) == Followup()
+    [got] = handler.wait_for(1)
+    assert (got.mail_from, got.rcpt_tos) == ("root@example.org", ["root-mail@example.org"])
+
+
+def test_a_bare_name_that_cannot_be_completed_fails_naming_the_settings(smtp_server_factory: ServerFactory,
+                                                                      spool_dir: Path) -> None:
+    handler = AuditHandler()
+    server = smtp_server_factory(handler, starttls=False)
+    rig = make_rig(spool_dir, server.port, admin_address=ADMIN)
+    rig.live.addressing = Addressing(domain=None, admin_address=ADMIN)  # not this host's mailname or FQDN
+    queue_id = rig.put(cron_spool_file())
+    assert rig.attempt(queue_id) == Followup()
+    assert rig.spool.names(Location.FAILED) == [queue_id]
+    state = load(rig.spool, queue_id)
+    assert state.reason == ("malformed message: sender address 'root' is a bare local name and no mail domain is "
+                            "known for this host: set MAILWATCHD_DEFAULT_DOMAIN or /etc/mailname")
+    assert state.attempts == 0 and handler.ehlos == []
 
 
 # -- the run loop ---------------------------------------------------------------------------------
