@@ -537,6 +537,7 @@ def daemon_environment(spool: Path, sink: Sink, args: argparse.Namespace, notify
         "EMAIL_USE_TLS": "false",
         "EMAIL_USE_SSL": "false",
         "MAILWATCHD_CONCURRENCY": str(args.concurrency),
+        "MAILWATCHD_LISTEN": "",  # no SMTP listener: this measures the spool drain
         "MAILWATCHD_LOG_LEVEL": "warning",
         "MAILWATCHD_LOG_FORMAT": "json",
         "NOTIFY_SOCKET": notify_socket,

@@ -27,10 +27,12 @@ from mailwatchd.counters import Counters
 from mailwatchd.errors import ConfigError, SpoolLocked
 from mailwatchd.health import HealthReporter
 from mailwatchd.intake import Intake
+from mailwatchd.listener import Listener, inherited_sockets
 from mailwatchd.live import Live, SessionFactory
 from mailwatchd.logs import get_logger
 from mailwatchd.recovery import recover
 from mailwatchd.scheduler import Scheduler, WorkItem
+from mailwatchd.smtpserver import Queued, ServerFactory
 from mailwatchd.spool import Location, Spool
 from mailwatchd.worker import Worker
 
@@ -41,6 +43,7 @@ STUCK_MARGIN_S = 10.0
 MAIN_LOOP_PERIOD_S = 5.0
 RECOVERY_EXTEND_ABOVE = 10_000
 RECOVERY_S_PER_MESSAGE = 0.001  # 40x margin: recover() took 0.024 ms a message (20k queued + 20k deferred, ext4)
+LISTEN_COMMAND_TIMEOUT_S = 300.0  # RFC 5321 §4.5.3.2.7: a server should wait 5 minutes for the next command
 
 
 class Daemon:
@@ -62,6 +65,7 @@ class Daemon:
         self._attention = asyncio.Event()
         self._stop_requested = 0
         self._file_values_at_start = _file_values(settings.config_path)
+        self.listener: Listener | None = None
         self.intake = Intake(spool=self.spool, scheduler=self.scheduler, counters=self.counters, live=self.live,
                              stop=self.stop)
         self.health = HealthReporter(spool=self.spool, scheduler=self.scheduler, live=self.live,
@@ -117,6 +121,9 @@ class Daemon:
         except SpoolLocked as exc:
             log.error("spool_locked", detail=str(exc))
             return exitcodes.TEMPFAIL
+        except ConfigError as exc:  # a socket systemd passed is not one we can serve
+            log.error("config_invalid", key=exc.key, problem=exc.problem, fix=exc.fix)
+            return exitcodes.CONFIG
         except OSError as exc:
             log.error("spool_unusable", spool=str(self.settings.spool), detail=str(exc),
                       hint="the spool must be writable by the daemon's user")
@@ -128,15 +135,38 @@ class Daemon:
         try:
             self.intake.start(loop)
             self._resize_workers(self.settings.concurrency)
+            if not await self._start_listener():
+                return exitcodes.TEMPFAIL
             self.health.start()
             relays = ",".join(relay.name for relay in self.settings.relays) or "outbox"
+            listening = " ".join(_shown(address) for address in self.listener.addresses) if self.listener else ""
             log.info("daemon_ready", spool=str(self.settings.spool), relays=relays,
-                     concurrency=self.settings.concurrency, queued=len(self.scheduler))
+                     concurrency=self.settings.concurrency, queued=len(self.scheduler), listen=listening or None)
             self.notifier.ready()
             await self._main_loop()
         finally:
             await self._shutdown()
         return exitcodes.OK
+
+    async def _start_listener(self) -> bool:
+        """Serve SMTP on systemd's sockets, else on MAILWATCHD_LISTEN (none when it is empty)."""
+        inherited = inherited_sockets()
+        listen = self.settings.listen
+        if not inherited and not listen.addresses:
+            return True
+        factory = ServerFactory(spool_root=self.settings.spool, listen=listen, hostname=self.settings.ehlo_name,
+                                max_message_size=self.settings.max_message_size,
+                                command_timeout=LISTEN_COMMAND_TIMEOUT_S, on_queued=_log_received)
+        listener = Listener(factory, listen, inherited)
+        try:
+            await listener.start()
+        except OSError as exc:
+            shown = " ".join(f"{host}:{port}" for host, port in listen.addresses)
+            log.error("listen_failed", listen=shown, detail=exc.strerror or str(exc),
+                      hint="another program holds the address: set MAILWATCHD_LISTEN to a free one, or empty it")
+            return False
+        self.listener = listener
+        return True
 
     def _start_worker(self, index: int) -> Worker:
         worker = Worker(index, spool=self.spool, scheduler=self.scheduler, live=self.live, counters=self.counters,
@@ -214,6 +244,9 @@ class Daemon:
             self.notifier.ready()
             return
         old = self.settings
+        if new.listen != old.listen:
+            log.warning("config_reload_listen_ignored", hint="restart the daemon to change MAILWATCHD_LISTEN*")
+            new = dataclasses.replace(new, listen=old.listen)
         if new.spool != old.spool:
             log.warning("config_reload_spool_ignored", spool=str(new.spool), kept=str(old.spool),
                         hint="restart the daemon to change MAILWATCHD_SPOOL")
@@ -245,6 +278,9 @@ class Daemon:
         self.notifier.stopping()
         in_flight = sum(1 for worker in self._tasks if worker.busy_until is not None)
         log.info("daemon_stopping", in_flight=in_flight, grace_s=self.settings.shutdown_grace)
+        if self.listener is not None:
+            # No new messages: a client in the middle of DATA gets its answer, the others a 421.
+            await self.listener.stop(min(self.settings.shutdown_grace, 5.0))
         self.intake.stop()
         self.scheduler.close()
         tasks = list(self._tasks.values())
@@ -268,6 +304,18 @@ class Daemon:
         self.spool.release_lock()
         totals = self.counters.totals
         log.info("daemon_stopped", delivered=totals.delivered, deferred=totals.deferred, failed=totals.failed)
+
+
+def _log_received(queued: Queued) -> None:
+    log.info("smtp_received", queue_id=queued.queue_id, peer=queued.peer, size=queued.size,
+             recipients=queued.recipients)
+
+
+def _shown(address: tuple[str, int] | str) -> str:
+    if isinstance(address, str):
+        return address
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _file_values(path: Path | None) -> dict[str, str]:

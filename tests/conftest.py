@@ -177,6 +177,7 @@ def clean_env(tmp_path: Path) -> dict[str, str]:
            if not key.startswith(("EMAIL_", "MAILWATCHD_", "NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_STREAM"))}
     env["PYTHONUNBUFFERED"] = "1"
     env["HOME"] = str(tmp_path)
+    env["MAILWATCHD_LISTEN"] = ""  # no SMTP listener unless a test asks: daemons must not contend for a port
     return env
 
 

@@ -27,9 +27,11 @@ PACKAGING = PROJECT / "packaging" / "systemd"
 SYSTEM_PYTHON = "/usr/bin/python3"
 VENV = "/opt/mailwatchd/venv"
 SINK_LIB = "/opt/mailwatchd-testsmtp"
+APP_LIB = "/opt/mailwatchd-testapp"  # Django, for an app that sends through localhost:25
 # What a package would install: (file in packaging/systemd, path on the server).
 PACKAGING_FILES = (
     ("mailwatchd.service", "/usr/lib/systemd/system/mailwatchd.service"),
+    ("mailwatchd.socket", "/usr/lib/systemd/system/mailwatchd.socket"),
     ("mailwatchd.sysusers", "/usr/lib/sysusers.d/mailwatchd.conf"),
     ("mailwatchd.tmpfiles", "/usr/lib/tmpfiles.d/mailwatchd.conf"),
 )
@@ -42,7 +44,7 @@ class Layer:
     path: Path
     wheels_seconds: float
     venv_seconds: float
-    sink_layer: Path  # /opt/mailwatchd-testsmtp alone
+    sink_layer: Path  # /opt/mailwatchd-testsmtp and /opt/mailwatchd-testapp alone
     wheels: Path  # the project's wheel and its dependencies' (aiosmtpd's too)
 
 
@@ -70,7 +72,8 @@ def build_wheels(workdir: Path) -> Path:
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     wheels = workdir / "wheels"
     # Uses the host's pip configuration (index or find-links) for the dependencies; nothing at run time.
-    _run([SYSTEM_PYTHON, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(wheels), str(source), "aiosmtpd"],
+    _run([SYSTEM_PYTHON, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(wheels), str(source), "aiosmtpd",
+          "django"],
          _pip_env(), "building wheels")
     return wheels
 
@@ -88,14 +91,16 @@ def build_layer(workdir: Path) -> Layer:
         'set -e; umask 022; mount --bind "$LAYER/opt" /opt; '
         f"{SYSTEM_PYTHON} -m venv --without-pip {VENV}; "
         f"{SYSTEM_PYTHON} -m pip --python {VENV}/bin/python install --quiet mailwatchd; "
-        f"{SYSTEM_PYTHON} -m pip install --quiet --root-user-action=ignore --target {SINK_LIB} aiosmtpd"
+        f"{SYSTEM_PYTHON} -m pip install --quiet --root-user-action=ignore --target {SINK_LIB} aiosmtpd; "
+        f"{SYSTEM_PYTHON} -m pip install --quiet --root-user-action=ignore --target {APP_LIB} django"
     )
     _run(["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", script], {**env, "LAYER": str(layer)},
          "installing into the layer")
     sink_layer = workdir / "sink-layer"
     (sink_layer / "opt").mkdir(parents=True)
     (sink_layer / "opt").chmod(0o755)
-    shutil.copytree(layer / SINK_LIB.lstrip("/"), sink_layer / SINK_LIB.lstrip("/"), symlinks=True)
+    for lib in (SINK_LIB, APP_LIB):
+        shutil.copytree(layer / lib.lstrip("/"), sink_layer / lib.lstrip("/"), symlinks=True)
     return Layer(layer, built_wheels - started, time.monotonic() - built_wheels, sink_layer, wheels)
 
 

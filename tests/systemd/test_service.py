@@ -32,13 +32,14 @@ import pytest
 import trustme
 
 from .conftest import require_machine
-from .layer import PACKAGING, PROJECT, Layer
+from .layer import APP_LIB, PACKAGING, PROJECT, Layer
 from .machine import Machine
 from .smtp_sink import SinkMessage, SmtpSink
 
 pytestmark = pytest.mark.systemd
 
 UNIT = "mailwatchd.service"
+MAIL_DOMAIN = "machine.example.com"
 SPOOL = "/var/spool/mailwatchd"
 ENV_FILE = "/etc/mailwatchd/mailwatchd.env"
 MAILWATCHD = "/opt/mailwatchd/venv/bin/mailwatchd"
@@ -243,6 +244,9 @@ def boot_installed(layer: Layer, workdir: Path) -> Service:
         machine.write_file(f"{WHEELS}/{wheel.name}", wheel.read_bytes())
     for path in sorted(PACKAGING.iterdir()):
         machine.write_file(f"{CHECKOUT}/packaging/systemd/{path.name}", path.read_bytes())
+    # A Debian host's mail domain (debconf writes it when an MTA is installed): the daemon completes
+    # bare local names (cron's root, a submitter's login) with it.
+    machine.write_file("/etc/mailname", f"{MAIL_DOMAIN}\n")
     machine.boot()
     try:
         steps = install_per_readme(machine)
@@ -378,6 +382,9 @@ def test_configured_relay_receives_mail_from_every_submission_path(shared: Servi
     assert subjects(received) == ["by /usr/sbin/sendmail", "by enqueue", "by maildir", "by sendmail -t"]
     assert all(m.tls and m.rcpt_tos == ["rcpt@example.com"] for m in received)
     assert sorted(m.mail_from.split("@")[0] for m in received) == ["app", "app", "app", "www-data"]
+    # The commands added the missing From: as the caller's login; the daemon completed it with /etc/mailname.
+    assert {m.mail_from for m in received if m.mail_from.endswith(f"@{MAIL_DOMAIN}")} == {
+        f"app@{MAIL_DOMAIN}", f"www-data@{MAIL_DOMAIN}"}
 
     # journalctl -u mailwatchd QUEUE_ID=<id>: the id `enqueue` printed, and the one the Maildir drop got.
     delivered = shared.wait_event(f"QUEUE_ID={queue_id}", "EVENT=message_delivered")
@@ -530,6 +537,32 @@ def test_reload_switches_to_the_new_relay(shared: Service) -> None:
     shared.wait_event(f"QUEUE_ID={queue_id}", "EVENT=message_delivered")
     assert subjects(first.messages()) == ["before reload"]
     assert machine.show(UNIT, "MainPID", "ActiveState") == {"MainPID": pid, "ActiveState": "active"}
+
+
+DJANGO_DEFAULTS = """\
+import django
+from django.conf import settings
+settings.configure(DEFAULT_FROM_EMAIL="app@example.org")  # EMAIL_HOST='localhost', EMAIL_PORT=25: Django's defaults
+django.setup()
+from django.core.mail import send_mail
+print(send_mail("from django", "sent with Django's defaults", None, ["rcpt@example.com"]))
+"""
+
+
+def test_djangos_default_smtp_backend_sends_through_localhost_25(shared: Service) -> None:
+    """An app that configured nothing about mail: Django's SMTP backend on localhost:25, served through
+    mailwatchd.socket by a daemon that binds no privileged port itself."""
+    machine = shared.machine
+    sink = SmtpSink.start(machine, "django-relay", 2560)
+    shared.reset(relay_env(2560))
+    machine.write_file("/usr/local/lib/mailwatchd-test/django_app.py", DJANGO_DEFAULTS)
+    out = shared.as_user("nobody", f"PYTHONPATH={APP_LIB} exec /usr/bin/python3 "
+                                   "/usr/local/lib/mailwatchd-test/django_app.py")
+    assert out.strip() == "1"
+    [received] = shared.wait_sink(sink, 1)
+    assert subjects([received]) == ["from django"] and received.rcpt_tos == ["rcpt@example.com"]
+    assert machine.show(UNIT, "CapabilityBoundingSet")["CapabilityBoundingSet"] == ""
+    assert "127.0.0.1:25" in shared.events("EVENT=daemon_ready")[-1]["LISTEN"]
 
 
 def test_stop_during_a_drain_loses_nothing(shared: Service) -> None:

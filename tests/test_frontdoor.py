@@ -1,0 +1,83 @@
+"""The SMTP listener of a real daemon child: apps that speak SMTP (Python's smtplib, Django's
+default SMTP backend, swaks) hand mail to it on loopback, and it reaches the relay, completed the
+way a null client completes it (cron's bare `root` goes to the admin address)."""
+
+from __future__ import annotations
+
+import shutil
+import smtplib
+import subprocess
+import sys
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import LOOPBACK, SmtpServer
+from tests.daemonproc import relay_env
+from tests.test_failover import free_port
+
+
+def listening_env(clean_env: dict[str, str], spool_dir: Path, relay: SmtpServer,
+                  **extra: str) -> tuple[dict[str, str], int]:
+    port = free_port()
+    env = relay_env(clean_env, spool_dir, relay.host, relay.port, MAILWATCHD_LISTEN=f"{LOOPBACK}:{port}",
+                    MAILWATCHD_DEFAULT_DOMAIN="example.com", MAILWATCHD_ADMIN_ADDRESS="ops@example.net", **extra)
+    return env, port
+
+
+def test_smtplib_pipelined_submission_reaches_the_relay(smtp_server: SmtpServer, spool_dir: Path,
+                                                        clean_env: dict[str, str], daemons: Any) -> None:
+    env, port = listening_env(clean_env, spool_dir, smtp_server)
+    daemon = daemons(env)
+    assert daemon.named("daemon_ready")[0]["listen"] == f"{LOOPBACK}:{port}"
+    message = EmailMessage()
+    message["From"], message["To"], message["Subject"] = "app@example.org", "ann@example.org", "via SMTP"
+    message.set_content("hello\n")
+    with smtplib.SMTP(LOOPBACK, port, timeout=10) as client:
+        code, capabilities = client.ehlo("app.example.org")
+        assert code == 250 and b"PIPELINING" in capabilities and b"SIZE" in capabilities
+        refused = client.send_message(message, to_addrs=["ann@example.org", "root"])
+        assert refused == {}
+    [received] = smtp_server.handler.wait_for(1)
+    assert received.mail_from == "app@example.org"
+    assert sorted(received.rcpt_tos) == ["ann@example.org", "ops@example.net"]
+    assert b"Received: from app.example.org" in received.data and b"Subject: via SMTP" in received.data
+    queued = daemon.wait_event("smtp_received")[0]
+    assert queued["peer"].startswith("127.0.0.1") and queued["recipients"] == 2
+
+
+def test_djangos_default_smtp_backend_sends_through_the_listener(smtp_server: SmtpServer, spool_dir: Path,
+                                                                 clean_env: dict[str, str], daemons: Any) -> None:
+    """Django's own EmailBackend, configured as its defaults are (no user, no TLS) but on the listener's port."""
+    env, port = listening_env(clean_env, spool_dir, smtp_server)
+    daemons(env)
+    script = (
+        "import django; from django.conf import settings\n"
+        f"settings.configure(EMAIL_HOST='localhost', EMAIL_PORT={port}, DEFAULT_FROM_EMAIL='app@example.org')\n"
+        "django.setup(); from django.core.mail import send_mail\n"
+        "print(send_mail('from django', 'body text', None, ['ann@example.org']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=30, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == b"1", done.stderr.decode()
+    [received] = smtp_server.handler.wait_for(1)
+    assert received.mail_from == "app@example.org" and received.rcpt_tos == ["ann@example.org"]
+    assert b"Subject: from django" in received.data
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="Debian's swaks is not installed")
+def test_swaks_sees_the_error_replies(smtp_server: SmtpServer, spool_dir: Path, clean_env: dict[str, str],
+                                      daemons: Any) -> None:
+    env, port = listening_env(clean_env, spool_dir, smtp_server, MAILWATCHD_MAX_MESSAGE_SIZE="8K")
+    daemons(env)
+    ok = subprocess.run(["swaks", "--server", LOOPBACK, "--port", str(port), "--from", "app@example.org",
+                         "--to", "ann@example.org", "--pipeline", "--header", "Subject: swaks"],
+                        capture_output=True, text=True, timeout=30, check=False)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "250 2.0.0 Ok: queued as" in ok.stdout
+    big = subprocess.run(["swaks", "--server", LOOPBACK, "--port", str(port), "--from", "app@example.org",
+                          "--to", "ann@example.org", "--body", "a line of text\n" * 2000],
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert big.returncode != 0 and "552" in big.stdout, big.stdout
+    assert smtp_server.handler.wait_for(1)[0].rcpt_tos == ["ann@example.org"]
