@@ -539,6 +539,32 @@ def test_reload_switches_to_the_new_relay(shared: Service) -> None:
     assert machine.show(UNIT, "MainPID", "ActiveState") == {"MainPID": pid, "ActiveState": "active"}
 
 
+def test_a_user_outside_the_submit_group_sends_through_the_submit_socket(shared: Service) -> None:
+    """No group membership, no spool access: /usr/sbin/sendmail -t and -bs still reach the relay, through
+    the socket unit's /run/mailwatchd/submit.sock, and exit 0 only once the daemon stored the message."""
+    machine = shared.machine
+    sink = SmtpSink.start(machine, "outsider-relay", 2570)
+    shared.reset(relay_env(2570, MAILWATCHD_ADMIN_ADDRESS="ops@example.net"))
+    for line in readme_sh_block(SUBMIT_MARKER):  # the README's sendmail link
+        machine.run(["sh", "-c", line])
+    machine.run(["useradd", "--no-create-home", "outsider"])
+    assert "mailwatchd-submit" not in machine.run(["id", "-nG", "outsider"]).stdout
+    assert shared.as_user("outsider", "/usr/sbin/sendmail -t", message("outsider -t")) == ""
+    session = "\r\n".join(["EHLO outsider.example", "MAIL FROM:<outsider>", "RCPT TO:<root>", "DATA",
+                            "Subject: outsider -bs\r\n\r\nhello\r\n.", "QUIT", ""])
+    replies = shared.as_user("outsider", "/usr/sbin/sendmail -bs", session)
+    assert "250 2.0.0 Ok: queued as" in replies and replies.rstrip().splitlines()[-1].startswith("221")
+    received = shared.wait_sink(sink, 2)
+    assert sorted(subjects(received)) == ["outsider -bs", "outsider -t"]
+    by_subject = {subjects([m])[0]: m for m in received}
+    assert by_subject["outsider -bs"].mail_from == f"outsider@{MAIL_DOMAIN}"
+    assert by_subject["outsider -bs"].rcpt_tos == ["ops@example.net"]  # root: the admin address
+    assert by_subject["outsider -t"].rcpt_tos == ["rcpt@example.com"]
+    # PrivateUsers=yes maps every other uid to nobody inside the service: the peer is a local user, unnamed.
+    peers = [entry["PEER"] for entry in shared.events("EVENT=smtp_received")]
+    assert len(peers) == 2 and all(peer.startswith("local user") for peer in peers), peers
+
+
 DJANGO_DEFAULTS = """\
 import django
 from django.conf import settings
