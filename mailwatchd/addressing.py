@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 
 from mailwatchd.envelope import OutgoingMessage, check_address, is_local_name, split_header
 from mailwatchd.errors import MalformedMessage
+from mailwatchd.maildomain import MAILNAME, local_domain
 
 if TYPE_CHECKING:
     from mailwatchd.config import Settings
 
-MAILNAME = Path("/etc/mailname")  # Debian's mail name of the host (Postfix myorigin, nullmailer defaulthost)
 DOMAIN_FIX = "set MAILWATCHD_DEFAULT_DOMAIN or /etc/mailname"
 # sendmail stops alias expansion after 10 levels (MAXRCRSN); a deeper chain is taken as a loop.
 MAX_ALIAS_DEPTH = 10
@@ -32,46 +32,6 @@ _ADDRESS_FIELDS = frozenset({b"from", b"sender", b"reply-to", b"to", b"cc"})
 _WSP = frozenset(b" \t\r\n")
 _WORD_ENDS = frozenset(b' \t\r\n()<>,;:"')
 _LINE_END = re.compile(rb"\r\n|\r|\n")
-
-
-def read_mailname(path: Path = MAILNAME) -> str | None:
-    """The first line of /etc/mailname, or None when it is missing, unreadable or not a host name."""
-    try:
-        with path.open("rb") as file:
-            line = file.readline(256)
-    except OSError:
-        return None
-    try:
-        name = line.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return None
-    return name if _usable_domain(name) else None
-
-
-def _usable_domain(name: str) -> bool:
-    try:
-        check_address(f"postmaster@{name}", "domain")
-    except MalformedMessage:
-        return False
-    return True
-
-
-def local_domain(setting: str | None, *, mailname: Path = MAILNAME,
-                 fqdn: Callable[[], str] = socket.getfqdn) -> str | None:
-    """MAILWATCHD_DEFAULT_DOMAIN, else /etc/mailname, else the host's FQDN; a guessed name only
-    with a dot in it and not localhost (no relay takes `root@myhost`); None when there is none."""
-    if setting:
-        return setting
-    mailname_value = read_mailname(mailname)
-    if mailname_value is not None and _mail_domain(mailname_value):
-        return mailname_value
-    host = fqdn().strip().rstrip(".")  # only now: it may ask DNS
-    return host if _mail_domain(host) else None
-
-
-def _mail_domain(name: str) -> bool:
-    lowered = name.lower()
-    return "." in name and lowered != "localhost" and not lowered.startswith("localhost.") and _usable_domain(name)
 
 
 # -- aliases(5) ---------------------------------------------------------------------------------------

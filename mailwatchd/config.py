@@ -6,15 +6,14 @@ keys start with MAILWATCHD_. Every problem raises ConfigError naming the key and
 
 from __future__ import annotations
 
-import functools
 import os
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mailwatchd.errors import ConfigError
 from mailwatchd.listensettings import ListenSettings, load_listen
+from mailwatchd.maildomain import host_name
 from mailwatchd.parsing import parse_duration, parse_int, parse_size
 from mailwatchd.relays import RelayConfig, load_relays
 
@@ -57,13 +56,8 @@ class Settings:
 
     @property
     def ehlo_name(self) -> str:
-        """The name this host gives in EHLO: MAILWATCHD_HELO_NAME, else its FQDN (looked up once, when needed)."""
-        return self.helo_name or _fqdn()
-
-
-@functools.cache
-def _fqdn() -> str:
-    return socket.getfqdn()
+        """The name this host gives in EHLO: MAILWATCHD_HELO_NAME, else the mail domain (maildomain.py)."""
+        return self.helo_name or host_name(self.default_domain)
 
 
 # Keys this program reads; an unknown MAILWATCHD_* key in the env file is a typo worth

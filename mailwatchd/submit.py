@@ -17,8 +17,8 @@ from email.utils import formataddr, formatdate, make_msgid
 from pathlib import Path
 
 from mailwatchd import envelope
-from mailwatchd.addressing import MAILNAME, read_mailname
 from mailwatchd.errors import MalformedMessage
+from mailwatchd.maildomain import MAILNAME, read_mailname
 from mailwatchd.messagestate import new_queue_id
 from mailwatchd.spool import drop_dirs, install_durably
 

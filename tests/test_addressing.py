@@ -11,9 +11,10 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from mailwatchd import envelope
-from mailwatchd.addressing import Addressing, load_aliases, local_domain, parse_aliases, read_mailname
+from mailwatchd.addressing import Addressing, load_aliases, parse_aliases
 from mailwatchd.config import Settings
 from mailwatchd.errors import MalformedMessage
+from mailwatchd.maildomain import local_domain, read_mailname
 from mailwatchd.submit import parse_sendmail_args, prepare
 
 DOMAIN = "example.com"

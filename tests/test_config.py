@@ -613,3 +613,12 @@ def test_cli_run_with_a_bad_file_exits_78(tmp_path: Path, clean_env: dict[str, s
     assert "fix:" in result.stderr
     assert PASSWORD not in result.stderr + result.stdout
     assert not (tmp_path / "spool").exists()  # stopped before touching the spool
+
+
+def test_ehlo_names_the_mail_domain_unless_told_otherwise(base_env: dict[str, str]) -> None:
+    """EHLO and the completed addresses say the same domain (MAILWATCHD_DEFAULT_DOMAIN here)."""
+    settings = load_settings(None, {**base_env, "MAILWATCHD_DEFAULT_DOMAIN": "mail.example.org"})
+    assert settings.helo_name == "" and settings.ehlo_name == "mail.example.org"
+    told = load_settings(None, {**base_env, "MAILWATCHD_DEFAULT_DOMAIN": "mail.example.org",
+                                "MAILWATCHD_HELO_NAME": "mx1.example.org"})
+    assert told.ehlo_name == "mx1.example.org"
