@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable, Sequence
 
-    from mailwatchd.config import Settings
+    from mailwatchd.settings.config import Settings
 
 # The names (argv[0]) under which the program is sendmail.py's: sendmail, mailq (-bp), newaliases (-bi).
 SENDMAIL_PROGRAMS = frozenset({"sendmail", "sendmail.mailwatchd", "mailq", "newaliases"})
@@ -31,15 +31,15 @@ def _fail(message: str, code: int) -> int:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    from mailwatchd.config import load_settings
+    from mailwatchd.settings.config import load_settings
 
     return load_settings(args.config)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)  # a bad setting exits 78 before anything else is loaded
-    from mailwatchd import logs
-    from mailwatchd.daemon import run_daemon
+    from mailwatchd.service import logs
+    from mailwatchd.service.daemon import run_daemon
 
     logs.configure(settings.log_format, settings.log_level)
     return run_daemon(settings)
@@ -47,8 +47,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
     """Queue a message as sendmail does and print its queue id (via the daemon's socket: the one its reply names)."""
-    from mailwatchd.sendmail import NotQueued, prepare_message, queue_message
-    from mailwatchd.submit import Submission
+    from mailwatchd.submission.sendmail import NotQueued, prepare_message, queue_message
+    from mailwatchd.submission.submit import Submission
 
     settings = _settings(args)
     submission = Submission(sender=args.sender, recipients=tuple(args.recipients), dot_ends_input=False)
@@ -69,7 +69,7 @@ def cmd_sendmail(args: argparse.Namespace) -> int:
 
 def _run_sendmail(program: str, argv: list[str]) -> int:
     """sendmail, mailq and newaliases: sendmail.py parses and submits; the queue commands are ours."""
-    from mailwatchd import sendmail
+    from mailwatchd.submission import sendmail
 
     try:
         request = sendmail.parse_command_line(argv, program=program)
@@ -86,8 +86,8 @@ def _run_sendmail(program: str, argv: list[str]) -> int:
 def cmd_queue(args: argparse.Namespace) -> int:
     import json
 
-    from mailwatchd.queueview import list_entries, render_table
-    from mailwatchd.spool import Spool
+    from mailwatchd.spool.queueview import list_entries, render_table
+    from mailwatchd.spool.store import Spool
 
     settings = _settings(args)
     entries = list_entries(Spool(settings.spool, max_message_size=settings.max_message_size))
@@ -102,7 +102,7 @@ def cmd_flush(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    from mailwatchd.spool import Location, Spool
+    from mailwatchd.spool.store import Location, Spool
 
     settings = _settings(args)
     spool = Spool(settings.spool)
@@ -128,7 +128,7 @@ def cmd_flush(args: argparse.Namespace) -> int:
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
-    from mailwatchd.spool import Location, Spool
+    from mailwatchd.spool.store import Location, Spool
 
     settings = _settings(args)
     spool = Spool(settings.spool)
@@ -145,7 +145,7 @@ def cmd_requeue(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from mailwatchd.spool import Spool
+    from mailwatchd.spool.store import Spool
 
     settings = _settings(args)
     spool = Spool(settings.spool)
@@ -159,7 +159,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def _valid(queue_id: str) -> bool:
-    from mailwatchd.messagestate import is_queue_id
+    from mailwatchd.spool.messagestate import is_queue_id
 
     return is_queue_id(queue_id)
 
@@ -168,7 +168,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     import asyncio
     import json
 
-    from mailwatchd.diagnosis import run_check
+    from mailwatchd.relays.diagnosis import run_check
 
     settings = _settings(args)
     report = asyncio.run(run_check(settings, send_test_to=args.send_test))
@@ -183,8 +183,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from mailwatchd.spool import Spool
-    from mailwatchd.statusfile import read_status, status_line
+    from mailwatchd.service.statusfile import read_status, status_line
+    from mailwatchd.spool.store import Spool
 
     settings = _settings(args)
     spool = Spool(settings.spool)

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from mailwatchd.config import Settings
+from mailwatchd.settings.config import Settings
 from tests.conftest import LOOPBACK, RecordingHandler
 
 

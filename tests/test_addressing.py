@@ -10,12 +10,12 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from mailwatchd import envelope
-from mailwatchd.addressing import Addressing, load_aliases, parse_aliases
-from mailwatchd.config import Settings
 from mailwatchd.errors import MalformedMessage
-from mailwatchd.maildomain import local_domain, read_mailname
-from mailwatchd.submit import parse_sendmail_args, prepare
+from mailwatchd.message import envelope
+from mailwatchd.message.addressing import Addressing, load_aliases, parse_aliases
+from mailwatchd.message.maildomain import local_domain, read_mailname
+from mailwatchd.settings.config import Settings
+from mailwatchd.submission.submit import parse_sendmail_args, prepare
 
 DOMAIN = "example.com"
 ADMIN = "ops@example.net"

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailwatchd.backoff import JITTER, retry_delay
+from mailwatchd.service.backoff import JITTER, retry_delay
 
 attempts = st.integers(min_value=1, max_value=10_000)
 bounds = st.tuples(st.floats(0.001, 1e5), st.floats(0.0, 1e6)).map(lambda pair: (pair[0], pair[0] + pair[1]))

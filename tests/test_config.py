@@ -12,10 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mailwatchd import exitcodes
-from mailwatchd.config import SERVICE_SPOOL, load_settings
 from mailwatchd.errors import ConfigError
-from mailwatchd.parsing import parse_duration, parse_size
-from mailwatchd.relays import DEFAULT_PORTS, Endpoint, Secret, TlsMode, parse_relay_url
+from mailwatchd.settings.config import SERVICE_SPOOL, load_settings
+from mailwatchd.settings.parsing import parse_duration, parse_size
+from mailwatchd.settings.relays import DEFAULT_PORTS, Endpoint, Secret, TlsMode, parse_relay_url
 
 REPO = Path(__file__).resolve().parents[1]
 PASSWORD = "Zq7-very-secret-pässword"

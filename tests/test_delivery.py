@@ -15,13 +15,13 @@ import pytest
 import trustme
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from mailwatchd import envelope
-from mailwatchd.config import Settings
-from mailwatchd.delivery import SmtpSession
-from mailwatchd.envelope import OutgoingMessage
-from mailwatchd.outcome import Cause, DeliveryResult, Outcome, Phase, RefusedRecipient
-from mailwatchd.relays import Endpoint, RelayConfig, Secret, TlsMode
-from mailwatchd.smtpwire import wire_body
+from mailwatchd.message import envelope
+from mailwatchd.message.envelope import OutgoingMessage
+from mailwatchd.settings.config import Settings
+from mailwatchd.settings.relays import Endpoint, RelayConfig, Secret, TlsMode
+from mailwatchd.transports.delivery import SmtpSession
+from mailwatchd.transports.outcome import Cause, DeliveryResult, Outcome, Phase, RefusedRecipient
+from mailwatchd.transports.smtpwire import wire_body
 from tests.conftest import LOOPBACK, RecordingHandler, SmtpServer, wait_until
 from tests.rawservers import BlackHole, DripServer, ScriptedServer, SilentServer, ThreadedServer
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from mailwatchd.config import Settings
-from mailwatchd.diagnosis import CheckReport, alternative_endpoints, hint_for, run_check
-from mailwatchd.outcome import Cause
-from mailwatchd.relays import Endpoint, RelayConfig, Secret, TlsMode
+from mailwatchd.relays.diagnosis import CheckReport, alternative_endpoints, hint_for, run_check
+from mailwatchd.settings.config import Settings
+from mailwatchd.settings.relays import Endpoint, RelayConfig, Secret, TlsMode
+from mailwatchd.transports.outcome import Cause
 from tests.conftest import LOOPBACK, SmtpServer
 from tests.daemonproc import run_cli
 from tests.probe_servers import RejectMailHandler, RejectRcptHandler, closed_port, probe_settings
@@ -216,9 +216,9 @@ def test_hints_name_the_provider_specific_fix() -> None:
 def _fake_ok(endpoint: Endpoint) -> Any:
     from datetime import UTC, datetime
 
-    from mailwatchd.outcome import Phase
-    from mailwatchd.probe import ProbeReport
-    from mailwatchd.smtpclient import Step
+    from mailwatchd.relays.probe import ProbeReport
+    from mailwatchd.transports.outcome import Phase
+    from mailwatchd.transports.smtpclient import Step
     steps = [Step("connect", Phase.CONNECT, True, 10.0), Step("tls", Phase.TLS, True, 20.0),
              Step("banner", Phase.GREETING, True, 11.0)]
     return ProbeReport("r", endpoint.host, endpoint.port, endpoint.tls, True, Cause.OK, "", steps, [], None, None,

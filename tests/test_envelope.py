@@ -9,7 +9,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from mailwatchd.envelope import (
+from mailwatchd.errors import MalformedMessage
+from mailwatchd.message.envelope import (
     ENVELOPE_FROM,
     ENVELOPE_TO,
     OutgoingMessage,
@@ -20,7 +21,6 @@ from mailwatchd.envelope import (
     split_header,
     with_envelope,
 )
-from mailwatchd.errors import MalformedMessage
 
 # What may go into MAIL FROM:<...> / RCPT TO:<...> without changing the SMTP command: a full
 # address, or a bare local name the daemon completes before it goes out.

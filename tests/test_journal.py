@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import structlog
 
-from mailwatchd import journal
-from mailwatchd.journal import JournalProcessor, JournalSender
+from mailwatchd.service import journal
+from mailwatchd.service.journal import JournalProcessor, JournalSender
 
 
 def parse_entry(data: bytes) -> dict[str, str]:

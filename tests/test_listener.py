@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from mailwatchd.listener import Listener, inherited_sockets
-from mailwatchd.listensettings import ListenSettings
-from mailwatchd.smtpserver import ServerFactory
+from mailwatchd.settings.listen import ListenSettings
+from mailwatchd.submission.listener import Listener, inherited_sockets
+from mailwatchd.submission.smtpserver import ServerFactory
 from tests.test_smtpserver import MESSAGE, LoopThread, RawClient, transaction, unix_client
 
 # Started with the listening sockets at descriptors 3 and 4, as systemd starts a service.
@@ -38,9 +38,9 @@ for target, fd in enumerate(high, 3):
     os.close(fd)
 os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(passed)), LISTEN_FDNAMES="smtp:submit")
 
-from mailwatchd.listener import Listener, inherited_sockets
-from mailwatchd.listensettings import ListenSettings
-from mailwatchd.smtpserver import ServerFactory
+from mailwatchd.submission.listener import Listener, inherited_sockets
+from mailwatchd.settings.listen import ListenSettings
+from mailwatchd.submission.smtpserver import ServerFactory
 
 sockets = inherited_sockets()
 report = {"fds": [s.fileno() for s in sockets], "families": [s.family.name for s in sockets],
@@ -71,7 +71,7 @@ else:
     os.dup2(socket.socket(socket.AF_INET, socket.SOCK_DGRAM).detach(), 3)
 os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1")
 from mailwatchd.errors import ConfigError
-from mailwatchd.listener import inherited_sockets
+from mailwatchd.submission.listener import inherited_sockets
 try:
     inherited_sockets()
 except ConfigError as exc:
@@ -81,9 +81,9 @@ except ConfigError as exc:
 SENDMAIL_BS = """
 import asyncio, sys
 from pathlib import Path
-from mailwatchd.listener import serve_stdio
-from mailwatchd.listensettings import ListenSettings
-from mailwatchd.smtpserver import ServerFactory
+from mailwatchd.submission.listener import serve_stdio
+from mailwatchd.settings.listen import ListenSettings
+from mailwatchd.submission.smtpserver import ServerFactory
 
 factory = ServerFactory(spool_root=Path(sys.argv[1]), listen=ListenSettings(), hostname="mx.test",
                         max_message_size=100_000, command_timeout=10, via="sendmail -bs")

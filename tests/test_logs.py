@@ -9,7 +9,7 @@ import tempfile
 
 import structlog
 
-from mailwatchd import logs
+from mailwatchd.service import logs
 
 
 def emit(log_format: str, level: str = "info", **fields: object) -> str:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from mailwatchd.messagestate import (
+from mailwatchd.spool.messagestate import (
     HISTORY_LIMIT,
     QUEUE_ID_PATTERN,
     Attempt,

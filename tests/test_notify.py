@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import structlog
 
-from mailwatchd import notify
-from mailwatchd.notify import Notifier
+from mailwatchd.service import notify
+from mailwatchd.service.notify import Notifier
 
 PROMPT_S = 0.5  # a notification that takes longer has blocked on the full queue
 RESCUE_AFTER_S = 2.0

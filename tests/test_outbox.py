@@ -9,10 +9,10 @@ import os
 import stat
 from pathlib import Path
 
-from mailwatchd.config import Settings
-from mailwatchd.envelope import OutgoingMessage
-from mailwatchd.outbox import OutboxSession
-from mailwatchd.outcome import Cause, DeliveryResult, Outcome, Phase
+from mailwatchd.message.envelope import OutgoingMessage
+from mailwatchd.settings.config import Settings
+from mailwatchd.transports.outbox import OutboxSession
+from mailwatchd.transports.outcome import Cause, DeliveryResult, Outcome, Phase
 from tests.test_spool import tmpfs
 
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from mailwatchd.outcome import (
+from mailwatchd.transports.outcome import (
     Cause,
     Outcome,
     Phase,

@@ -20,13 +20,13 @@ from typing import Any
 import pytest
 import trustme
 
-from mailwatchd import probe as probe_module
-from mailwatchd.config import Settings
-from mailwatchd.diagnosis import hint_for, send_test_sender
-from mailwatchd.outcome import Cause
-from mailwatchd.probe import ProbeReport, SendTest, probe_endpoint
-from mailwatchd.relays import Endpoint, RelayConfig, Secret, TlsMode
-from mailwatchd.tlsconfig import client_context
+from mailwatchd.relays import probe as probe_module
+from mailwatchd.relays.diagnosis import hint_for, send_test_sender
+from mailwatchd.relays.probe import ProbeReport, SendTest, probe_endpoint
+from mailwatchd.settings.config import Settings
+from mailwatchd.settings.relays import Endpoint, RelayConfig, Secret, TlsMode
+from mailwatchd.transports.outcome import Cause
+from mailwatchd.transports.tlsconfig import client_context
 from tests.conftest import LOOPBACK, RecordingHandler, SmtpServer
 from tests.probe_servers import (
     NoAuthHandler,
@@ -391,9 +391,9 @@ def test_every_resolved_address_is_tried_within_the_deadline(smtp_server_factory
 
 ISOLATED_PROBE = """
 import asyncio, json, pathlib, sys
-from mailwatchd.config import Settings
-from mailwatchd.relays import Endpoint, RelayConfig, TlsMode
-from mailwatchd.probe import probe_endpoint
+from mailwatchd.settings.config import Settings
+from mailwatchd.settings.relays import Endpoint, RelayConfig, TlsMode
+from mailwatchd.relays.probe import probe_endpoint
 endpoint = Endpoint("relay.mailwatchd-test.invalid", 587, TlsMode.STARTTLS)
 settings = Settings(spool=pathlib.Path("/nonexistent"), outbox=pathlib.Path("/nonexistent"), helo_name="probe.test",
                     connect_timeout=3.0)

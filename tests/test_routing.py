@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailwatchd.outcome import Cause, DeliveryResult, Outcome, Phase
-from mailwatchd.relays import Endpoint, RelayConfig, TlsMode
-from mailwatchd.routing import BREAKER_MAX_S, BREAKER_MIN_S, DAY_S, QUOTA_PAUSE_S, Health, Router, Transition
+from mailwatchd.relays.routing import BREAKER_MAX_S, BREAKER_MIN_S, DAY_S, QUOTA_PAUSE_S, Health, Router, Transition
+from mailwatchd.settings.relays import Endpoint, RelayConfig, TlsMode
+from mailwatchd.transports.outcome import Cause, DeliveryResult, Outcome, Phase
 
 A587 = Endpoint("a.example.net", 587, TlsMode.STARTTLS)
 A465 = Endpoint("a.example.net", 465, TlsMode.IMPLICIT)

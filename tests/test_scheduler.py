@@ -8,8 +8,8 @@ import time
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailwatchd.scheduler import Scheduler, WorkItem
-from mailwatchd.spool import Location
+from mailwatchd.service.scheduler import Scheduler, WorkItem
+from mailwatchd.spool.store import Location
 
 
 class Clock:

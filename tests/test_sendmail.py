@@ -23,9 +23,10 @@ import pytest
 from aiosmtpd.controller import UnixSocketController
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from mailwatchd import envelope, exitcodes
-from mailwatchd.sendmail import Mode, NotQueued, UsageError, parse_command_line, submit_over_socket
-from mailwatchd.spool import Spool
+from mailwatchd import exitcodes
+from mailwatchd.message import envelope
+from mailwatchd.spool.store import Spool
+from mailwatchd.submission.sendmail import Mode, NotQueued, UsageError, parse_command_line, submit_over_socket
 from tests.conftest import RecordingHandler, SmtpServer
 from tests.daemonproc import MAILWATCHD, DaemonProcess, relay_env, run_cli, spool_names
 
@@ -495,13 +496,14 @@ def test_a_dripping_daemon_cannot_stretch_the_deadline(short_dir: Path) -> None:
 
 def test_submission_imports_neither_argparse_nor_the_daemon(env: dict[str, str], spool_dir: Path) -> None:
     """The fast path: one process per message must not pay for the rest of the program."""
-    heavy = {"argparse", "asyncio", "smtplib", "mailwatchd.queueview", "mailwatchd.daemon", "mailwatchd.smtpwire"}
+    heavy = {"argparse", "asyncio", "smtplib", "mailwatchd.spool.queueview", "mailwatchd.service.daemon",
+             "mailwatchd.transports.smtpwire"}
     done = subprocess.run([sys.executable, "-X", "importtime", "-m", "mailwatchd", "sendmail", "-t"], env=env,
                           input=PHP_MAIL, capture_output=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     imported = {line.rsplit("|", 1)[1].strip() for line in done.stderr.decode().splitlines()
                 if line.startswith("import time:")}
-    assert "mailwatchd.submit" in imported  # the listing is what it claims to be
+    assert "mailwatchd.submission.submit" in imported  # the listing is what it claims to be
     assert not heavy & imported
     assert len(queued(spool_dir)) == 1
 

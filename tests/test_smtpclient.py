@@ -14,11 +14,11 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
-from mailwatchd.delivery import SmtpSession
-from mailwatchd.outcome import Cause, DeliveryResult, Outcome, Phase
-from mailwatchd.probe import ProbeReport, probe_endpoint
-from mailwatchd.relays import Endpoint, RelayConfig, Secret, TlsMode
-from mailwatchd.smtpclient import CONNECT_STAGGER_S, Resolver
+from mailwatchd.relays.probe import ProbeReport, probe_endpoint
+from mailwatchd.settings.relays import Endpoint, RelayConfig, Secret, TlsMode
+from mailwatchd.transports.delivery import SmtpSession
+from mailwatchd.transports.outcome import Cause, DeliveryResult, Outcome, Phase
+from mailwatchd.transports.smtpclient import CONNECT_STAGGER_S, Resolver
 from tests.conftest import LOOPBACK, RecordingHandler, SmtpServer
 from tests.probe_servers import probe_settings
 from tests.rawservers import BlackHole, ScriptedServer

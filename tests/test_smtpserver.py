@@ -26,9 +26,9 @@ import pytest
 import trustme
 
 from mailwatchd.errors import MalformedMessage, SpoolFull
-from mailwatchd.listensettings import ListenSettings
-from mailwatchd.relays import Secret
-from mailwatchd.smtpserver import (
+from mailwatchd.settings.listen import ListenSettings
+from mailwatchd.settings.relays import Secret
+from mailwatchd.submission.smtpserver import (
     NotAMessage,
     Peer,
     Queued,

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from inotify_simple import INotify, flags
 
-from mailwatchd import envelope
 from mailwatchd.errors import RefusedSpoolEntry, SpoolFull, SpoolLocked
-from mailwatchd.messagestate import Attempt, MessageState, State, is_queue_id, new_queue_id
-from mailwatchd.recovery import recover
-from mailwatchd.spool import (
+from mailwatchd.message import envelope
+from mailwatchd.spool.messagestate import Attempt, MessageState, State, is_queue_id, new_queue_id
+from mailwatchd.spool.recovery import recover
+from mailwatchd.spool.store import (
     STALE_TMP_SECONDS,
     Claimed,
     Location,
@@ -34,7 +34,7 @@ from mailwatchd.spool import (
     install_durably,
     write_durably,
 )
-from mailwatchd.submit import enqueue
+from mailwatchd.submission.submit import enqueue
 
 REPO = Path(__file__).resolve().parents[1]
 LIMIT = 64 * 1024
@@ -684,7 +684,7 @@ def test_running_pid_with_a_stale_lock_file(spool: Spool) -> None:
 HOLDER = """
 import sys
 from pathlib import Path
-from mailwatchd.spool import Spool
+from mailwatchd.spool.store import Spool
 spool = Spool(Path(sys.argv[1]))
 spool.acquire_lock()
 print("locked", flush=True)
@@ -776,8 +776,8 @@ def test_install_durably_replaces_the_final_name_and_leaves_no_temporary(tmp_pat
 FSIZE_CHILD = """
 import json, os, resource, signal, sys
 from pathlib import Path
-from mailwatchd.spool import write_durably
-from mailwatchd.submit import enqueue
+from mailwatchd.spool.store import write_durably
+from mailwatchd.submission.submit import enqueue
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 result = {}

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from mailwatchd import envelope
-from mailwatchd.envelope import ENVELOPE_FROM, ENVELOPE_TO
 from mailwatchd.errors import MalformedMessage
-from mailwatchd.submit import Submission, message_id_domain, parse_sendmail_args, prepare, read_message
+from mailwatchd.message import envelope
+from mailwatchd.message.envelope import ENVELOPE_FROM, ENVELOPE_TO
+from mailwatchd.submission.submit import Submission, message_id_domain, parse_sendmail_args, prepare, read_message
 
 # -- parse_sendmail_args ----------------------------------------------------------------------------
 
@@ -267,7 +267,7 @@ def test_bundled_flags_are_expanded_as_sendmail_does() -> None:
 
 def test_enqueued_file_is_group_readable_whatever_the_umask(tmp_path: Path) -> None:
     """The daemon reads drops through its group: a caller's umask 077 must not make them 0600."""
-    from mailwatchd.submit import enqueue
+    from mailwatchd.submission.submit import enqueue
 
     old = os.umask(0o077)
     try:

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import trustme
 
-from mailwatchd.config import Settings
-from mailwatchd.delivery import SmtpSession
-from mailwatchd.envelope import OutgoingMessage
-from mailwatchd.outcome import DeliveryResult, Outcome
-from mailwatchd.relays import Endpoint, RelayConfig, TlsMode
-from mailwatchd.tlsconfig import client_context
+from mailwatchd.message.envelope import OutgoingMessage
+from mailwatchd.settings.config import Settings
+from mailwatchd.settings.relays import Endpoint, RelayConfig, TlsMode
+from mailwatchd.transports.delivery import SmtpSession
+from mailwatchd.transports.outcome import DeliveryResult, Outcome
+from mailwatchd.transports.tlsconfig import client_context
 from tests.conftest import LOOPBACK, RecordingHandler, SmtpServer
 
 DATA = b"From: a@example.test\r\nTo: b@example.test\r\n\r\nbody\r\n"

@@ -8,8 +8,8 @@ import asyncio
 import time
 from pathlib import Path
 
-from mailwatchd.delivery import UPLOAD_FLOOR_BYTES_PER_S, SmtpSession, attempt_bound, transaction_deadline
-from mailwatchd.outcome import Cause, DeliveryResult, Outcome, Phase
+from mailwatchd.transports.delivery import UPLOAD_FLOOR_BYTES_PER_S, SmtpSession, attempt_bound, transaction_deadline
+from mailwatchd.transports.outcome import Cause, DeliveryResult, Outcome, Phase
 from tests.rawservers import SlowReaderServer
 from tests.test_delivery import make_relay, make_settings, message
 

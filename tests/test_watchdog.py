@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from mailwatchd import daemon as daemon_module
-from mailwatchd.config import Settings
-from mailwatchd.daemon import Daemon
-from mailwatchd.envelope import OutgoingMessage
-from mailwatchd.outcome import DeliveryResult
-from mailwatchd.relays import Endpoint, RelayConfig
-from mailwatchd.transport import Session
+from mailwatchd.message.envelope import OutgoingMessage
+from mailwatchd.service import daemon as daemon_module
+from mailwatchd.service.daemon import Daemon
+from mailwatchd.settings.config import Settings
+from mailwatchd.settings.relays import Endpoint, RelayConfig
+from mailwatchd.transports.outcome import DeliveryResult
+from mailwatchd.transports.transport import Session
 
 WATCHDOG_USEC = 400_000  # pings every 0.2 s, main loop every 0.2 s
 BOUND_S = 0.2

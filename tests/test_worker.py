@@ -15,19 +15,19 @@ from typing import Any
 import pytest
 import structlog
 
-from mailwatchd import envelope
-from mailwatchd.addressing import Addressing
-from mailwatchd.backoff import JITTER
-from mailwatchd.config import Settings
-from mailwatchd.counters import Counters, Tally
-from mailwatchd.live import Live
-from mailwatchd.messagestate import MessageState, State
-from mailwatchd.outcome import Cause, Outcome
-from mailwatchd.relays import Endpoint, RelayConfig, TlsMode
-from mailwatchd.scheduler import Scheduler, WorkItem
-from mailwatchd.spool import Claimed, Location, Spool
-from mailwatchd.submit import parse_sendmail_args, prepare
-from mailwatchd.worker import IDLE_LOOP_S, Followup, Retry, Worker
+from mailwatchd.message import envelope
+from mailwatchd.message.addressing import Addressing
+from mailwatchd.service.backoff import JITTER
+from mailwatchd.service.counters import Counters, Tally
+from mailwatchd.service.live import Live
+from mailwatchd.service.scheduler import Scheduler, WorkItem
+from mailwatchd.service.worker import IDLE_LOOP_S, Followup, Retry, Worker
+from mailwatchd.settings.config import Settings
+from mailwatchd.settings.relays import Endpoint, RelayConfig, TlsMode
+from mailwatchd.spool.messagestate import MessageState, State
+from mailwatchd.spool.store import Claimed, Location, Spool
+from mailwatchd.submission.submit import parse_sendmail_args, prepare
+from mailwatchd.transports.outcome import Cause, Outcome
 from tests.conftest import LOOPBACK, SmtpServer, wait_until
 from tests.probe_servers import closed_port
 from tests.rawservers import BlackHole

@@ -21,7 +21,7 @@ from typing import Any
 
 import aiosmtplib
 
-from mailwatchd import journal, notify
+from mailwatchd.service import journal, notify
 
 
 def denied(action: Any) -> bool:

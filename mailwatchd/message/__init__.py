@@ -1,0 +1,1 @@
+"""A message's format: its envelope, and how the daemon completes its addresses."""

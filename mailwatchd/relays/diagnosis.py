@@ -1,0 +1,375 @@
+"""`mailwatchd check`: probe every relay endpoint at once and say, in plain words, what to fix.
+
+Every endpoint and the usual alternative ports of each relay host (587 STARTTLS, 465
+implicit TLS, 2525 STARTTLS) are probed concurrently, so the whole check takes about one
+connect timeout plus a few command timeouts however many endpoints are down. Alternatives
+are probed without credentials (no extra login attempts), and only reported for an endpoint
+that failed in a way another port might avoid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from mailwatchd.errors import MalformedMessage
+from mailwatchd.message.envelope import check_address
+from mailwatchd.relays.probe import ProbeReport, SendTest, probe_endpoint
+from mailwatchd.settings.config import Settings
+from mailwatchd.settings.relays import Endpoint, RelayConfig, TlsMode
+from mailwatchd.transports.outcome import Cause
+from mailwatchd.transports.smtpclient import Resolver
+
+AltPort = int | tuple[int, TlsMode]
+DEFAULT_ALT_PORTS: tuple[AltPort, ...] = (587, 465, 2525)
+ALT_CAUSES = frozenset({
+    Cause.CONNECT_TIMEOUT, Cause.CONNECTION_REFUSED, Cause.NETWORK_UNREACHABLE, Cause.BANNER_TIMEOUT,
+    Cause.DISCONNECTED, Cause.TLS_HANDSHAKE_FAILED, Cause.TLS_UNTRUSTED, Cause.TLS_EXPIRED,
+    Cause.TLS_HOSTNAME_MISMATCH, Cause.STARTTLS_UNAVAILABLE,
+})
+# A failed test message that says nothing about the relay itself: the address was refused
+# or the relay deferred. Any other failure means mail cannot flow through that relay.
+_TEST_ADDRESS_CAUSES = frozenset({Cause.RECIPIENT_REJECTED, Cause.TEMPORARY_FAILURE})
+_OPENSSL_REASON = re.compile(r"certificate verify failed: (.*?) \(OpenSSL verify code")
+
+
+def _reason(detail: str) -> str:
+    match = _OPENSSL_REASON.search(detail)
+    return match.group(1) if match else detail
+
+
+def _problem_and_fix(cause: Cause, endpoint: Endpoint, detail: str, relay: RelayConfig | None) -> tuple[str, str]:
+    """What is wrong, and what to do about it, for one cause code."""
+    host, port = endpoint.host, endpoint.port
+    gmail = "gmail" in host or "google" in host
+    match cause:
+        case Cause.OK:
+            return "", ""
+        case Cause.DNS_FAILED:
+            return (f"{host} does not resolve ({detail})",
+                    f"check EMAIL_HOST for a typo and that this machine's DNS works (getent hosts {host})")
+        case Cause.CONNECTION_REFUSED:
+            return (f"nothing accepts connections on {host}:{port}",
+                    "check EMAIL_PORT (587 for STARTTLS, 465 for implicit TLS) or the firewall rejecting outbound "
+                    f"{port}")
+        case Cause.CONNECT_TIMEOUT:
+            return (f"port {port} looks blocked by a firewall: connects time out",
+                    f"ask the network admin to allow outbound {port}")
+        case Cause.NETWORK_UNREACHABLE:
+            return f"there is no route to {host}", "check this machine's network (and IPv6) configuration"
+        case Cause.BANNER_TIMEOUT if port == 465 and endpoint.tls is not TlsMode.IMPLICIT:
+            return ("port 465 waits for a TLS handshake, not a plain greeting",
+                    "set EMAIL_USE_SSL=true (implicit TLS) instead of EMAIL_USE_TLS for port 465")
+        case Cause.BANNER_TIMEOUT:
+            return (f"{host}:{port} accepted the connection but never sent its greeting",
+                    "an overloaded relay, or a proxy or antivirus intercepting SMTP; try another port")
+        case Cause.SERVER_BUSY:
+            return (f"the relay refuses sessions for now ({detail})",
+                    "it is overloaded or throttles this address; mail waits in the spool, and a fallback relay "
+                    "in MAILWATCHD_RELAYS would take over meanwhile")
+        case Cause.TLS_HANDSHAKE_FAILED if "WRONG_VERSION_NUMBER" in detail and endpoint.tls is TlsMode.IMPLICIT:
+            return (f"port {port} speaks plain SMTP, not implicit TLS",
+                    "set EMAIL_USE_TLS=true (STARTTLS) and EMAIL_USE_SSL=false for this port")
+        case Cause.TLS_HANDSHAKE_FAILED:
+            return (f"the TLS handshake with {host}:{port} failed ({detail})",
+                    "the relay may only offer outdated TLS versions or ciphers: ask the provider; never disable TLS")
+        case Cause.TLS_UNTRUSTED if "not marked critical" in detail:
+            return (f"the certificate of {host} is not trusted: OpenSSL says \"{_reason(detail)}\"",
+                    "the CA certificate's Basic Constraints extension must be critical (RFC 5280 §4.2.1.9), and "
+                    "strict verification (Python 3.13 and later) refuses it otherwise: have that CA reissued with "
+                    "critical Basic Constraints, then point EMAIL_SSL_CAFILE at the new CA file; never disable "
+                    "verification")
+        case Cause.TLS_UNTRUSTED:
+            return (f"the certificate of {host} is not trusted: OpenSSL says \"{_reason(detail)}\"",
+                    "if the relay uses a private or corporate CA, set EMAIL_SSL_CAFILE to that CA's PEM file; "
+                    "never disable verification")
+        case Cause.TLS_EXPIRED:
+            return (f"the certificate of {host} is not valid now: OpenSSL says \"{_reason(detail)}\"",
+                    "the provider must renew it; if this machine's clock is wrong, fix it (timedatectl)")
+        case Cause.TLS_HOSTNAME_MISMATCH:
+            return (f"the certificate is not issued for {host} ({_reason(detail)})",
+                    "EMAIL_HOST must match a name in the certificate: use the host name the provider documents, "
+                    "not an IP address or an alias")
+        case Cause.STARTTLS_UNAVAILABLE:
+            return (f"{host}:{port} does not offer STARTTLS, and mailwatchd never sends without TLS",
+                    "use implicit TLS instead (EMAIL_PORT=465, EMAIL_USE_SSL=true, EMAIL_USE_TLS=false); never "
+                    "disable TLS. A firewall that strips STARTTLS causes this too")
+        case Cause.AUTH_UNAVAILABLE:
+            return (f"{host}:{port} offers no usable AUTH ({detail})",
+                    "providers offer AUTH only after STARTTLS on 587, or on 465 with implicit TLS (port 25 is for "
+                    "server-to-server mail): check EMAIL_PORT and EMAIL_USE_TLS / EMAIL_USE_SSL")
+        case Cause.AUTH_FAILED:
+            app = ("Gmail needs an app password (Google account → Security → App passwords), not the account "
+                   "password" if gmail else
+                   "Gmail and Microsoft 365 need an app password when 2-step verification is on, and SendGrid's "
+                   "user name is literally 'apikey'")
+            user = f" ({relay.username})" if relay is not None and relay.username else ""
+            return (f"the relay refused the login ({detail})",
+                    f"check EMAIL_HOST_USER{user} and the password in EMAIL_HOST_PASSWORD_FILE; {app}")
+        case Cause.SENDER_REJECTED:
+            return (f"the relay refuses the sender address ({detail})",
+                    "verify the sender identity with the provider (SendGrid: Sender Identity or domain "
+                    "authentication; Mailgun and SES: a verified domain), or send from the account's own address")
+        case Cause.RECIPIENT_REJECTED:
+            return (f"the relay refused the recipient ({detail})",
+                    "check the address; sandboxed accounts (SES, Mailgun) deliver only to verified recipients")
+        case Cause.MESSAGE_REJECTED:
+            return f"the relay refused the message ({detail})", "read the relay's reply; it names the policy"
+        case Cause.QUOTA_EXCEEDED:
+            return (f"the provider's sending quota is used up ({detail})",
+                    "wait for the daily reset or raise the plan's limit, keep MAILWATCHD_MAX_PER_DAY below it, and "
+                    "add a fallback relay in MAILWATCHD_RELAYS so mail keeps flowing")
+        case Cause.TEMPORARY_FAILURE:
+            return f"the relay deferred ({detail})", "this usually passes; mail stays in the spool and is retried"
+        case Cause.TIMEOUT:
+            return (f"the relay stopped answering in the middle of the session ({detail})",
+                    "an overloaded relay or a middlebox; try another port")
+        case Cause.DISCONNECTED:
+            return (f"{host}:{port} dropped the connection ({detail})",
+                    "the relay may block this address, or a firewall or proxy interferes")
+        case Cause.PROTOCOL_ERROR:
+            return (f"{host}:{port} does not speak SMTP as expected ({detail})",
+                    "check that EMAIL_HOST and EMAIL_PORT name an SMTP relay")
+        case Cause.LOCAL_ERROR:
+            return (f"a problem on this machine ({detail})",
+                    "check that EMAIL_SSL_CAFILE, EMAIL_SSL_CERTFILE and EMAIL_SSL_KEYFILE are readable PEM files"
+                    if "TLS files" in detail else "see the detail")
+        case _:
+            return detail, "see the detail"
+
+
+def switch_advice(endpoint: Endpoint, relay: RelayConfig | None, current: Endpoint | None = None) -> str:
+    """How to configure `endpoint` instead of `current`: EMAIL_* for the Django-style relay, a URL otherwise."""
+    implicit = endpoint.tls is TlsMode.IMPLICIT
+    flag, other = ("EMAIL_USE_SSL", "EMAIL_USE_TLS") if implicit else ("EMAIL_USE_TLS", "EMAIL_USE_SSL")
+    url = f"{'smtp+ssl' if implicit else 'smtp+tls'}://{endpoint.host}:{endpoint.port}"
+    if relay is not None and relay.name != endpoint.host:
+        return f"use {url} for relay {relay.name} in MAILWATCHD_RELAYS"
+    if relay is not None and current is not None and current != relay.primary:
+        mode = "ssl" if implicit else "tls"
+        return f"list {endpoint.port}/{mode} in MAILWATCHD_FALLBACK_PORTS instead of {current.port}"
+    same_mode = current is not None and current.tls is endpoint.tls
+    flags = f"{flag}=true" if same_mode else f"{flag}=true (with {other}=false)"
+    return f"set EMAIL_PORT={endpoint.port} and {flags} (or {url} in MAILWATCHD_RELAYS)"
+
+
+def hint_for(cause: Cause, endpoint: Endpoint, detail: str, *, relay: RelayConfig | None = None,
+             alternatives: Sequence[ProbeReport] = (), fallback: Endpoint | None = None) -> str:
+    """The fix hint for one endpoint's verdict, naming a working alternative port if any."""
+    problem, fix = _problem_and_fix(cause, endpoint, detail, relay)
+    if not problem:
+        return ""
+    working = [alt for alt in alternatives if alt.ok]
+    if working:
+        best = working[0]
+        hint = (f"{problem}; {best.port} answered in {best.answered_ms:g} ms — "
+                f"{switch_advice(best.endpoint, relay, endpoint)}, or {fix}")
+    else:
+        hint = f"{problem} — {fix}"
+        if alternatives:
+            tried = ", ".join(f"{alt.port}/{alt.tls.value} {alt.cause.value}" for alt in alternatives)
+            hint += f"; the usual alternative ports failed too ({tried})"
+    if fallback is not None:
+        hint += f". Meanwhile mail still flows through the configured {fallback}"
+    return hint
+
+
+@dataclass
+class Finding:
+    """One probed endpoint with what to do about it and, if it failed, how the usual other ports fared."""
+
+    report: ProbeReport
+    hint: str = ""
+    alternatives: list[ProbeReport] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.report.ok
+
+    @property
+    def relay(self) -> str:
+        return self.report.relay
+
+    @property
+    def cause(self) -> Cause:
+        return self.report.cause
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.report.endpoint
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.report.to_json(), "hint": self.hint,
+                "alternatives": [{**alt.to_json(), "hint": "", "alternatives": []} for alt in self.alternatives]}
+
+
+@dataclass
+class CheckReport:
+    """The result of `mailwatchd check`."""
+
+    endpoints: list[Finding]
+    relays: list[str]
+    duration_ms: float
+    checked_at: datetime
+    outbox: Path | None = None
+    send_test_to: str | None = None
+    send_test: Finding | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def usable_relays(self) -> list[str]:
+        usable = [name for name in self.relays if any(r.ok for r in self.endpoints if r.relay == name)]
+        test = self.send_test
+        if test is not None and not test.ok and test.cause not in _TEST_ADDRESS_CAUSES:
+            usable = [name for name in usable if name != test.relay]
+        return usable
+
+    @property
+    def exit_code(self) -> int:
+        """0: every relay usable and nothing failed; 1: something is down but mail flows; 2: it does not."""
+        if not self.relays:
+            return 0
+        usable = self.usable_relays()
+        if not usable:
+            return 2
+        all_ok = all(r.ok for r in self.endpoints) and (self.send_test is None or self.send_test.ok)
+        return 0 if all_ok and len(usable) == len(self.relays) else 1
+
+    def to_json(self) -> dict[str, Any]:
+        usable = self.usable_relays()
+        return {
+            "exit_code": self.exit_code,
+            "mode": "relay" if self.relays else "outbox",
+            "outbox": str(self.outbox) if self.outbox is not None else None,
+            "relays": [{"name": name, "usable": name in usable} for name in self.relays],
+            "endpoints": [report.to_json() for report in self.endpoints],
+            "send_test": self.send_test.to_json() if self.send_test is not None else None,
+            "notes": list(self.notes),
+            "duration_ms": self.duration_ms,
+            "checked_at": self.checked_at.isoformat(),
+        }
+
+    def render_text(self) -> str:
+        if not self.relays:
+            return "\n".join([f"no relay is configured: mail goes to the local outbox at {self.outbox}",
+                              "(set EMAIL_HOST, or MAILWATCHD_RELAYS, to send through a relay)", *self.notes])
+        lines = [f"mailwatchd check: {len(self.relays)} relay(s), {len(self.endpoints)} endpoint(s), "
+                 f"{self.duration_ms:.0f} ms", ""]
+        for report in self.endpoints:
+            lines += _render_endpoint(report)
+        if self.send_test is not None:
+            lines += _render_endpoint(self.send_test, title=f"send test to {self.send_test_to} via")
+        lines += self.notes
+        lines.append(self.verdict())
+        return "\n".join(lines)
+
+    def verdict(self) -> str:
+        usable = self.usable_relays()
+        down = [name for name in self.relays if name not in usable]
+        code = self.exit_code
+        if code == 0:
+            return "verdict: OK (exit 0): every relay endpoint works"
+        if code == 2:
+            return "verdict: MAIL CANNOT FLOW (exit 2): no relay is usable; mail waits in the spool"
+        broken = ", ".join(f"{r.relay} {r.endpoint}" for r in self.endpoints if not r.ok)
+        problems = f"relay(s) down: {', '.join(down)}; " if down else ""
+        if self.send_test is not None and not self.send_test.ok:
+            broken = ", ".join(filter(None, [broken, "the test message"]))
+        return f"verdict: DEGRADED (exit 1): {problems}failing: {broken}; mail flows through {', '.join(usable)}"
+
+
+def _render_endpoint(finding: Finding, title: str = "relay") -> list[str]:
+    report = finding.report
+    state = "OK" if report.ok else f"FAILED ({report.cause.value})"
+    lines = [f"{title} {report.relay!r}, endpoint {report.endpoint}: {state}"]
+    for step in report.steps:
+        lines.append(f"  {step.name:<9}{step.ms:>9.1f} ms  {'ok  ' if step.ok else 'FAIL'}  {step.detail}")
+    if report.cert_days_left is not None:
+        lines.append(f"  certificate: {report.cert_days_left} days left ({report.tls_version})")
+    if not report.ok:
+        lines.append(f"  cause: {report.cause.value}")
+        lines.append(f"  fix: {finding.hint}")
+    else:
+        lines.append(f"  result: {report.detail}")
+    if finding.alternatives:
+        alts = "; ".join(f"{alt.port}/{alt.tls.value} " + (f"works (answered in {alt.answered_ms:g} ms)" if alt.ok
+                                                              else alt.cause.value) for alt in finding.alternatives)
+        lines.append(f"  other ports on {report.host}: {alts}")
+    lines.append("")
+    return lines
+
+
+def alternative_endpoints(host: str, alt_ports: Sequence[AltPort], configured: set[int]) -> list[Endpoint]:
+    """The usual other ports on `host`: a bare 465 is implicit TLS, any other port STARTTLS."""
+    endpoints = []
+    for alt in alt_ports:
+        port, mode = alt if isinstance(alt, tuple) else (alt, TlsMode.IMPLICIT if alt == 465 else TlsMode.STARTTLS)
+        if port not in configured:
+            configured = configured | {port}
+            endpoints.append(Endpoint(host, port, mode))
+    return endpoints
+
+
+def send_test_sender(relay: RelayConfig, helo_name: str) -> str:
+    """Who the test message is from: the relay's login when it is an address, else mailwatchd@<helo name>."""
+    user = relay.username
+    if user is not None:
+        try:
+            return str(check_address(user, "sender"))
+        except MalformedMessage:
+            pass
+    return f"mailwatchd@{helo_name}"
+
+
+async def run_check(settings: Settings, *, send_test_to: str | None = None, resolve: Resolver | None = None,
+                    alt_ports: Sequence[AltPort] = DEFAULT_ALT_PORTS) -> CheckReport:
+    """Probe every endpoint of every relay (and the alternatives) concurrently; optionally send a test."""
+    if send_test_to is not None:
+        SendTest("mailwatchd@example.invalid", send_test_to)  # ValueError before anything is probed
+    start = time.perf_counter()
+    checked_at = datetime.now(UTC)
+    if not settings.relays:
+        notes = [f"send test skipped: no relay is configured ({send_test_to} not sent)"] if send_test_to else []
+        return CheckReport(endpoints=[], relays=[], duration_ms=0.0, checked_at=checked_at,
+                           outbox=settings.outbox, send_test_to=send_test_to, notes=notes)
+    targets = [(relay, endpoint) for relay in settings.relays for endpoint in relay.endpoints]
+    alt_targets: list[tuple[RelayConfig, Endpoint]] = []
+    for relay in settings.relays:
+        anonymous = replace(relay, username=None, password=None)  # no extra login attempts
+        for host in dict.fromkeys(endpoint.host for endpoint in relay.endpoints):
+            configured = {endpoint.port for endpoint in relay.endpoints if endpoint.host == host}
+            alt_targets += [(anonymous, alt) for alt in alternative_endpoints(host, alt_ports, configured)]
+    results = await asyncio.gather(*(probe_endpoint(relay, endpoint, settings, resolve=resolve)
+                                     for relay, endpoint in targets + alt_targets))
+    reports, alt_reports = list(results[: len(targets)]), results[len(targets):]
+    findings: list[Finding] = []
+    for (relay, endpoint), report in zip(targets, reports, strict=True):
+        finding = Finding(report)
+        findings.append(finding)
+        if report.ok:
+            continue
+        if report.cause in ALT_CAUSES:
+            finding.alternatives = [alt for (alt_relay, alt_endpoint), alt in zip(alt_targets, alt_reports, strict=True)
+                                    if alt_relay.name == relay.name and alt_endpoint.host == endpoint.host]
+        fallback = next((r.endpoint for r in reports if r.relay == relay.name and r.ok), None)
+        finding.hint = hint_for(report.cause, endpoint, report.detail, relay=relay,
+                                alternatives=finding.alternatives, fallback=fallback)
+    check = CheckReport(endpoints=findings, relays=[relay.name for relay in settings.relays], duration_ms=0.0,
+                        checked_at=checked_at, send_test_to=send_test_to)
+    if send_test_to is not None:
+        healthy = next(((relay, r.endpoint) for relay in settings.relays for r in reports
+                        if r.relay == relay.name and r.ok), None)
+        if healthy is None:
+            check.notes.append(f"send test skipped: no usable relay ({send_test_to} not sent)")
+        else:
+            relay, endpoint = healthy
+            test = SendTest(send_test_sender(relay, settings.ehlo_name), send_test_to)
+            report = await probe_endpoint(relay, endpoint, settings, resolve=resolve, send_test=test)
+            check.send_test = Finding(report, hint_for(report.cause, endpoint, report.detail, relay=relay))
+    check.duration_ms = round((time.perf_counter() - start) * 1000, 1)
+    return check

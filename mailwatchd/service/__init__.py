@@ -1,0 +1,1 @@
+"""The daemon: start-up, workers, scheduler, health, sd_notify and the journal."""

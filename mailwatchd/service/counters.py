@@ -1,0 +1,74 @@
+"""What the daemon has done, counted in one place: totals since start, the current drain pass,
+and the attempts in flight. Intake and the workers report here; health and the status file read.
+
+A drain pass starts when work arrives on an idle daemon and ends when nothing is ready or in
+flight any more; each end is one `drain_started` / `drain_finished` log line (nullmailer's
+"starting delivery" / "delivery complete").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mailwatchd.service.logs import get_logger
+
+log = get_logger()
+
+
+@dataclass
+class Tally:
+    delivered: int = 0
+    deferred: int = 0
+    failed: int = 0
+
+
+@dataclass
+class Counters:
+    """Totals, the current pass and work in flight. `backlog()` gives (ready, deferred) for the pass lines."""
+
+    backlog: Callable[[], tuple[int, int]]
+    totals: Tally = field(default_factory=Tally)
+    failed_in_store: int = 0  # messages in failed/, including those found there at start
+    last_delivery: float | None = None  # epoch seconds
+    in_flight: int = 0
+    _pass: Tally | None = None
+    _pass_started: float = 0.0
+
+    def queued(self) -> None:
+        """A message became ready: a pass starts if none is running."""
+        if self._pass is None:
+            self._pass = Tally()
+            self._pass_started = time.monotonic()
+            ready, deferred = self.backlog()
+            log.info("drain_started", ready=ready, deferred=deferred)
+
+    def attempt_started(self) -> None:
+        self.in_flight += 1
+        self.queued()
+
+    def attempt_finished(self) -> None:
+        self.in_flight -= 1
+        ready, deferred = self.backlog()
+        if self.in_flight == 0 and ready == 0 and self._pass is not None:
+            done, self._pass = self._pass, None
+            log.info("drain_finished", duration_s=round(time.monotonic() - self._pass_started, 3),
+                     delivered=done.delivered, deferred=done.deferred, failed=done.failed, waiting=deferred)
+
+    def delivered(self) -> None:
+        self.last_delivery = time.time()
+        self._count("delivered")
+
+    def deferred(self) -> None:
+        self._count("deferred")
+
+    def failed(self) -> None:
+        """A message (or a split-off part, or a refused drop) went to failed/."""
+        self.failed_in_store += 1
+        self._count("failed")
+
+    def _count(self, what: str) -> None:
+        for tally in (self.totals, self._pass):
+            if tally is not None:
+                setattr(tally, what, getattr(tally, what) + 1)

@@ -1,0 +1,333 @@
+"""The daemon's life: start-up (layout, lock, recovery) → main loop → shutdown.
+
+The daemon builds the parts and hands each what it uses: the spool, the scheduler, the live
+configuration (settings and router, swapped by a reload), the counters and the stop event.
+Signal handlers only record the signal and wake the main loop, which acts: SIGTERM/SIGINT ask
+for a warm stop (attempts in flight finish, within the shutdown grace), a second one stops at
+once; SIGHUP reloads settings; SIGUSR1 retries everything now. Messages are never at risk on
+either stop: a file leaves the spool only after the relay's reply to DATA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import signal
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from dotenv import dotenv_values
+
+from mailwatchd import exitcodes
+from mailwatchd.errors import ConfigError, SpoolLocked
+from mailwatchd.service import notify
+from mailwatchd.service.counters import Counters
+from mailwatchd.service.health import HealthReporter
+from mailwatchd.service.live import Live, SessionFactory
+from mailwatchd.service.logs import get_logger
+from mailwatchd.service.scheduler import Scheduler, WorkItem
+from mailwatchd.service.worker import Worker
+from mailwatchd.settings.config import Settings, load_settings
+from mailwatchd.spool.intake import Intake
+from mailwatchd.spool.recovery import recover
+from mailwatchd.spool.store import Location, Spool
+from mailwatchd.submission.listener import Listener, inherited_sockets
+from mailwatchd.submission.smtpserver import Queued, ServerFactory
+
+log = get_logger()
+# A worker past the bound of its delivery call, or an idle worker that has not gone round its
+# loop, by more than this margin is stuck: the watchdog pings stop and systemd restarts us.
+STUCK_MARGIN_S = 10.0
+MAIN_LOOP_PERIOD_S = 5.0
+RECOVERY_EXTEND_ABOVE = 10_000
+RECOVERY_S_PER_MESSAGE = 0.001  # 40x margin: recover() took 0.024 ms a message (20k queued + 20k deferred, ext4)
+LISTEN_COMMAND_TIMEOUT_S = 300.0  # RFC 5321 §4.5.3.2.7: a server should wait 5 minutes for the next command
+
+
+class Daemon:
+    """mailwatchd run: one spool, one process."""
+
+    def __init__(self, settings: Settings, *, environ: Mapping[str, str] | None = None,
+                 session_factory: SessionFactory | None = None) -> None:
+        self.environ = dict(os.environ if environ is None else environ)
+        self.spool = Spool(settings.spool, max_message_size=settings.max_message_size)
+        self.scheduler = Scheduler()
+        # An endpoint going down or up changes what status says: the main loop refreshes it at once.
+        self.live = Live(settings, session_factory, on_transition=lambda _: self._attention.set())
+        self.counters = Counters(lambda: (self.scheduler.ready_count, self.scheduler.deferred_count))
+        self.notifier = notify.Notifier()
+        self.stop = asyncio.Event()
+        self.workers: list[Worker] = []
+        self._tasks: dict[Worker, asyncio.Task[None]] = {}
+        self._signals: list[int] = []
+        self._attention = asyncio.Event()
+        self._stop_requested = 0
+        self._file_values_at_start = _file_values(settings.config_path)
+        self.listener: Listener | None = None
+        self.intake = Intake(spool=self.spool, scheduler=self.scheduler, counters=self.counters, live=self.live,
+                             stop=self.stop)
+        self.health = HealthReporter(spool=self.spool, scheduler=self.scheduler, live=self.live,
+                                     counters=self.counters, notifier=self.notifier, stuck=self.stuck_reason)
+
+    @property
+    def settings(self) -> Settings:
+        return self.live.settings
+
+    # -- signals: record and wake, nothing else ---------------------------------------------------
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals.append(signum)
+        self._attention.set()
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+
+    # -- start-up ---------------------------------------------------------------------------------
+
+    def startup(self) -> None:
+        """Create the layout, take the lock, recover what a previous run left."""
+        self.spool.create_layout()
+        self.spool.acquire_lock()
+        problem = self.spool.probe_writable()
+        if problem is not None:
+            raise PermissionError(problem)
+        backlog = sum(len(self.spool.names(location)) for location in Location)
+        if backlog > RECOVERY_EXTEND_ABOVE:
+            # Recovery reads one state file per message: ask systemd for the time it needs.
+            self.notifier.extend_timeout(30.0 + backlog * RECOVERY_S_PER_MESSAGE)
+            log.info("spool_recovery_started", messages=backlog)
+        recovery = recover(self.spool)
+        for queue_id in recovery.ready:
+            self.scheduler.add_ready(WorkItem(queue_id, Location.QUEUE))
+        for due, queue_id in recovery.deferred:
+            self.scheduler.add_deferred(due, queue_id)
+        self.counters.failed_in_store = len(self.spool.names(Location.FAILED))
+        if recovery.ready or recovery.deferred or recovery.completed_moves or recovery.orphans_removed:
+            log.info("spool_recovered", ready=len(recovery.ready), deferred=len(recovery.deferred),
+                     completed_moves=recovery.completed_moves, orphans_removed=recovery.orphans_removed)
+        if self.settings.uses_outbox:
+            log.warning("no_relay_configured", outbox=str(self.settings.outbox),
+                        hint="set EMAIL_HOST (or MAILWATCHD_RELAYS) to deliver through a relay; "
+                             "until then messages go to the local outbox Maildir")
+
+    async def run(self) -> int:
+        """Run until stopped; returns the process exit status."""
+        loop = asyncio.get_running_loop()
+        try:
+            self.startup()
+        except SpoolLocked as exc:
+            log.error("spool_locked", detail=str(exc))
+            return exitcodes.TEMPFAIL
+        except ConfigError as exc:  # a socket systemd passed is not one we can serve
+            log.error("config_invalid", key=exc.key, problem=exc.problem, fix=exc.fix)
+            return exitcodes.CONFIG
+        except OSError as exc:
+            log.error("spool_unusable", spool=str(self.settings.spool), detail=str(exc),
+                      hint="the spool must be writable by the daemon's user")
+            return exitcodes.CANTCREAT
+        except Exception:
+            log.exception("startup_failed")
+            return exitcodes.SOFTWARE
+        self._install_signals(loop)
+        try:
+            self.intake.start(loop)
+            self._resize_workers(self.settings.concurrency)
+            if not await self._start_listener():
+                return exitcodes.TEMPFAIL
+            self.health.start()
+            relays = ",".join(relay.name for relay in self.settings.relays) or "outbox"
+            listening = " ".join(_shown(address) for address in self.listener.addresses) if self.listener else ""
+            log.info("daemon_ready", spool=str(self.settings.spool), relays=relays,
+                     concurrency=self.settings.concurrency, queued=len(self.scheduler), listen=listening or None)
+            self.notifier.ready()
+            await self._main_loop()
+        finally:
+            await self._shutdown()
+        return exitcodes.OK
+
+    async def _start_listener(self) -> bool:
+        """Serve SMTP on systemd's sockets, else on MAILWATCHD_LISTEN (none when it is empty)."""
+        inherited = inherited_sockets()
+        listen = self.settings.listen
+        if not inherited and not listen.addresses:
+            return True
+        factory = ServerFactory(spool_root=self.settings.spool, listen=listen, hostname=self.settings.ehlo_name,
+                                max_message_size=self.settings.max_message_size,
+                                command_timeout=LISTEN_COMMAND_TIMEOUT_S, on_queued=_log_received)
+        listener = Listener(factory, listen, inherited)
+        try:
+            await listener.start()
+        except OSError as exc:
+            shown = " ".join(f"{host}:{port}" for host, port in listen.addresses)
+            log.error("listen_failed", listen=shown, detail=exc.strerror or str(exc),
+                      hint="another program holds the address: set MAILWATCHD_LISTEN to a free one, or empty it")
+            return False
+        self.listener = listener
+        return True
+
+    def _start_worker(self, index: int) -> Worker:
+        worker = Worker(index, spool=self.spool, scheduler=self.scheduler, live=self.live, counters=self.counters,
+                        stop=self.stop)
+        self._tasks[worker] = asyncio.create_task(worker.run(), name=f"worker-{index}")
+        return worker
+
+    def _resize_workers(self, concurrency: int) -> None:
+        """Start workers up to `concurrency`; retire the ones above it (each finishes its message first)."""
+        while len(self.workers) < concurrency:
+            self.workers.append(self._start_worker(len(self.workers)))
+        while len(self.workers) > concurrency:
+            self.workers.pop().retired = True
+        self.scheduler.wake()  # a retired worker waiting for work notices at once
+        self.live.wakeup().set()
+
+    # -- main loop: notices signals, checks health, pings the watchdog -------------------------------
+
+    async def _main_loop(self) -> None:
+        interval = self.notifier.watchdog_interval()
+        period = min(MAIN_LOOP_PERIOD_S, interval) if interval else MAIN_LOOP_PERIOD_S
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._attention.wait(), period)
+            self._attention.clear()
+            while self._signals:
+                signum = self._signals.pop(0)
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    self._stop_requested += 1
+                elif signum == signal.SIGHUP:
+                    self.reload()
+                elif signum == signal.SIGUSR1:
+                    flushed = self.scheduler.flush()
+                    self.live.router.reset()
+                    log.info("flush_requested", deferred=flushed)
+            if self._stop_requested:
+                return
+            self._replace_crashed_workers()
+            self.health.tick()
+            self.notifier.flush()
+
+    def _replace_crashed_workers(self) -> None:
+        """A worker that died of a bug is logged and replaced: one failure must not stall the queue."""
+        for index, worker in enumerate(self.workers):
+            task = self._tasks[worker]
+            if task.done():
+                error = None if task.cancelled() else task.exception()
+                log.error("worker_crashed", worker=index, exc_info=error)
+                del self._tasks[worker]
+                self.workers[index] = self._start_worker(index)
+        for worker, task in list(self._tasks.items()):
+            if worker.retired and task.done():
+                del self._tasks[worker]
+
+    def stuck_reason(self) -> str | None:
+        """Why the work is not healthy now, for the watchdog; None when it is."""
+        now = time.monotonic()
+        for worker in self._tasks:
+            reason = worker.stuck(now, STUCK_MARGIN_S)
+            if reason is not None:
+                return reason
+        if any(self._tasks[worker].done() for worker in self.workers):
+            return "a worker task has ended"
+        return None
+
+    # -- reload ------------------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Re-read settings; a bad new configuration is reported and the old one kept."""
+        self.notifier.reloading()
+        try:
+            new = load_settings(self.settings.config_path, self.environ_for_reload())
+        except ConfigError as exc:
+            log.error("config_reload_failed", key=exc.key, problem=exc.problem, fix=exc.fix)
+            self.notifier.ready()
+            return
+        old = self.settings
+        if new.listen != old.listen:
+            log.warning("config_reload_listen_ignored", hint="restart the daemon to change MAILWATCHD_LISTEN*")
+            new = dataclasses.replace(new, listen=old.listen)
+        if new.spool != old.spool:
+            log.warning("config_reload_spool_ignored", spool=str(new.spool), kept=str(old.spool),
+                        hint="restart the daemon to change MAILWATCHD_SPOOL")
+            new = dataclasses.replace(new, spool=old.spool, outbox=old.outbox)
+        self.spool.max_message_size = new.max_message_size
+        self.live.replace(new)
+        workers_before = len(self.workers)
+        self._resize_workers(new.concurrency)
+        self.scheduler.wake()
+        relays = ",".join(relay.name for relay in new.relays) or "outbox"
+        log.info("config_reloaded", relays=relays, workers=f"{workers_before} -> {len(self.workers)}",
+                 sessions="reopened with the new settings")
+        self.notifier.ready()
+
+    def environ_for_reload(self) -> dict[str, str]:
+        """The start-up environment minus what it got from the env file itself.
+
+        Under systemd, EnvironmentFile= puts the file's keys into our environment at start;
+        they must not mask the file's new values on a reload. A key whose value equals the
+        file's value at start is taken to have come from the file.
+        """
+        return {key: value for key, value in self.environ.items()
+                if self._file_values_at_start.get(key) != value}
+
+    # -- shutdown ----------------------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        self.stop.set()  # every waiter notices at once: workers waiting for work or for a relay
+        self.notifier.stopping()
+        in_flight = sum(1 for worker in self._tasks if worker.busy_until is not None)
+        log.info("daemon_stopping", in_flight=in_flight, grace_s=self.settings.shutdown_grace)
+        if self.listener is not None:
+            # No new messages: a client in the middle of DATA gets its answer, the others a 421.
+            await self.listener.stop(min(self.settings.shutdown_grace, 5.0))
+        self.intake.stop()
+        self.scheduler.close()
+        tasks = list(self._tasks.values())
+        pending = [task for task in tasks if not task.done()]
+        if pending and self._stop_requested < 2:
+            waiter = asyncio.ensure_future(asyncio.wait(pending, timeout=self.settings.shutdown_grace))
+            while not waiter.done():
+                # A second SIGTERM/SIGINT during the grace period stops at once.
+                await asyncio.wait([waiter, asyncio.ensure_future(self._attention.wait())],
+                                   return_when=asyncio.FIRST_COMPLETED)
+                self._attention.clear()
+                if any(s in (signal.SIGTERM, signal.SIGINT) for s in self._signals):
+                    self._signals.clear()
+                    log.warning("daemon_stopping_now", reason="second signal")
+                    break
+            waiter.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.health.stop()
+        self.spool.release_lock()
+        totals = self.counters.totals
+        log.info("daemon_stopped", delivered=totals.delivered, deferred=totals.deferred, failed=totals.failed)
+
+
+def _log_received(queued: Queued) -> None:
+    log.info("smtp_received", queue_id=queued.queue_id, peer=queued.peer, size=queued.size,
+             recipients=queued.recipients)
+
+
+def _shown(address: tuple[str, int] | str) -> str:
+    if isinstance(address, str):
+        return address
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _file_values(path: Path | None) -> dict[str, str]:
+    if path is None:
+        return {}
+    try:
+        return {key: value or "" for key, value in dotenv_values(path, interpolate=False).items()}
+    except (OSError, UnicodeDecodeError):
+        return {}
+
+
+def run_daemon(settings: Settings) -> int:
+    """Entry point for `mailwatchd run` once settings are valid."""
+    return asyncio.run(Daemon(settings).run())

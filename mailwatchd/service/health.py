@@ -1,0 +1,155 @@
+"""Health: what the daemon tells the operator and systemd.
+
+- the sd_notify STATUS= line and the status file (statusfile.py) that `mailwatchd status` reads;
+- the watchdog ping, sent from the main loop only while no worker is stuck past its deadline
+  and the spool takes a durable write (the one watchdog gate);
+- the reachability probes of every relay endpoint, on a timer (faster while one is down).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable
+
+import psutil
+
+from mailwatchd.relays.probe import probe_endpoint
+from mailwatchd.service.counters import Counters
+from mailwatchd.service.live import Live
+from mailwatchd.service.logs import get_logger
+from mailwatchd.service.notify import Notifier
+from mailwatchd.service.scheduler import Scheduler
+from mailwatchd.service.statusfile import ProcessStatus, RelayStatus, Status, status_line, write_status
+from mailwatchd.spool.messagestate import queue_id_time
+from mailwatchd.spool.store import Location, Spool
+
+log = get_logger()
+CERT_WARNING_DAYS = 14
+WRITABLE_CHECK_S = 30.0
+
+
+class HealthReporter:
+    """Status line and file, the watchdog gate, probes."""
+
+    def __init__(self, *, spool: Spool, scheduler: Scheduler, live: Live, counters: Counters, notifier: Notifier,
+                 stuck: Callable[[], str | None]) -> None:
+        self.spool = spool
+        self.scheduler = scheduler
+        self.live = live
+        self.counters = counters
+        self.notifier = notifier
+        self.stuck = stuck
+        self.started_at = time.time()
+        self._status_line = ""
+        self._problem: str | None = None
+        self._writable_checked = 0.0
+        self._writable_problem: str | None = None
+        self._probe_task: asyncio.Task[None] | None = None
+        self._cert_warned: dict[str, float] = {}
+        self._process = psutil.Process()
+
+    def start(self) -> None:
+        self._probe_task = asyncio.create_task(self._probe_forever(), name="probe")
+        self.tick()
+
+    async def stop(self) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._probe_task
+
+    # -- probes -------------------------------------------------------------------------------
+
+    async def _probe_forever(self) -> None:
+        while True:
+            settings, router = self.live.settings, self.live.router
+            targets = [(relay, endpoint) for relay in settings.relays for endpoint in relay.endpoints]
+            reports = await asyncio.gather(*(probe_endpoint(relay, endpoint, settings)
+                                             for relay, endpoint in targets), return_exceptions=True)
+            for (relay, endpoint), report in zip(targets, reports, strict=True):
+                if isinstance(report, BaseException):
+                    log.error("probe_crashed", relay=relay.name, endpoint=str(endpoint), exc_info=report)
+                    continue
+                if router is not self.live.router:
+                    break  # reloaded meanwhile: these results describe the old relays
+                router.report_probe(relay.name, endpoint, report.ok, report.cause.value, report.detail,
+                                    report.timings_ms, report.cert_days_left)
+                self._warn_certificate(relay.name, str(endpoint), report.cert_days_left)
+            any_down = any(ep.up is False for relay in self.live.router.relays for ep in relay.endpoints)
+            await asyncio.sleep(settings.probe_interval_down if any_down else settings.probe_interval)
+
+    def _warn_certificate(self, relay: str, endpoint: str, days_left: int | None) -> None:
+        if days_left is None or days_left > CERT_WARNING_DAYS:
+            return
+        now = time.monotonic()
+        if now - self._cert_warned.get(endpoint, -1e18) >= 86400.0:
+            self._cert_warned[endpoint] = now
+            log.warning("certificate_expiring", relay=relay, endpoint=endpoint, days_left=days_left)
+
+    # -- periodic: watchdog, status ------------------------------------------------------------
+
+    def problem(self) -> str | None:
+        """Why the daemon is not healthy now (None when it is)."""
+        now = time.monotonic()
+        if now - self._writable_checked >= WRITABLE_CHECK_S:
+            self._writable_checked = now
+            self._writable_problem = self.spool.probe_writable()
+        return self.stuck() or (f"spool not writable: {self._writable_problem}" if self._writable_problem else None)
+
+    def tick(self) -> None:
+        """One main-loop iteration completed: ping if healthy, refresh status."""
+        problem = self.problem()
+        if problem != self._problem:
+            if problem:
+                log.error("daemon_unhealthy", problem=problem, action="watchdog pings withheld")
+            elif self._problem:
+                log.info("daemon_healthy")
+            self._problem = problem
+        if problem is None:
+            self.notifier.watchdog_ping()
+        status = self.snapshot()
+        line = status_line(status)
+        if line != self._status_line:
+            self._status_line = line
+            self.notifier.status(line)
+        try:
+            write_status(self.spool.root, status)
+        except OSError as exc:
+            log.debug("status_write_failed", detail=str(exc))
+
+    def snapshot(self) -> Status:
+        spool, settings, counters = self.spool, self.live.settings, self.counters
+        oldest = [names[0] for names in (spool.names(Location.QUEUE), spool.names(Location.DEFERRED)) if names]
+        relays: list[RelayStatus] = []
+        for relay in self.live.router.relays:
+            relays.append({
+                "name": relay.config.name, "health": relay.health.value,
+                "paused": relay.paused_until > time.monotonic(), "pause_cause": relay.pause_cause or None,
+                "last_delivery": relay.last_delivery,
+                "endpoints": [{"endpoint": str(ep.endpoint), "up": ep.up, "cause": ep.cause or None,
+                               "detail": ep.detail or None, "last_probe": ep.last_probe,
+                               "timings_ms": ep.probe_timings_ms, "cert_days_left": ep.cert_days_left}
+                              for ep in relay.endpoints],
+            })
+        process: ProcessStatus = {}
+        with contextlib.suppress(Exception):
+            process["rss_bytes"] = self._process.memory_info().rss
+            process["open_fds"] = self._process.num_fds()
+            process["spool_free_bytes"] = psutil.disk_usage(str(spool.root)).free
+        totals = counters.totals
+        return {
+            "pid": os.getpid(), "started_at": self.started_at, "updated_at": time.time(),
+            "healthy": self._problem is None, "problem": self._problem,
+            "mode": "outbox" if settings.uses_outbox else "relay",
+            "outbox": str(settings.outbox) if settings.uses_outbox else None,
+            "relays": relays,
+            "queue": {"ready": self.scheduler.ready_count, "deferred": self.scheduler.deferred_count,
+                      "failed": counters.failed_in_store, "in_flight": counters.in_flight},
+            "oldest_age_s": round(time.time() - min(queue_id_time(q) for q in oldest), 1) if oldest else None,
+            "last_delivery": counters.last_delivery,
+            "totals": {"delivered": totals.delivered, "deferred": totals.deferred, "failed": totals.failed},
+            "process": process,
+        }

@@ -1,0 +1,328 @@
+"""One worker: take a due message, attempt it through the relays in failover order, and
+settle the outcome back into the spool. Several workers run side by side (one session each
+at a time), sharing the scheduler and the live configuration's router.
+
+Order of writes on settling (crash-safety): a split-off part is stored before the original
+is removed; a message's state is written before its file moves; a file is removed only after
+the relay accepted it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import NamedTuple, assert_never
+
+from mailwatchd.errors import MalformedMessage, RefusedSpoolEntry, SpoolFull
+from mailwatchd.message import envelope
+from mailwatchd.message.envelope import OutgoingMessage
+from mailwatchd.service.backoff import retry_delay
+from mailwatchd.service.counters import Counters
+from mailwatchd.service.live import Live
+from mailwatchd.service.logs import get_logger
+from mailwatchd.service.scheduler import Scheduler, WorkItem
+from mailwatchd.settings.relays import Endpoint, RelayConfig
+from mailwatchd.spool.messagestate import Attempt, MessageState, queue_id_time
+from mailwatchd.spool.store import Location, Spool
+from mailwatchd.transports.outcome import Cause, DeliveryResult, Outcome, RefusedRecipient
+from mailwatchd.transports.transport import Session
+
+log = get_logger()
+# An idle worker goes round its loop at least this often (waiting for work or for a relay);
+# the watchdog counts a worker that has not gone round for longer (plus a margin) as stuck.
+IDLE_LOOP_S = 5.0
+
+
+class Retry(NamedTuple):
+    """A message to try again at `due` (epoch seconds), from the directory it is in."""
+
+    due: float
+    queue_id: str
+    location: Location = Location.DEFERRED
+
+
+@dataclass
+class Followup:
+    """What the scheduler must do once the worker let go of a message."""
+
+    retry_at: list[Retry] = field(default_factory=list)
+    give_back: bool = False  # no relay could take it now: first in line again
+
+
+class Worker:
+    """Attempts messages one at a time, reusing its session across consecutive messages."""
+
+    def __init__(self, index: int, *, spool: Spool, scheduler: Scheduler, live: Live, counters: Counters,
+                 stop: asyncio.Event) -> None:
+        self.index = index
+        self.spool = spool
+        self.scheduler = scheduler
+        self.live = live
+        self.counters = counters
+        self.stop = stop
+        self.retired = False  # a reload lowered the concurrency: finish the current message, then end
+        self.busy_until: float | None = None  # monotonic deadline of the delivery call in flight
+        self.last_iteration = time.monotonic()  # the watchdog wants proof the loop goes round
+        self._sessions: dict[tuple[str, Endpoint | None], Session] = {}
+        self._generation = live.generation
+
+    def stuck(self, now: float, margin: float) -> str | None:
+        """Why this worker looks stuck (a delivery past its bound, a loop that stopped), or None."""
+        if self.busy_until is not None:
+            if now > self.busy_until + margin:
+                return f"worker {self.index} is in a delivery {now - self.busy_until:.0f}s past its deadline"
+            return None
+        if now - self.last_iteration > IDLE_LOOP_S + margin:
+            return f"worker {self.index} has not gone round its loop for {now - self.last_iteration:.0f}s"
+        return None
+
+    async def run(self) -> None:
+        try:
+            while not self.stop.is_set() and not self.retired:
+                self.last_iteration = time.monotonic()
+                await self._iteration()
+        finally:
+            await self.close_sessions()
+
+    async def _iteration(self) -> None:
+        live = self.live
+        if self._generation != live.generation:
+            await self.close_sessions()
+            self._generation = live.generation
+        if not live.settings.uses_outbox:
+            wait = live.router.next_chance()
+            if wait is not None:
+                await self._wait_for_relay(wait)
+                return
+        item = self.scheduler.take_nowait()
+        if item is None:
+            await self._close_idle()
+            item = await self.scheduler.take(timeout=self._idle_wait())
+            if item is None:
+                return
+        if self.stop.is_set():
+            self.scheduler.release(item)
+            return
+        followup = Followup()
+        self.counters.attempt_started()
+        # The message did not move: it is retried from where it is.
+        retry_later = Followup(retry_at=[Retry(time.time() + live.settings.retry_min, item.queue_id, item.location)])
+        try:
+            followup = await self.attempt(item)
+        except (SpoolFull, OSError) as exc:
+            log.error("spool_write_failed", queue_id=item.queue_id, detail=str(exc))
+            followup = retry_later
+        except Exception:
+            # One unexpected failure must not stall the queue: keep the file, retry later.
+            log.exception("attempt_crashed", queue_id=item.queue_id)
+            followup = retry_later
+        finally:
+            self.busy_until = None
+            self.scheduler.done(item.queue_id)
+        if followup.give_back:
+            self.scheduler.release(item)
+        for retry in followup.retry_at:
+            self.scheduler.add_deferred(*retry)
+        self.counters.attempt_finished()
+
+    async def _wait_for_relay(self, wait: float) -> None:
+        """Until an endpoint may be usable, the configuration changes or the daemon stops."""
+        changed = self.live.wakeup()
+        changed.clear()
+        waiters = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(self.stop.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=min(wait, IDLE_LOOP_S) + 0.01, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    def _idle_wait(self) -> float:
+        """How long to wait for work: until the next open session's idle timeout, at most IDLE_LOOP_S."""
+        idle_timeout = self.live.settings.idle_timeout
+        remaining = [idle_timeout - session.idle_for for session in self._sessions.values()]
+        return max(0.0, min([IDLE_LOOP_S, *remaining]))
+
+    async def _close_idle(self) -> None:
+        idle_timeout = self.live.settings.idle_timeout
+        for key, session in list(self._sessions.items()):
+            if session.idle_for >= idle_timeout:
+                del self._sessions[key]
+                await session.close()
+
+    async def close_sessions(self) -> None:
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            await session.close()
+
+    def _session(self, relay: RelayConfig | None, endpoint: Endpoint | None) -> Session:
+        key = (relay.name if relay else "outbox", endpoint)
+        session = self._sessions.get(key)
+        if session is None:
+            session = self._sessions[key] = self.live.make_session(relay, endpoint)
+        return session
+
+    # -- one attempt --------------------------------------------------------------------------
+
+    async def attempt(self, item: WorkItem) -> Followup:
+        spool = self.spool
+        queue_id, location = item.queue_id, item.location
+        loaded = spool.load_state(queue_id)
+        state = loaded or MessageState(queue_id, queue_id_time(queue_id))
+        try:
+            raw = spool.read(queue_id, location)
+        except FileNotFoundError:
+            log.info("message_vanished", queue_id=queue_id, location=location.value)
+            return Followup()
+        except (RefusedSpoolEntry, PermissionError) as exc:
+            self._fail(state, location, str(exc) if isinstance(exc, RefusedSpoolEntry)
+                       else f"cannot read the spool file: {exc.strerror}")
+            return Followup()
+        try:
+            # Parsed as stored; completed (bare local names qualified, aliases applied) from the settings.
+            message = self.live.addressing.complete(envelope.parse(queue_id, raw))
+        except MalformedMessage as exc:
+            self._fail(state, location, f"malformed message: {exc}")
+            return Followup()
+
+        result = await self._deliver(message)
+        if result is None:
+            return Followup(give_back=True)
+        return self._settle(state, location, raw, message, result, has_state=loaded is not None)
+
+    async def _deliver(self, message: OutgoingMessage) -> DeliveryResult | None:
+        """One attempt, failing over across endpoints and relays; None if none can take it now."""
+        live = self.live
+        if live.settings.uses_outbox:
+            return await self._deliver_through(self._session(None, None), message)
+        router = live.router
+        candidates = router.candidates()
+        last: DeliveryResult | None = None
+        for index, (relay, endpoint) in enumerate(candidates):
+            result = await self._deliver_through(self._session(relay, endpoint), message)
+            router.report(relay, endpoint, result)
+            if result.outcome is not Outcome.RELAY_FAULT:
+                return result
+            if index + 1 < len(candidates):
+                next_relay, next_endpoint = candidates[index + 1]
+                log.warning("relay_failover", queue_id=message.queue_id, relay=relay.name, endpoint=str(endpoint),
+                            cause=result.cause.value, detail=result.summary, next_relay=next_relay.name,
+                            next_endpoint=str(next_endpoint))
+            last = result
+        if last is not None:
+            log.info("delivery_waiting", queue_id=message.queue_id, reason="no relay can take mail now",
+                     last_cause=last.cause.value, detail=last.summary)
+        return None
+
+    async def _deliver_through(self, session: Session, message: OutgoingMessage) -> DeliveryResult:
+        self.busy_until = time.monotonic() + session.bound(message)
+        return await session.deliver(message)
+
+    def _settle(self, state: MessageState, location: Location, raw: bytes, message: OutgoingMessage,
+                result: DeliveryResult, *, has_state: bool = True) -> Followup:
+        settings = self.live.settings
+        spool = self.spool
+        now = time.time()
+        followup = Followup()
+        permanent = [r for r in result.refused if r.outcome is Outcome.PERMANENT]
+        temporary = [r for r in result.refused if r.outcome is Outcome.TEMPORARY]
+        base = {"queue_id": message.queue_id, "relay": result.relay, "size": message.size}
+
+        match result.outcome:
+            case Outcome.DELIVERED:
+                if permanent:
+                    self._split(state, raw, message, permanent, Location.FAILED, now)
+                if temporary:
+                    due = now + retry_delay(1, settings.retry_min, settings.retry_max)
+                    part = self._split(state, raw, message, temporary, Location.DEFERRED, now, due=due)
+                    followup.retry_at.append(Retry(due, part))
+                spool.delivered(message.queue_id, location, has_state=has_state)
+                accepted = len(message.recipients) - len(result.refused)
+                log.info("message_delivered", **base, recipients=accepted, attempt=state.attempts + 1,
+                         endpoint=result.endpoint, reply=result.detail)
+                self.counters.delivered()
+                return followup
+            case Outcome.RELAY_FAULT:
+                # The relay's problem, not the message's (only the local outbox gets here; relay faults
+                # are failed over before): kept in the history, never counted as an attempt.
+                state.record(Attempt(now, result.outcome.value, result.cause.value, result.summary, result.relay),
+                             counted=False)
+                return self._defer(state, location, message, result, settings.retry_min)
+            case Outcome.PERMANENT:
+                state.record(Attempt(now, result.outcome.value, result.cause.value, result.summary, result.relay),
+                             counted=True)
+                self._fail(state, location, result.summary, cause=result.cause.value, relay=result.relay)
+                return followup
+            case Outcome.TEMPORARY:
+                state.record(Attempt(now, result.outcome.value, result.cause.value, result.summary, result.relay),
+                             counted=True)
+                return self._retry(state, location, raw, message, result, permanent, now)
+            case _:
+                assert_never(result.outcome)
+
+    def _retry(self, state: MessageState, location: Location, raw: bytes, message: OutgoingMessage,
+               result: DeliveryResult, permanent: list[RefusedRecipient], now: float) -> Followup:
+        """A temporary failure: permanently refused recipients leave now; the rest wait for a retry."""
+        settings = self.live.settings
+        spool = self.spool
+        # Expiry happens only on the message's own failure: an outage alone (relay faults) never fails it.
+        age = now - (state.first_failure_at or now)
+        if age >= settings.max_lifetime:
+            refused = "".join(f"; {r.recipient} refused: {r.code} {r.reply}" for r in permanent)
+            self._fail(state, location, f"gave up after {state.attempts} attempts over {age / 3600:.1f} h: "
+                       f"{result.summary}{refused}", cause=Cause.EXPIRED.value, relay=result.relay)
+            return Followup()
+        delay = retry_delay(state.attempts, settings.retry_min, settings.retry_max)
+        if not permanent:
+            return self._defer(state, location, message, result, delay)
+        self._split(state, raw, message, permanent, Location.FAILED, now)
+        remaining = [r for r in message.recipients if r not in {p.recipient for p in permanent}]
+        part_state = MessageState(spool.new_id(), state.received_at, attempts=state.attempts,
+                                  history=list(state.history), source=f"split from {message.queue_id}",
+                                  first_failure_at=state.first_failure_at, next_attempt_at=now + delay)
+        spool.add(envelope.with_envelope(raw, message.sender, remaining), part_state, Location.DEFERRED)
+        spool.delivered(message.queue_id, location)  # superseded by the parts just stored
+        log.info("message_deferred", queue_id=part_state.queue_id, relay=result.relay, size=message.size,
+                 attempt=state.attempts, delay_s=round(delay, 1), split_from=message.queue_id,
+                 cause=result.cause.value, reason=result.summary)
+        self.counters.deferred()
+        return Followup(retry_at=[Retry(now + delay, part_state.queue_id)])
+
+    def _defer(self, state: MessageState, location: Location, message: OutgoingMessage, result: DeliveryResult,
+               delay: float) -> Followup:
+        state.next_attempt_at = time.time() + delay
+        if not self.spool.defer(state, location):
+            return Followup()
+        next_attempt = datetime.fromtimestamp(state.next_attempt_at, UTC).isoformat(timespec="seconds")
+        log.info("message_deferred", queue_id=message.queue_id, relay=result.relay, size=message.size,
+                 attempt=state.attempts, delay_s=round(delay, 1), next_attempt=next_attempt,
+                 cause=result.cause.value, reason=result.summary)
+        self.counters.deferred()
+        return Followup(retry_at=[Retry(state.next_attempt_at, message.queue_id)])
+
+    def _split(self, state: MessageState, raw: bytes, message: OutgoingMessage, refused: list[RefusedRecipient],
+               location: Location, now: float, due: float | None = None) -> str:
+        """Store a copy of the message for some recipients only; returns its queue id."""
+        spool = self.spool
+        part = MessageState(spool.new_id(), state.received_at, source=f"split from {message.queue_id}",
+                            next_attempt_at=due)
+        reason = "; ".join(f"{r.recipient}: {r.code} {r.reply}" for r in refused)
+        part.record(Attempt(now, refused[0].outcome.value, Cause.RECIPIENT_REJECTED.value, reason, None),
+                    counted=True)
+        if location is Location.FAILED:
+            part.reason = f"recipient refused: {reason}"
+        spool.add(envelope.with_envelope(raw, message.sender, [r.recipient for r in refused]), part, location)
+        event = "recipients_failed" if location is Location.FAILED else "recipients_deferred"
+        log.info(event, queue_id=message.queue_id, part_id=part.queue_id, recipients=len(refused), reason=reason)
+        if location is Location.FAILED:
+            self.counters.failed()
+        else:
+            self.counters.deferred()
+        return part.queue_id
+
+    def _fail(self, state: MessageState, location: Location, reason: str, **fields: str | None) -> None:
+        state.reason = reason
+        if self.spool.fail(state, location):
+            log.warning("message_failed", queue_id=state.queue_id, reason=reason, attempts=state.attempts, **fields)
+            self.counters.failed()

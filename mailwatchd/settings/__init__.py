@@ -1,0 +1,1 @@
+"""Settings: the env file and the environment, validated once (relays, the listener, values)."""

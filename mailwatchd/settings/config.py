@@ -1,0 +1,224 @@
+"""Settings: an explicit env file plus the process environment, validated once.
+
+Keys follow Django's EMAIL_* names so an existing `.env` keeps working; mailwatchd's own
+keys start with MAILWATCHD_. Every problem raises ConfigError naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mailwatchd.errors import ConfigError
+from mailwatchd.message.maildomain import host_name
+from mailwatchd.settings.listen import ListenSettings, load_listen
+from mailwatchd.settings.parsing import parse_duration, parse_int, parse_size
+from mailwatchd.settings.relays import RelayConfig, load_relays
+
+SERVICE_SPOOL = Path("/var/spool/mailwatchd")
+SUBMIT_SOCKET = Path("/run/mailwatchd/submit.sock")  # the service's local submission socket (SMTP)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings. `relays` empty means the embedded outbox delivery."""
+
+    spool: Path
+    outbox: Path
+    relays: tuple[RelayConfig, ...] = ()
+    helo_name: str = ""  # MAILWATCHD_HELO_NAME; empty: the host's FQDN (see ehlo_name)
+    default_domain: str | None = None
+    connect_timeout: float = 5.0
+    command_timeout: float = 30.0
+    transaction_timeout: float = 120.0
+    concurrency: int = 2
+    idle_timeout: float = 10.0
+    retry_min: float = 60.0
+    retry_max: float = 3600.0
+    max_lifetime: float = 5 * 86400.0
+    max_message_size: int = 25 * 1024 * 1024
+    rescan_interval: float = 60.0
+    probe_interval: float = 300.0
+    probe_interval_down: float = 30.0
+    shutdown_grace: float = 20.0
+    log_format: str = "auto"
+    log_level: str = "info"
+    config_path: Path | None = None
+    listen: ListenSettings = field(default_factory=ListenSettings)
+    admin_address: str | None = None  # where mail to local users (root, postmaster, bare names) goes
+    aliases: Path | None = None  # an aliases(5) file mapping local names to addresses
+
+    @property
+    def uses_outbox(self) -> bool:
+        return not self.relays
+
+    @property
+    def ehlo_name(self) -> str:
+        """The name this host gives in EHLO: MAILWATCHD_HELO_NAME, else the mail domain (maildomain.py)."""
+        return self.helo_name or host_name(self.default_domain)
+
+
+# Keys this program reads; an unknown MAILWATCHD_* key in the env file is a typo worth
+# stopping for, while other keys (Django's SECRET_KEY, EMAIL_BACKEND...) are ignored.
+MAILWATCHD_KEYS = frozenset(
+    {
+        "MAILWATCHD_CONFIG",
+        "MAILWATCHD_SPOOL",
+        "MAILWATCHD_OUTBOX",
+        "MAILWATCHD_RELAYS",
+        "MAILWATCHD_FALLBACK_PORTS",
+        "MAILWATCHD_MAX_PER_MINUTE",
+        "MAILWATCHD_MAX_PER_DAY",
+        "MAILWATCHD_HELO_NAME",
+        "MAILWATCHD_DEFAULT_DOMAIN",
+        "MAILWATCHD_CONNECT_TIMEOUT",
+        "MAILWATCHD_TRANSACTION_TIMEOUT",
+        "MAILWATCHD_CONCURRENCY",
+        "MAILWATCHD_IDLE_TIMEOUT",
+        "MAILWATCHD_RETRY_MIN",
+        "MAILWATCHD_RETRY_MAX",
+        "MAILWATCHD_MAX_LIFETIME",
+        "MAILWATCHD_MAX_MESSAGE_SIZE",
+        "MAILWATCHD_RESCAN_INTERVAL",
+        "MAILWATCHD_PROBE_INTERVAL",
+        "MAILWATCHD_PROBE_INTERVAL_DOWN",
+        "MAILWATCHD_SHUTDOWN_GRACE",
+        "MAILWATCHD_LOG_FORMAT",
+        "MAILWATCHD_LOG_LEVEL",
+        "MAILWATCHD_LISTEN",
+        "MAILWATCHD_LISTEN_ALLOW",
+        "MAILWATCHD_LISTEN_USERS_FILE",
+        "MAILWATCHD_LISTEN_TLS_CERT",
+        "MAILWATCHD_LISTEN_TLS_KEY",
+        "MAILWATCHD_LISTEN_MAX_CONNECTIONS",
+        "MAILWATCHD_LISTEN_MAX_RECIPIENTS",
+        "MAILWATCHD_ADMIN_ADDRESS",
+        "MAILWATCHD_ALIASES",
+        "MAILWATCHD_SUBMIT_SOCKET",
+    }
+)
+
+def default_spool(environ: Mapping[str, str]) -> Path:
+    """/var/spool/mailwatchd wherever the service is installed (its spool exists), for every user:
+    mail must reach the daemon that runs; a per-user state directory only where no service is."""
+    if os.geteuid() == 0 or SERVICE_SPOOL.is_dir():
+        return SERVICE_SPOOL
+    state_home = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state_home) / "mailwatchd" / "spool"
+
+
+def load_environment(config_path: Path | None, environ: Mapping[str, str]) -> dict[str, str]:
+    """The env file's keys (if a path is given), overridden by the process environment."""
+    merged: dict[str, str] = {}
+    if config_path is not None:
+        if not config_path.is_file():
+            raise ConfigError("MAILWATCHD_CONFIG", f"config file {config_path} does not exist",
+                              "create it or point --config at the right file")
+        from dotenv import dotenv_values  # here: `sendmail` without an env file never pays for the import
+
+        try:
+            values = dotenv_values(config_path, interpolate=False)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("MAILWATCHD_CONFIG", f"cannot read {config_path}: {exc}",
+                              "make the file readable UTF-8 text") from None
+        for key, value in values.items():
+            if key.startswith("MAILWATCHD_") and key not in MAILWATCHD_KEYS:
+                raise ConfigError(key, f"unknown setting in {config_path}",
+                                  "check the spelling against the README's list of settings")
+            merged[key] = value or ""
+    for key, value in environ.items():
+        if key.startswith(("EMAIL_", "MAILWATCHD_")) or key == "CREDENTIALS_DIRECTORY":
+            merged[key] = value
+    return merged
+
+
+def load_settings(config_path: Path | str | None = None,
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    """Load and validate settings; raise ConfigError on the first problem found."""
+    env_source = os.environ if environ is None else environ
+    if config_path is None and env_source.get("MAILWATCHD_CONFIG"):
+        config_path = env_source["MAILWATCHD_CONFIG"]
+    path = Path(config_path) if config_path is not None else None
+    env = load_environment(path, env_source)
+
+    def get(key: str) -> str | None:
+        value = env.get(key)
+        return value if value not in (None, "") else None
+
+    spool = Path(get("MAILWATCHD_SPOOL") or default_spool(env_source))
+    if not spool.is_absolute():
+        raise ConfigError("MAILWATCHD_SPOOL", f"{spool} is a relative path", "use an absolute path")
+    outbox = Path(get("MAILWATCHD_OUTBOX") or spool / "outbox")
+
+    durations: dict[str, float] = {}
+    for key, attr, minimum in (
+        ("MAILWATCHD_CONNECT_TIMEOUT", "connect_timeout", 0.1),
+        ("EMAIL_TIMEOUT", "command_timeout", 0.1),
+        ("MAILWATCHD_TRANSACTION_TIMEOUT", "transaction_timeout", 0.1),
+        ("MAILWATCHD_IDLE_TIMEOUT", "idle_timeout", 0.0),
+        ("MAILWATCHD_RETRY_MIN", "retry_min", 0.01),
+        ("MAILWATCHD_RETRY_MAX", "retry_max", 0.01),
+        ("MAILWATCHD_MAX_LIFETIME", "max_lifetime", 1.0),
+        ("MAILWATCHD_RESCAN_INTERVAL", "rescan_interval", 0.1),
+        ("MAILWATCHD_PROBE_INTERVAL", "probe_interval", 0.1),
+        ("MAILWATCHD_PROBE_INTERVAL_DOWN", "probe_interval_down", 0.1),
+        ("MAILWATCHD_SHUTDOWN_GRACE", "shutdown_grace", 0.0),
+    ):
+        raw = get(key)
+        if raw is not None:
+            durations[attr] = parse_duration(key, raw, minimum=minimum)
+    defaults = Settings(spool=spool, outbox=outbox)
+    command_timeout = durations.get("command_timeout", defaults.command_timeout)
+    transaction_timeout = durations.get("transaction_timeout", defaults.transaction_timeout)
+    if transaction_timeout < command_timeout:
+        raise ConfigError("MAILWATCHD_TRANSACTION_TIMEOUT",
+                          f"{transaction_timeout:g}s is shorter than EMAIL_TIMEOUT ({command_timeout:g}s)",
+                          "make the whole-transaction deadline at least one command timeout")
+    retry_min = durations.get("retry_min", defaults.retry_min)
+    retry_max = durations.get("retry_max", defaults.retry_max)
+    if retry_max < retry_min:
+        raise ConfigError("MAILWATCHD_RETRY_MAX", f"{retry_max:g}s is below MAILWATCHD_RETRY_MIN ({retry_min:g}s)",
+                          "make the longest retry delay at least the shortest")
+
+    extra: dict[str, object] = {}
+    if (raw := get("MAILWATCHD_CONCURRENCY")) is not None:
+        extra["concurrency"] = parse_int("MAILWATCHD_CONCURRENCY", raw, minimum=1, maximum=64)
+    if (raw := get("MAILWATCHD_MAX_MESSAGE_SIZE")) is not None:
+        extra["max_message_size"] = parse_size("MAILWATCHD_MAX_MESSAGE_SIZE", raw)
+    if (raw := get("MAILWATCHD_HELO_NAME")) is not None:
+        extra["helo_name"] = raw.strip()
+    if (raw := get("MAILWATCHD_DEFAULT_DOMAIN")) is not None:
+        if "@" in raw or not raw.strip() or any(ch.isspace() for ch in raw.strip()):
+            raise ConfigError("MAILWATCHD_DEFAULT_DOMAIN", f"{raw!r} is not a domain",
+                              "use a bare domain such as example.com")
+        extra["default_domain"] = raw.strip()
+    if (raw := get("MAILWATCHD_LOG_FORMAT")) is not None:
+        if raw not in ("auto", "console", "json", "journal"):
+            raise ConfigError("MAILWATCHD_LOG_FORMAT", f"{raw!r} is not a log format",
+                              "use auto, console, json or journal")
+        extra["log_format"] = raw
+    if (raw := get("MAILWATCHD_LOG_LEVEL")) is not None:
+        if raw.lower() not in ("debug", "info", "warning", "error"):
+            raise ConfigError("MAILWATCHD_LOG_LEVEL", f"{raw!r} is not a log level",
+                              "use debug, info, warning or error")
+        extra["log_level"] = raw.lower()
+
+    if (raw := get("MAILWATCHD_ADMIN_ADDRESS")) is not None:
+        address = raw.strip()
+        if address.count("@") != 1 or any(ch.isspace() or ch in "<>" for ch in address) or \
+                not all(address.split("@")):
+            raise ConfigError("MAILWATCHD_ADMIN_ADDRESS", f"{raw!r} is not an e-mail address",
+                              "use a full address such as ops@example.com")
+        extra["admin_address"] = address
+    if (raw := get("MAILWATCHD_ALIASES")) is not None:
+        if not Path(raw).is_file():
+            raise ConfigError("MAILWATCHD_ALIASES", f"{raw} does not exist or is not a file",
+                              "point it at an aliases(5) file such as /etc/aliases, or remove the setting")
+        extra["aliases"] = Path(raw)
+    extra["listen"] = load_listen(get, env)
+
+    relays = load_relays(get, env)
+    return Settings(spool=spool, outbox=outbox, relays=relays, config_path=path,
+                    **durations, **extra)  # type: ignore[arg-type]

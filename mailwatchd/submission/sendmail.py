@@ -1,0 +1,391 @@
+"""`sendmail` as Debian's callers run it: the command line (modes, flags, program names) and a
+submission that exits 0 only once the message is durably in a spool the daemon drains.
+
+Two ways in, in this order: the spool's new/ directly (root, the daemon's user, members of
+mailwatchd-submit), else the daemon's submit socket, SMTP on a Unix socket that systemd holds
+open even while the daemon restarts (what a setgid postdrop is to Postfix). No way in: exit 75,
+never a silent loss.
+
+Kept light on purpose: `sendmail -t` is run once per message, so only what a submission needs
+is imported, and the SMTP client only when the spool is not writable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from mailwatchd import exitcodes
+from mailwatchd.errors import MalformedMessage, SpoolFull
+from mailwatchd.settings.config import SUBMIT_SOCKET, load_settings
+from mailwatchd.submission.submit import Submission, enqueue, parse_sendmail_args, prepare, read_message
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from _typeshed import ReadableBuffer, WriteableBuffer
+
+    from mailwatchd.message.envelope import OutgoingMessage
+    from mailwatchd.settings.config import Settings
+
+SUBMIT_SOCKET_ENV = "MAILWATCHD_SUBMIT_SOCKET"  # overrides config.SUBMIT_SOCKET (tests, non-systemd setups)
+# One deadline for the whole socket transaction: socket activation may have to start the daemon.
+SOCKET_DEADLINE_S = 60.0
+# Errors that mean "this user cannot write there": the daemon's socket is the way in. Any other
+# error (EIO after the rename, say) is reported as it is: retrying could queue the message twice.
+_NOT_WRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOENT})
+_QUEUED_AS = re.compile(r"queued as (\S+)")  # the daemon's final reply: "250 2.0.0 Ok: queued as <id>"
+_SYSTEMCTL_HINT = "is mailwatchd.socket running? (systemctl status mailwatchd.socket)"
+
+USAGE = """\
+usage: sendmail [--config FILE] [OPTION...] [--] [RECIPIENT...] < MESSAGE
+       mailwatchd sendmail ...     mailq (sendmail -bp)     newaliases (sendmail -bi)
+
+Queues the message on standard input for the mailwatchd daemon, in its spool when this user may
+write there, else through the daemon's submit socket. Prints nothing on success.
+
+Modes (the last one given counts):
+  -bm                queue a message (the default)
+  -bp                list the queue (as mailq, or mailwatchd queue)
+  -q, -q30m, -qR...  retry deferred messages now (as mailwatchd flush); intervals and filters
+                     are ignored: the daemon runs its queue itself
+  -bi, -I            nothing to rebuild (as newaliases): the daemon reads MAILWATCHD_ALIASES
+                     when it starts and on reload
+  -bs                an SMTP session on standard input and output
+  --help             this text
+
+Options:
+  -t                 recipients from the To, Cc and Bcc fields (recipient arguments are added);
+                     bundles such as -ti work
+  -i, -oi            a line holding a lone "." does not end the message
+  -f ADDR, -r ADDR   envelope sender; -f '<>' is the null sender
+  -F NAME            the full name in an added From: field
+  --config FILE, -c FILE
+                     settings file, as first argument only (default: $MAILWATCHD_CONFIG)
+  --                 every argument after it is a recipient
+
+Accepted and ignored:
+  -o... (-oem, -odb), -e... (-em), -B TYPE (-B8BITMIME), -O OPTION=VALUE, -N DSN, -R RET,
+  -V ENVID, -X LOGFILE, -L TAG, -p PROTOCOL, -h HOPS, -v, -m, -n, -U, -G
+
+Environment: MAILWATCHD_CONFIG, MAILWATCHD_SPOOL, MAILWATCHD_SUBMIT_SOCKET (default
+/run/mailwatchd/submit.sock).
+Exit status: 0 queued; 64 bad command line; 65 the message or an address was refused;
+75 not queued now, nothing was kept: send it again later; 78 bad settings.
+"""
+
+NEWALIASES_NOTE = ("mailwatchd: nothing to rebuild: the daemon reads the aliases file named by MAILWATCHD_ALIASES "
+                   "when it starts and on reload (systemctl reload mailwatchd)")
+
+
+class Mode(StrEnum):
+    SUBMIT = "-bm"
+    LIST_QUEUE = "-bp"
+    FLUSH = "-q"
+    NEWALIASES = "-bi"
+    SMTP_STDIO = "-bs"
+    HELP = "--help"
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a sendmail command line asks for; `submission` is set in SUBMIT mode only."""
+
+    mode: Mode
+    config: Path | None = None
+    submission: Submission | None = None
+
+
+class UsageError(ValueError):
+    """The command line is wrong: exit 64 with this one-line message."""
+
+
+class NotQueued(Exception):
+    """The message is not queued: exit `status` with `message`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# Option letters that take a value, attached (-fme@x) or as the next argument (-f me@x), as getopt does.
+_TAKES_VALUE = frozenset("frFbBONRVXLph")
+_SUBMISSION_LETTERS = frozenset("frF")  # handed to submit.parse_sendmail_args
+_IGNORED_WITH_VALUE = frozenset("BONRVXLph")
+_IGNORED_ANY_SUFFIX = frozenset("oe")  # -oem, -odb, -em: sendmail's -o and -e options
+_IGNORED_FLAGS = frozenset("vmnUG")
+_MODE_OF_B = {"m": Mode.SUBMIT, "p": Mode.LIST_QUEUE, "i": Mode.NEWALIASES, "s": Mode.SMTP_STDIO}
+_MODE_OF_PROGRAM = {"mailq": Mode.LIST_QUEUE, "newaliases": Mode.NEWALIASES}
+
+
+def parse_command_line(argv: Sequence[str], *, program: str = "sendmail") -> Request:
+    """Parse a sendmail(8) command line run as `program` (sendmail, mailq, newaliases). UsageError if wrong."""
+    args = list(argv)
+    config: Path | None = None
+    if args[:1] in (["--config"], ["-c"]):
+        if len(args) < 2:
+            raise UsageError(f"option {args[0]} needs a file")
+        config, args = Path(args[1]), args[2:]
+    elif args and args[0].startswith("--config="):
+        config, args = Path(args[0].removeprefix("--config=")), args[1:]
+    mode = _MODE_OF_PROGRAM.get(program, Mode.SUBMIT)
+    kept: list[str] = []  # the submission's arguments, for parse_sendmail_args
+    recipients = False
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        index += 1
+        if arg == "--help":
+            return Request(Mode.HELP, config)
+        if arg == "--":
+            recipients = recipients or index < len(args)
+            kept.extend(args[index - 1:])
+            break
+        if not arg.startswith("-") or arg == "-":
+            recipients = True
+            kept.append(arg)
+            continue
+        letter, value = arg[1], arg[2:]
+        if letter in _TAKES_VALUE and not value:
+            if index >= len(args):
+                raise UsageError(f"option {arg} needs a value")
+            value = args[index]
+            index += 1
+        if set(arg[1:]) <= {"t", "i"}:
+            kept.append(arg)
+        elif letter in _SUBMISSION_LETTERS:
+            kept.extend((f"-{letter}", value))
+        elif letter == "b" and value in _MODE_OF_B:
+            mode = _MODE_OF_B[value]
+        elif letter == "b":
+            raise UsageError(f"mode -b{value} is not supported by mailwatchd's sendmail")
+        elif letter == "q":
+            mode = Mode.FLUSH
+        elif arg == "-I":
+            mode = Mode.NEWALIASES
+        elif arg == "-oi":
+            kept.append(arg)
+        elif letter in _IGNORED_WITH_VALUE or letter in _IGNORED_ANY_SUFFIX or arg[1:] in _IGNORED_FLAGS:
+            pass
+        else:
+            raise UsageError(f"unknown option {arg}")
+    if mode is not Mode.SUBMIT:
+        if recipients:
+            raise UsageError(f"recipients given with {mode}: only -bm (the default) queues mail")
+        return Request(mode, config)
+    try:
+        submission = parse_sendmail_args(kept)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if not submission.from_headers and not submission.recipients:
+        raise UsageError("no recipients given (pass addresses, or -t to read them from the headers)")
+    return Request(Mode.SUBMIT, config, submission)
+
+
+def run(request: Request, stdin: BinaryIO) -> int:
+    """Carry out a SUBMIT, SMTP_STDIO, NEWALIASES or HELP request (cli.py runs the queue commands)."""
+    if request.mode is Mode.HELP:
+        sys.stdout.write(USAGE)
+        return exitcodes.OK
+    if request.mode is Mode.NEWALIASES:
+        print(NEWALIASES_NOTE)
+        return exitcodes.OK
+    settings = load_settings(request.config)  # a bad setting: ConfigError, exit 78, before reading anything
+    if request.mode is Mode.SMTP_STDIO:
+        return run_bs(settings)
+    if request.mode is not Mode.SUBMIT or request.submission is None:
+        raise ValueError(f"run() does not carry out {request.mode}")
+    try:
+        data = prepare_message(settings, request.submission, stdin)
+        queue_message(settings, data)
+    except NotQueued as exc:
+        return fail(exc.message, exc.status)
+    return exitcodes.OK
+
+
+def fail(message: str, status: int) -> int:
+    print(f"mailwatchd: {message}", file=sys.stderr)
+    return status
+
+
+def prepare_message(settings: Settings, submission: Submission, stdin: BinaryIO) -> bytes:
+    """Read the message and complete it for the spool; NotQueued(65) when it cannot be sent."""
+    raw = read_message(stdin, submission.dot_ends_input)
+    if len(raw) > settings.max_message_size:
+        raise NotQueued(exitcodes.DATAERR,
+                        f"message too large ({len(raw)} bytes; limit {settings.max_message_size})")
+    try:
+        return prepare(raw, submission)
+    except MalformedMessage as exc:
+        raise NotQueued(exitcodes.DATAERR, f"malformed message: {exc}") from None
+
+
+def submit_socket() -> Path:
+    return Path(os.environ.get(SUBMIT_SOCKET_ENV) or SUBMIT_SOCKET)
+
+
+def queue_message(settings: Settings, data: bytes) -> str | None:
+    """Queue `data` durably: in the spool when writable, else through the daemon's socket.
+
+    Returns the queue id when known; NotQueued when the message is not queued.
+    """
+    try:
+        return enqueue(settings.spool, data)
+    except SpoolFull as exc:
+        raise NotQueued(exitcodes.TEMPFAIL, f"the spool cannot take the message now: {exc}") from None
+    except OSError as exc:
+        if exc.errno not in _NOT_WRITABLE:
+            raise NotQueued(exitcodes.CANTCREAT, f"cannot write to the spool {settings.spool}: {exc}") from None
+        spool_problem = f"cannot write to {settings.spool / 'new'} ({exc.strerror})"
+    from mailwatchd.message import envelope
+
+    try:
+        message = envelope.parse("submit", data)
+    except MalformedMessage as exc:  # prepare() parsed it already
+        raise NotQueued(exitcodes.DATAERR, f"malformed message: {exc}") from None
+    return submit_over_socket(submit_socket(), message, helo=settings.ehlo_name, spool_problem=spool_problem)
+
+
+class _DeadlineSocket(socket.socket):
+    """A socket whose every send and receive ends by one absolute deadline: a total for the
+    transaction, so a server that drips a byte at a time cannot stretch it."""
+
+    deadline = 0.0
+
+    def arm(self) -> None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the deadline passed")
+        self.settimeout(left)
+
+    def recv_into(self, buffer: WriteableBuffer, nbytes: int = 0, flags: int = 0, /) -> int:
+        self.arm()
+        return super().recv_into(buffer, nbytes, flags)
+
+    def sendall(self, data: ReadableBuffer, flags: int = 0, /) -> None:
+        self.arm()
+        super().sendall(data, flags)
+
+
+def submit_over_socket(path: Path, message: OutgoingMessage, *, helo: str, spool_problem: str = "",
+                       timeout: float = SOCKET_DEADLINE_S) -> str | None:
+    """One SMTP transaction with the daemon on its Unix socket, all of it within `timeout` seconds.
+
+    Returns the queue id the daemon names in its final 250, if any. NotQueued otherwise: 65 when
+    the daemon refused the message or an address for good (outcome.classify_reply), 75 for
+    everything else (no socket, nobody listening, a 4xx, a fault before MAIL, a timeout).
+    """
+    import smtplib
+
+    from mailwatchd.transports.outcome import Outcome, Phase, classify_reply
+    from mailwatchd.transports.smtpwire import Reply, wire_body
+
+    def step(phase: Phase, reply: tuple[int, bytes], expected: range) -> Reply:
+        answer = Reply(reply[0], reply[1].decode("utf-8", errors="replace"))
+        if answer.code in expected:
+            return answer
+        if classify_reply(phase, answer.code, answer.text).outcome is Outcome.PERMANENT:
+            raise NotQueued(exitcodes.DATAERR, f"the daemon refused the message: {answer}")
+        raise NotQueued(exitcodes.TEMPFAIL, f"the daemon did not take the message: {answer}; "
+                                            "nothing was queued: send it again later")
+
+    deadline = time.monotonic() + timeout
+    client = smtplib.SMTP(local_hostname=helo)
+    try:
+        sock = _DeadlineSocket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.sock = sock
+        sock.deadline = deadline
+        sock.arm()
+        sock.connect(str(path))
+        step(Phase.GREETING, client.getreply(), range(220, 221))
+        step(Phase.EHLO, client.ehlo(helo), range(250, 251))
+        options = ""
+        if not all(address.isascii() for address in (message.sender, *message.recipients)):
+            if not client.has_extn("smtputf8"):
+                raise NotQueued(exitcodes.DATAERR, "the daemon's submit socket takes no non-ASCII address (SMTPUTF8)")
+            options, client.command_encoding = " SMTPUTF8", "utf-8"
+        if not message.data.isascii() and client.has_extn("8bitmime"):
+            options += " BODY=8BITMIME"
+        step(Phase.MAIL, client.docmd("MAIL", f"FROM:<{message.sender}>{options}"), range(200, 300))
+        for recipient in message.recipients:
+            step(Phase.RCPT, client.docmd("RCPT", f"TO:<{recipient}>"), range(200, 300))
+        step(Phase.DATA, client.docmd("DATA"), range(354, 355))
+        client.send(wire_body(message.data))
+        final = step(Phase.BODY, client.getreply(), range(200, 300))
+    except NotQueued:
+        raise
+    except FileNotFoundError:
+        problem = f"the daemon's submit socket {path} is missing: {_SYSTEMCTL_HINT}"
+    except ConnectionRefusedError:
+        problem = f"nothing answers on the daemon's submit socket {path}: {_SYSTEMCTL_HINT}"
+    except PermissionError as exc:
+        problem = f"this user may not connect to the daemon's submit socket {path} ({exc.strerror})"
+    except OSError as exc:  # smtplib reports a timeout in a read as SMTPServerDisconnected, from a TimeoutError
+        if isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError) or time.monotonic() >= deadline:
+            problem = (f"the daemon did not complete the submission on {path} within {timeout:g} s: "
+                       "is mailwatchd running? (systemctl status mailwatchd)")
+        else:
+            problem = f"the submission on the daemon's socket {path} failed: {exc or type(exc).__name__}"
+    else:
+        return match.group(1) if (match := _QUEUED_AS.search(final.text)) else None
+    finally:
+        with contextlib.suppress(OSError):
+            client.quit()
+        client.close()
+    raise NotQueued(exitcodes.TEMPFAIL, f"{spool_problem + ' and ' if spool_problem else ''}{problem}; "
+                                        "nothing was queued")
+
+
+def run_bs(settings: Settings) -> int:
+    """`sendmail -bs`: one SMTP session on standard input and output (Symfony Mailer's default).
+
+    The very session the daemon's listener runs: served here when the caller may write to the
+    spool, else relayed byte for byte to the daemon's submit socket, which serves it."""
+    if not os.access(settings.spool / "new", os.W_OK | os.X_OK):
+        return relay_stdio(submit_socket(), settings.spool)
+    import asyncio
+
+    from mailwatchd.service.daemon import LISTEN_COMMAND_TIMEOUT_S
+    from mailwatchd.submission.listener import serve_stdio
+    from mailwatchd.submission.smtpserver import ServerFactory
+
+    factory = ServerFactory(spool_root=settings.spool, listen=settings.listen, hostname=settings.ehlo_name,
+                            max_message_size=settings.max_message_size, command_timeout=LISTEN_COMMAND_TIMEOUT_S,
+                            via="sendmail -bs")
+    return asyncio.run(serve_stdio(factory))
+
+
+def relay_stdio(path: Path, spool: Path) -> int:
+    """Carry an SMTP session between standard input/output and the daemon's submit socket."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+    except OSError as exc:
+        sock.close()
+        return fail(f"cannot write to {spool / 'new'} and the daemon's submit socket {path} does not answer "
+                    f"({exc.strerror or exc}): is mailwatchd.socket running? (systemctl status mailwatchd.socket)",
+                    exitcodes.TEMPFAIL)
+
+    def upstream() -> None:
+        with contextlib.suppress(OSError):
+            while data := os.read(0, 65536):
+                sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+
+    import threading
+
+    threading.Thread(target=upstream, name="sendmail-bs", daemon=True).start()
+    with sock:
+        while data := sock.recv(65536):
+            os.write(1, data)
+    return exitcodes.OK

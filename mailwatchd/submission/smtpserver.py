@@ -1,0 +1,412 @@
+"""The SMTP server session for local apps: ESMTP submission into the spool's new/ directory.
+
+One implementation for every way in: the TCP listener, a Unix socket and `sendmail -bs`.
+A message is answered 250 only after `submit.enqueue` stored it durably, the same rule as the
+`sendmail` command. Never an open relay: a peer that is not local (loopback or a Unix socket)
+must AUTH before MAIL, and AUTH is offered only over TLS or to the networks named for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import logging
+import pwd
+import re
+import socket
+import ssl
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from email.utils import formatdate
+from pathlib import Path
+from typing import Any, AnyStr
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from mailwatchd.errors import MalformedMessage, SpoolFull
+from mailwatchd.message import envelope
+from mailwatchd.service.logs import get_logger
+from mailwatchd.settings.listen import ListenSettings
+from mailwatchd.submission.submit import enqueue
+
+log = get_logger()
+
+IDENT = "ESMTP mailwatchd"
+NULL_PATH = "<>"  # what aiosmtpd gives for MAIL FROM:<>, the null reverse-path (RFC 5321 §4.5.5)
+MAX_AUTH_ATTEMPTS = 3  # per connection; then 421 and the connection is closed
+_NO_CALL_LIMIT = 2**31  # every other command: no limit of aiosmtpd's (the RCPT cap is ours)
+_HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.:\[\]_-]")  # the client's text goes into a header field
+_HELO_MAX = 255
+
+TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
+SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
+TIMED_OUT = "421 4.4.2 Timeout exceeded, closing the connection"
+CLIENT_CLOSED = "421 4.4.2 Connection closed by the client before the end of a command"
+TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
+TOO_BIG = "552 5.3.4 Message too big"
+NO_STORAGE = "452 4.3.1 Insufficient system storage"
+# aiosmtpd's own texts for what RFC 5321/3463 name more precisely.
+_REWORDED = {
+    "552 Error: Too much mail data": TOO_BIG,
+    "552 Error: message size exceeds fixed maximum message size": TOO_BIG,
+}
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who is connected: a TCP peer's address, or a local user (Unix socket, sendmail -bs)."""
+
+    address: str | None = None
+    uid: int | None = None
+    via: str | None = None  # how a local user came in, e.g. "sendmail -bs"
+
+
+@dataclass(frozen=True)
+class Queued:
+    """A message this server stored, for the caller's log."""
+
+    queue_id: str
+    size: int
+    peer: str
+    sender: str
+    recipients: int
+
+
+class NotAMessage(MalformedMessage):
+    """DATA did not carry an RFC 5322 message (the address checks are MalformedMessage itself)."""
+
+
+class TooBig(Exception):
+    """The stored form (Received and envelope fields added) would exceed the spool's size limit."""
+
+
+def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped  # a dual-stack socket's ::ffff:127.0.0.1 is 127.0.0.1
+    return ip
+
+
+def is_local(peer: Peer) -> bool:
+    """A local user, or a loopback address: may submit without AUTH."""
+    if peer.uid is not None:
+        return True
+    ip = _ip(peer.address) if peer.address is not None else None
+    return ip is not None and ip.is_loopback
+
+
+def may_auth_in_clear(peer: Peer, listen: ListenSettings) -> bool:
+    """AUTH without TLS only from the networks named in MAILWATCHD_LISTEN_ALLOW."""
+    ip = _ip(peer.address) if peer.address is not None else None
+    return ip is not None and any(ip in network for network in listen.plain_auth_networks)
+
+
+def peer_of(transport: asyncio.BaseTransport, via: str | None) -> Peer:
+    """The peer of a new connection; a Unix socket's by SO_PEERCRED (pid, uid, gid)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family == socket.AF_UNIX:
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return Peer(via=via)  # no uid: not local, so AUTH is needed
+        _, uid, _ = struct.unpack("3i", creds)
+        return Peer(uid=uid, via=via)
+    peername = transport.get_extra_info("peername")
+    return Peer(address=str(peername[0])) if isinstance(peername, tuple) and peername else Peer()
+
+
+def peer_label(peer: Peer) -> str:
+    """The peer for a log line: `192.0.2.1` or `local user 1000`."""
+    if peer.uid is not None:
+        return f"local user {peer.uid}" + (f" via {peer.via}" if peer.via else "")
+    return peer.address or "unknown"
+
+
+def local_user(uid: int, via: str | None) -> str:
+    """`local user 1000 (alice)`, `... via sendmail -bs`; asks NSS for the name, so not on the event loop."""
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = "unknown"
+    return f"local user {uid} ({name})" + (f" via {via}" if via else "")
+
+
+def address_literal(address: str | None) -> str:
+    """`[192.0.2.1]` or `[IPv6:2001:db8::1]` (RFC 5321 §4.1.3)."""
+    ip = _ip(address) if address is not None else None
+    if ip is None:
+        return "unknown"
+    return f"[IPv6:{ip}]" if ip.version == 6 else f"[{ip}]"
+
+
+def received_field(*, helo: str, peer: Peer, hostname: str, protocol: str, date: str | None = None) -> bytes:
+    """The trace field this hop adds (RFC 5321 §4.4; the `with` keywords are RFC 3848's)."""
+    if peer.uid is not None:
+        origin = local_user(peer.uid, peer.via)
+    else:
+        origin = f"{_HELO_UNSAFE.sub('?', helo)[:_HELO_MAX] or 'unknown'} ({address_literal(peer.address)})"
+    when = date or formatdate(localtime=True)
+    return f"Received: from {origin}\r\n\tby {hostname} (mailwatchd) with {protocol}; {when}\r\n".encode()
+
+
+def store(spool_root: Path, message: bytes, *, sender: str, recipients: Sequence[str], received: bytes,
+          max_size: int) -> str:
+    """Put `message` with its trace and envelope fields durably into new/; returns the queue id.
+
+    Blocks on fsync: run it in a thread. NotAMessage, MalformedMessage (an address),
+    TooBig, SpoolFull or OSError when it cannot be stored.
+    """
+    data = received + message
+    try:
+        envelope.split_header(data)
+    except MalformedMessage as exc:
+        raise NotAMessage(str(exc)) from None
+    data = envelope.with_envelope(data, sender, recipients)
+    if len(data) > max_size:
+        raise TooBig(f"{len(data)} bytes with the added fields; the limit is {max_size}")
+    return enqueue(spool_root, data)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()).encode("ascii", "backslashreplace").decode()[:400]
+
+
+def reply_for(error: Exception) -> str | None:
+    """The reply to the end of DATA when storing failed; None for an error that is not ours."""
+    if isinstance(error, SpoolFull):
+        return NO_STORAGE
+    if isinstance(error, TooBig):
+        return TOO_BIG
+    if isinstance(error, NotAMessage):
+        return f"554 5.6.0 {_one_line(str(error))}"
+    if isinstance(error, MalformedMessage):
+        return f"550 5.1.3 {_one_line(str(error))}"
+    if isinstance(error, OSError):
+        return f"451 4.3.0 Cannot write to the spool: {_one_line(error.strerror or type(error).__name__)}"
+    return None
+
+
+def server_tls_context(listen: ListenSettings) -> ssl.SSLContext | None:
+    """The STARTTLS context from MAILWATCHD_LISTEN_TLS_CERT/KEY, or None without them."""
+    if listen.tls_cert is None or listen.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(listen.tls_cert), str(listen.tls_key))
+    return context
+
+
+def _say(transport: asyncio.BaseTransport | None, line: str) -> None:
+    """Write one reply and close: the 421s that end a session (RFC 5321 §3.8)."""
+    if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        transport.write(line.encode() + b"\r\n")
+    if transport is not None:
+        transport.close()
+
+
+class ServerFactory:
+    """Makes one SmtpSession per connection (an asyncio protocol factory); caps and tracks them."""
+
+    def __init__(self, *, spool_root: Path, listen: ListenSettings, hostname: str, max_message_size: int,
+                 command_timeout: float, on_queued: Callable[[Queued], None] | None = None,
+                 via: str | None = None) -> None:
+        self.spool_root = spool_root
+        self.listen = listen
+        self.hostname = hostname
+        self.max_message_size = max_message_size
+        self.command_timeout = command_timeout
+        self.on_queued = on_queued
+        self.via = via
+        self.tls_context = server_tls_context(listen)
+        self.sessions: set[SmtpSession] = set()
+        self._emptied: asyncio.Future[None] | None = None
+        # aiosmtpd's log lines are not events (and warn on each AUTH); ours are.
+        logging.getLogger("mail.log").setLevel(logging.ERROR)
+
+    def __call__(self) -> SmtpSession:
+        return SmtpSession(self)
+
+    def admit(self, session: SmtpSession) -> bool:
+        if len(self.sessions) >= self.listen.max_connections:
+            return False
+        self.sessions.add(session)
+        return True
+
+    def release(self, session: SmtpSession) -> None:
+        self.sessions.discard(session)
+        if not self.sessions and self._emptied is not None and not self._emptied.done():
+            self._emptied.set_result(None)
+
+    async def close_all(self, grace: float) -> None:
+        """End every session: idle ones now, one in DATA after its reply or at `grace` seconds."""
+        if not self.sessions:
+            return
+        self._emptied = asyncio.get_running_loop().create_future()
+        for session in list(self.sessions):
+            session.shut_down()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._emptied), grace)
+        except TimeoutError:
+            for session in list(self.sessions):
+                session.abort()
+        finally:
+            self._emptied = None
+
+    def authenticate(self, server: SMTP, session: Session, envelope: Envelope, mechanism: str,
+                     auth_data: Any) -> AuthResult:
+        """aiosmtpd's authenticator: PLAIN and LOGIN against MAILWATCHD_LISTEN_USERS_FILE."""
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        matched: str | None = None
+        for user, secret in self.listen.users:  # every entry compared: the time does not tell which failed
+            login_ok = hmac.compare_digest(auth_data.login, user.encode())
+            password_ok = hmac.compare_digest(auth_data.password, secret.reveal().encode())
+            if login_ok and password_ok:
+                matched = user
+        if matched is None:
+            peer = server.peer if isinstance(server, SmtpSession) else Peer()
+            log.warning("smtp_auth_failed", peer=peer_label(peer), mechanism=mechanism)
+            return AuthResult(success=False, handled=False)
+        return AuthResult(success=True, auth_data=matched)
+
+
+class SmtpSession(SMTP):
+    """One client connection: aiosmtpd's SMTP with mailwatchd's policy, limits and spool."""
+
+    def __init__(self, factory: ServerFactory) -> None:
+        self.factory = factory
+        self.peer = Peer()
+        self.refused = False
+        self.in_data = False
+        self.closing = False
+        listen = factory.listen
+        super().__init__(
+            _Hooks(self), data_size_limit=factory.max_message_size, enable_SMTPUTF8=True, decode_data=False,
+            hostname=factory.hostname, ident=IDENT, tls_context=factory.tls_context,
+            timeout=factory.command_timeout, authenticator=factory.authenticate,
+            auth_exclude_mechanism=() if listen.users else ("PLAIN", "LOGIN"),
+            command_call_limit={"AUTH": MAX_AUTH_ATTEMPTS, "*": _NO_CALL_LIMIT})
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._original_transport is None:  # not the second call that STARTTLS makes (RFC 3207 §4.2)
+            if not self.factory.admit(self):
+                self.refused = True
+                log.warning("smtp_connection_refused", reason="too_many_connections",
+                            limit=self.factory.listen.max_connections)
+                _say(transport, TOO_MANY_CONNECTIONS)
+                return
+            self.peer = peer_of(transport, self.factory.via)
+            self._auth_required = not is_local(self.peer)
+            self._auth_require_tls = not may_auth_in_clear(self.peer, self.factory.listen)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self.refused:
+            return
+        try:
+            super().connection_lost(error)
+        finally:
+            self.factory.release(self)
+
+    def eof_received(self) -> bool | None:
+        if self.refused:
+            return False
+        if self.session is None or self.session.ssl is not None:
+            return super().eof_received()
+        # Half-closed: what the client sent before its EOF is still answered (a pipelined QUIT, a
+        # message being stored), where aiosmtpd would drop it. Reading past it ends the session.
+        return asyncio.StreamReaderProtocol.eof_received(self)
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, asyncio.IncompleteReadError):  # EOF inside a command or DATA: nothing stored
+            _say(self.transport, CLIENT_CLOSED)
+            return CLIENT_CLOSED  # aiosmtpd writes it to the closed transport, which drops it
+        log.error("smtp_session_error", peer=peer_label(self.peer), error=type(error).__name__, exc_info=error)
+        return "451 4.3.0 Internal error, try again later"
+
+    def _timeout_cb(self) -> None:
+        _say(self.transport, TIMED_OUT)
+
+    async def push(self, status: AnyStr) -> None:
+        if isinstance(status, str):
+            await super().push(_REWORDED.get(status, status))
+        else:
+            await super().push(status)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        self.in_data = True
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self.in_data = False
+        if self.closing:
+            _say(self.transport, SHUTTING_DOWN)
+
+    def shut_down(self) -> None:
+        """Say 421 and close; a session in DATA first gets its reply."""
+        self.closing = True
+        if not self.in_data:
+            _say(self.transport, SHUTTING_DOWN)
+
+    def abort(self) -> None:
+        if isinstance(self.transport, asyncio.Transport):
+            self.transport.abort()
+
+
+class _Hooks:
+    """aiosmtpd's handler for one connection: the EHLO keywords, the recipient cap, the spool write."""
+
+    def __init__(self, connection: SmtpSession) -> None:
+        self.connection = connection
+
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        offers_auth = bool(self.connection.factory.listen.users)
+        kept = [line for line in responses if offers_auth or not line.startswith("250-AUTH")]
+        return [kept[0], "250-PIPELINING", *kept[1:]]  # aiosmtpd reads pipelined commands in order
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          rcpt_options: list[str]) -> str:
+        if address == NULL_PATH:
+            return "553 5.1.3 The null path <> is not a recipient"
+        if len(envelope.rcpt_tos) >= self.connection.factory.listen.max_recipients:
+            return TOO_MANY_RECIPIENTS  # RFC 5321 §4.5.3.1.10: the client sends the rest later
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        factory, peer = self.connection.factory, self.connection.peer
+        sender = "" if envelope.mail_from in (None, NULL_PATH) else str(envelope.mail_from)
+        recipients = list(envelope.rcpt_tos)
+        protocol = ("ESMTP" if session.extended_smtp else "SMTP") + ("S" if session.ssl is not None else "") + (
+            "A" if session.authenticated else "")
+        message = envelope.original_content or b""
+
+        def write() -> tuple[str, str]:
+            received = received_field(helo=session.host_name or "", peer=peer, hostname=factory.hostname,
+                                      protocol=protocol)
+            queue_id = store(factory.spool_root, message, sender=sender, recipients=recipients,
+                             received=received, max_size=factory.max_message_size)
+            return queue_id, (local_user(peer.uid, peer.via) if peer.uid is not None else peer_label(peer))
+
+        try:
+            queue_id, who = await asyncio.to_thread(write)
+        except Exception as exc:
+            reply = reply_for(exc)
+            if reply is None:
+                raise
+            log.warning("smtp_message_refused", peer=peer_label(peer), reply=reply)
+            return reply
+        if factory.on_queued is not None:
+            try:
+                factory.on_queued(Queued(queue_id, len(message), who, sender, len(recipients)))
+            except Exception:  # the reply tells what the spool holds, whatever a logger does
+                log.exception("smtp_on_queued_failed", queue_id=queue_id)
+        return f"250 2.0.0 Ok: queued as {queue_id}"

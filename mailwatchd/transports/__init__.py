@@ -1,0 +1,1 @@
+"""Transports: the SMTP client (set-up, AUTH, the wire), the local outbox, and what an outcome means."""
