@@ -149,7 +149,7 @@ def serve(loop_thread: LoopThread, spool_dir: Path) -> Iterator[Callable[..., Ru
 
 
 NETNS_ADDRESS_ENV = "MAILWATCHD_TEST_NETNS_ADDRESS"
-EXPOSED_TESTS = ("must_auth_before_mail", "allowed_network_logs_in", "auth_over_starttls")
+EXPOSED_TESTS = ("must_auth_before_mail", "allowed_network_logs_in", "auth_over_starttls", "swaks_logs_in")
 
 
 def non_loopback_address() -> str:
@@ -475,6 +475,23 @@ def test_auth_over_starttls(serve: Callable[..., Running], ca: trustme.CA, ca_fi
         code, reply = transaction(client, "app@example.com", ["ann@example.org"])
     assert code == 250, reply
     assert b"with ESMTPSA; " in (running.spool / "new" / running.stored()[0]).read_bytes()
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="Debian's swaks is not installed")
+def test_swaks_logs_in_over_starttls_on_an_exposed_listener_and_not_without_it(
+        serve: Callable[..., Running], ca: trustme.CA, ca_file: Path, tmp_path: Path) -> None:
+    address = non_loopback_address()
+    cert, key = write_tls_files(ca.issue_cert(address), tmp_path)
+    running = serve(ListenSettings(users=USERS, tls_cert=cert, tls_key=key), host=address)
+    base = ["swaks", "--server", address, "--port", str(running.port), "--from", "app@example.com",
+            "--to", "ann@example.org", "--auth", "PLAIN", "--auth-user", "app", "--auth-password", "s3cret"]
+    in_clear = subprocess.run(base, capture_output=True, text=True, timeout=30, check=False)
+    assert in_clear.returncode != 0 and running.stored() == [], in_clear.stdout
+    secured = subprocess.run([*base, "--tls", "--tls-verify", "--tls-ca-path", str(ca_file), "--pipeline"],
+                             capture_output=True, text=True, timeout=30, check=False)
+    assert secured.returncode == 0, secured.stdout + secured.stderr
+    assert "235 " in secured.stdout and "250 2.0.0 Ok: queued as" in secured.stdout
+    assert len(running.stored()) == 1
 
 
 def test_auth_attempts_are_limited(serve: Callable[..., Running], tls_files: tuple[Path, Path],
