@@ -565,6 +565,86 @@ def test_a_user_outside_the_submit_group_sends_through_the_submit_socket(shared:
     assert len(peers) == 2 and all(peer.startswith("local user") for peer in peers), peers
 
 
+CRON_USER = "reporter"  # a login with a crontab, outside mailwatchd-submit
+CRON_D_FILE = "/etc/cron.d/mailwatchd-test"  # root's job as a package installs one (MAILTO unset)
+# Each job prints its marker; the marker finds its mail at the relay. `* * * * *`: the next minute boundary.
+CRON_ROOT_JOB = "cron-job-of-root-for-the-admin"
+CRON_MAILTO_JOB = "cron-job-of-root-for-someone"
+CRON_USER_JOB = "cron-job-of-a-user-for-the-admin"
+
+
+def cron_log(shared: Service) -> str:
+    """This scenario's journal of cron.service: cron's syslog lines and its PAM sessions."""
+    return shared.machine.journal("-u", "cron.service", f"--since={shared.since}", "-o", "cat")
+
+
+def cron_jobs_done(shared: Service) -> str | None:
+    """cron's log once the three jobs ran and each one's PAM session closed, which cron does after it mailed the
+    output and logged the mailer's status."""
+    log = cron_log(shared)
+    opened, closed = (log.count(f"pam_unix(cron:session): session {what}") for what in ("opened", "closed"))
+    return log if opened >= 3 and closed == opened else None
+
+
+@pytest.mark.timeout(240)  # up to two minute boundaries, and the shared machine's set-up when run alone
+def test_cron_mail_reaches_the_admin_address_qualified(shared: Service) -> None:
+    """Debian's cron mails a job's output with `sendmail -FCronDaemon -i -B8BITMIME -oem <MAILTO or the job's
+    user>`, `From: root (Cron Daemon)` (for every job: it names the daemon, not the job's user) and bare local
+    names: the daemon completes them with /etc/mailname and sends a local user's mail to the admin address."""
+    machine = shared.machine
+    # The machine's root is this host's: cron is there only if the host has it (the README's test command).
+    assert machine.host_path("/usr/sbin/cron").exists(), "cron is not installed on this host"
+    sink = SmtpSink.start(machine, "cron-relay", 2580)
+    shared.reset(relay_env(2580, MAILWATCHD_ADMIN_ADDRESS="ops@example.net"))
+    for line in readme_sh_block(SUBMIT_MARKER):  # the README's sendmail link
+        machine.run(["sh", "-c", line])
+    if CRON_USER not in shared.users:
+        machine.run(["useradd", "--create-home", CRON_USER])  # cron runs a job in its home
+        shared.users.add(CRON_USER)
+    assert "mailwatchd-submit" not in machine.run(["id", "-nG", CRON_USER]).stdout
+    machine.systemctl("start", "cron.service")
+    try:
+        assert machine.prop("cron.service", "ActiveState") == "active"
+        # cron reads changed crontabs when it wakes at a minute boundary, then runs that minute's jobs; one
+        # installed in the last moments before a boundary may wait for the next.
+        to_boundary = 60 - time.time() % 60
+        machine.write_file(CRON_D_FILE, f"* * * * * root echo {CRON_ROOT_JOB}\n")
+        machine.run(["crontab", "-u", "root", "-"],
+                    input=f"MAILTO=someone@example.org\n* * * * * echo {CRON_MAILTO_JOB}\n")
+        machine.run(["crontab", "-u", CRON_USER, "-"], input=f"* * * * * echo {CRON_USER_JOB}\n")
+        shared.wait_sink(sink, 3, timeout=to_boundary + (15 if to_boundary > 5 else 75))
+        log = machine.wait_for(lambda: cron_jobs_done(shared), message="cron's jobs finished")
+    finally:
+        machine.run(["rm", "-f", CRON_D_FILE])
+        machine.run(["crontab", "-u", "root", "-r"], check=False)
+        machine.run(["crontab", "-u", CRON_USER, "-r"], check=False)
+        machine.systemctl("stop", "cron.service")
+
+    by_job = {job: [m for m in sink.messages() if job.encode() in m.data]
+              for job in (CRON_ROOT_JOB, CRON_MAILTO_JOB, CRON_USER_JOB)}
+    assert {job: len(found) for job, found in by_job.items()} == dict.fromkeys(by_job, 1), subjects(sink.messages())
+    root, mailto, user = (by_job[job][0] for job in (CRON_ROOT_JOB, CRON_MAILTO_JOB, CRON_USER_JOB))
+    assert (root.rcpt_tos, mailto.rcpt_tos, user.rcpt_tos) == (["ops@example.net"], ["someone@example.org"],
+                                                                ["ops@example.net"])
+    # No -f: the envelope sender is the From: address (README, "The message format and its envelope").
+    assert {m.mail_from for m in (root, mailto, user)} == {f"root@{MAIL_DOMAIN}"}
+    headers = [(str(parsed["From"]), str(parsed["To"]))
+               for parsed in (email.message_from_bytes(m.data) for m in (root, mailto, user))]
+    assert headers == [(f"root@{MAIL_DOMAIN} (Cron Daemon)", f"root@{MAIL_DOMAIN}"),
+                       (f"root@{MAIL_DOMAIN} (Cron Daemon)", "someone@example.org"),
+                       (f"root@{MAIL_DOMAIN} (Cron Daemon)", f"{CRON_USER}@{MAIL_DOMAIN}")]
+    assert f"LOGNAME={CRON_USER}".encode() in user.data  # the user's job, mailed by cron as that user:
+    assert user.data.startswith(b"Received: from local user ")  # through the submit socket
+
+    shared.wait_event("EVENT=message_delivered", count=3)
+    assert shared.spool_files("failed") == {"failed": []}
+    assert shared.events("EVENT=message_failed") == []
+    for job in (CRON_ROOT_JOB, CRON_MAILTO_JOB, CRON_USER_JOB):
+        assert f"CMD (echo {job})" in log, log
+    # cron logs a mailer that failed ("mailed N bytes of output but got status 0x…") or is missing.
+    assert "got status" not in log and "No MTA installed" not in log, log
+
+
 DJANGO_DEFAULTS = """\
 import django
 from django.conf import settings
