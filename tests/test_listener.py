@@ -184,7 +184,8 @@ def test_the_listener_binds_its_addresses_and_stops(loop_thread: LoopThread, spo
         except OSError:
             pass
     listen = ListenSettings(addresses=addresses)
-    listener = Listener(make_factory(spool_dir, listen), listen, [])
+    factory = make_factory(spool_dir, listen)
+    listener = Listener(factory, listen, [])
     loop_thread.run(listener.start())
     bound = tcp_addresses(listener)
     assert [host for host, _ in bound] == [host for host, _ in addresses]
@@ -192,6 +193,11 @@ def test_the_listener_binds_its_addresses_and_stops(loop_thread: LoopThread, spo
         assert port > 0
         with smtplib.SMTP(host, port, local_hostname="client.test", timeout=10) as client:
             assert client.noop()[0] == 250
+            # Nagle off on the accepted connection: a multi-line reply must not wait for a delayed ACK.
+            [session] = factory.sessions
+            assert session.transport is not None
+            accepted = session.transport.get_extra_info("socket")
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     loop_thread.run(listener.stop())
     assert listener.addresses == []
     for host, port in bound:

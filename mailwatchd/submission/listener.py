@@ -54,7 +54,9 @@ def inherited_sockets(environ: MutableMapping[str, str] = os.environ) -> list[so
 def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket on host:port; an IPv6 one takes IPv6 only."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say so, and with
+    # Nagle on, a multi-line reply waits for the client's delayed ACK (40 ms per EHLO).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
