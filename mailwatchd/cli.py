@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING, NoReturn
 
 from mailwatchd import __version__, exitcodes
-from mailwatchd.errors import ConfigError
+from mailwatchd.errors import ConfigError, NotQueued
 
 if TYPE_CHECKING:
     import argparse
@@ -47,7 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
     """Queue a message as sendmail does and print its queue id (via the daemon's socket: the one its reply names)."""
-    from mailwatchd.submission.sendmail import NotQueued, prepare_message, queue_message
+    from mailwatchd.submission.sendmail import prepare_message, queue_message
     from mailwatchd.submission.submit import Submission
 
     settings = _settings(args)
@@ -159,7 +159,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def _valid(queue_id: str) -> bool:
-    from mailwatchd.spool.messagestate import is_queue_id
+    from mailwatchd.spool.queueid import is_queue_id
 
     return is_queue_id(queue_id)
 

@@ -29,3 +29,12 @@ class SpoolFull(MailwatchdError):
 
 class SpoolLocked(MailwatchdError):
     """Another daemon already holds this spool's lock."""
+
+
+class NotQueued(MailwatchdError):
+    """A submission did not queue the message: exit `status` (sysexits) with `message`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message

@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 
 from mailwatchd import exitcodes
 from mailwatchd.errors import ConfigError
-from mailwatchd.settings.config import SERVICE_SPOOL, load_settings
+from mailwatchd.settings import environment
+from mailwatchd.settings.config import load_settings
+from mailwatchd.settings.environment import SERVICE_SPOOL
 from mailwatchd.settings.parsing import parse_duration, parse_size
 from mailwatchd.settings.relays import DEFAULT_PORTS, Endpoint, Secret, TlsMode, parse_relay_url
 
@@ -576,12 +578,24 @@ def test_default_spool_for_root(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.outbox == SERVICE_SPOOL / "outbox"
 
 
-def test_default_spool_for_a_user(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_default_spool_for_a_user_where_no_service_is_installed(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(environment, "SERVICE_SPOOL", tmp_path / "no-service-here")
     assert load_settings(None, {"XDG_STATE_HOME": str(tmp_path / "state")}).spool == \
         tmp_path / "state" / "mailwatchd" / "spool"
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert load_settings(None, {}).spool == tmp_path / "home" / ".local" / "state" / "mailwatchd" / "spool"
+
+
+def test_every_user_submits_to_the_service_spool_where_the_service_is_installed(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A user outside the submit group must not fill a per-user spool that no daemon reads."""
+    service_spool = tmp_path / "var-spool-mailwatchd"
+    service_spool.mkdir()
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(environment, "SERVICE_SPOOL", service_spool)
+    assert load_settings(None, {"XDG_STATE_HOME": str(tmp_path / "state")}).spool == service_spool
 
 
 def test_explicit_spool_and_outbox(tmp_path: Path) -> None:

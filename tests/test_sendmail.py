@@ -24,9 +24,11 @@ from aiosmtpd.controller import UnixSocketController
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailwatchd import exitcodes
+from mailwatchd.errors import NotQueued
 from mailwatchd.message import envelope
 from mailwatchd.spool.store import Spool
-from mailwatchd.submission.sendmail import Mode, NotQueued, UsageError, parse_command_line, submit_over_socket
+from mailwatchd.submission.sendmail import Mode, UsageError, parse_command_line
+from mailwatchd.submission.submitsocket import submit_over_socket
 from tests.conftest import RecordingHandler, SmtpServer
 from tests.daemonproc import MAILWATCHD, DaemonProcess, relay_env, run_cli, spool_names
 
@@ -123,6 +125,22 @@ def test_every_ignored_option_at_once(programs: Path, env: dict[str, str], spool
     assert (done.returncode, done.stderr) == (0, b"")
     (data,) = queued(spool_dir)
     assert envelope.parse("Q", data).recipients == ("ann@example.org", "bob@example.org", "hidden@example.org")
+
+
+def test_a_bad_setting_it_reads_exits_78_and_queues_nothing(programs: Path, env: dict[str, str],
+                                                           spool_dir: Path) -> None:
+    done = run(programs, "sendmail", {**env, "MAILWATCHD_MAX_MESSAGE_SIZE": "lots"}, "-t", stdin=PHP_MAIL)
+    assert done.returncode == exitcodes.CONFIG
+    assert "MAILWATCHD_MAX_MESSAGE_SIZE" in done.stderr.decode()
+    assert queued(spool_dir) == []
+
+
+def test_a_bad_relay_setting_does_not_stop_a_submission(programs: Path, env: dict[str, str], spool_dir: Path) -> None:
+    """sendmail reads only the spool, the size limit and the mail names; the daemon reports the rest."""
+    done = run(programs, "sendmail", {**env, "EMAIL_HOST": "smtp.example.com", "EMAIL_PORT": "0"}, "-t",
+               stdin=PHP_MAIL)
+    assert (done.returncode, done.stderr) == (0, b"")
+    assert len(queued(spool_dir)) == 1
 
 
 def test_enqueue_still_prints_the_queue_id(env: dict[str, str], spool_dir: Path) -> None:
@@ -497,7 +515,14 @@ def test_a_dripping_daemon_cannot_stretch_the_deadline(short_dir: Path) -> None:
 def test_submission_imports_neither_argparse_nor_the_daemon(env: dict[str, str], spool_dir: Path) -> None:
     """The fast path: one process per message must not pay for the rest of the program."""
     heavy = {"argparse", "asyncio", "smtplib", "mailwatchd.spool.queueview", "mailwatchd.service.daemon",
-             "mailwatchd.transports.smtpwire"}
+             "mailwatchd.transports.smtpwire",
+             # the standard library's heavier modules: dataclasses pulls in inspect and ast; email.utils
+             # random, datetime, calendar, locale and socket
+             "dataclasses", "inspect", "email.utils", "socket", "json", "shutil", "getpass",
+             # the settings beyond those a submission reads, the spool beyond its drop, the socket client
+             "mailwatchd.settings.config", "mailwatchd.settings.relays", "mailwatchd.settings.listen",
+             "mailwatchd.settings.parsing", "mailwatchd.spool.store", "mailwatchd.spool.messagestate",
+             "mailwatchd.submission.submitsocket"}
     done = subprocess.run([sys.executable, "-X", "importtime", "-m", "mailwatchd", "sendmail", "-t"], env=env,
                           input=PHP_MAIL, capture_output=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr

@@ -21,7 +21,9 @@ from inotify_simple import INotify, flags
 
 from mailwatchd.errors import RefusedSpoolEntry, SpoolFull, SpoolLocked
 from mailwatchd.message import envelope
-from mailwatchd.spool.messagestate import Attempt, MessageState, State, is_queue_id, new_queue_id
+from mailwatchd.spool.durable import install_durably, write_durably
+from mailwatchd.spool.messagestate import Attempt, MessageState, State
+from mailwatchd.spool.queueid import is_queue_id, new_queue_id
 from mailwatchd.spool.recovery import recover
 from mailwatchd.spool.store import (
     STALE_TMP_SECONDS,
@@ -31,8 +33,6 @@ from mailwatchd.spool.store import (
     Refused,
     Spool,
     describe_non_regular,
-    install_durably,
-    write_durably,
 )
 from mailwatchd.submission.submit import enqueue
 
@@ -776,7 +776,7 @@ def test_install_durably_replaces_the_final_name_and_leaves_no_temporary(tmp_pat
 FSIZE_CHILD = """
 import json, os, resource, signal, sys
 from pathlib import Path
-from mailwatchd.spool.store import write_durably
+from mailwatchd.spool.durable import write_durably
 from mailwatchd.submission.submit import enqueue
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))

@@ -5,9 +5,12 @@ from __future__ import annotations
 import getpass
 import io
 import os
+import re
 import socket
 import stat
-from email.utils import parsedate_to_datetime
+import time
+from collections.abc import Iterator
+from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,15 @@ import pytest
 from mailwatchd.errors import MalformedMessage
 from mailwatchd.message import envelope
 from mailwatchd.message.envelope import ENVELOPE_FROM, ENVELOPE_TO
-from mailwatchd.submission.submit import Submission, message_id_domain, parse_sendmail_args, prepare, read_message
+from mailwatchd.submission.submit import (
+    Submission,
+    date_value,
+    message_id,
+    message_id_domain,
+    parse_sendmail_args,
+    prepare,
+    read_message,
+)
 
 # -- parse_sendmail_args ----------------------------------------------------------------------------
 
@@ -130,6 +141,29 @@ def test_message_id_domain_from_mailname_else_host_name(tmp_path: Path) -> None:
     mailname.write_text("mail.example.com\nignored\n")
     assert message_id_domain(mailname) == "mail.example.com"
     assert message_id_domain(tmp_path / "missing") == socket.gethostname()
+
+
+@pytest.fixture
+def local_time_zone(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """Set TZ with monkeypatch.setenv; the process's zone is restored afterwards."""
+    yield monkeypatch
+    monkeypatch.undo()
+    time.tzset()
+
+
+# POSIX zone rules (no tz database needed): UTC, a half-hour east, a half-hour west with DST, plain west with DST.
+@pytest.mark.parametrize("zone", ["UTC0", "IST-5:30", "NST3:30NDT,M3.2.0,M11.1.0", "EST5EDT,M3.2.0,M11.1.0"])
+def test_the_date_is_the_one_email_utils_writes(local_time_zone: pytest.MonkeyPatch, zone: str) -> None:
+    local_time_zone.setenv("TZ", zone)
+    time.tzset()
+    for now in (0.0, 951_782_400.0, 1_700_000_000.75, 1_719_000_000.0, 4_102_444_799.0, time.time()):
+        assert date_value(now) == formatdate(now, localtime=True)
+
+
+def test_message_ids_have_make_msgids_form_and_differ() -> None:
+    first, second = message_id("mail.example.com"), message_id("mail.example.com")
+    assert re.fullmatch(r"<\d+\.\d+\.\d+@mail\.example\.com>", first)
+    assert first != second
 
 
 def test_prepare_keeps_present_headers_untouched() -> None:

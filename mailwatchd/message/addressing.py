@@ -9,7 +9,6 @@ is built per configuration (live.py rebuilds it on a reload).
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import socket
 from collections.abc import Callable, Iterable, Mapping
@@ -360,6 +359,6 @@ class Addressing:
 
         MalformedMessage names the settings when a bare local name cannot be completed.
         """
-        return dataclasses.replace(message, sender=self.sender(message.sender),
-                                   recipients=self.recipients(message.recipients),
-                                   data=self.rewrite_headers(message.data))
+        return message._replace(sender=self.sender(message.sender),
+                                recipients=self.recipients(message.recipients),
+                                data=self.rewrite_headers(message.data))

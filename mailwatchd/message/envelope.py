@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-from email.utils import getaddresses
+from typing import NamedTuple
 
 from mailwatchd.errors import MalformedMessage
 
@@ -35,8 +34,7 @@ _DROPPED_FIELDS = frozenset({b"bcc", _DROPPED_FIELDS_FROM, _DROPPED_FIELDS_TO})
 _ENVELOPE_SOURCES = frozenset({b"from", b"sender", b"to", b"cc", b"bcc", _DROPPED_FIELDS_FROM, _DROPPED_FIELDS_TO})
 
 
-@dataclass(frozen=True)
-class OutgoingMessage:
+class OutgoingMessage(NamedTuple):
     """A message ready for one SMTP transaction."""
 
     queue_id: str
@@ -46,8 +44,7 @@ class OutgoingMessage:
     size: int
 
 
-@dataclass(frozen=True)
-class HeaderField:
+class HeaderField(NamedTuple):
     name: bytes  # lower-cased
     raw: bytes  # the whole field, folded lines and line endings included
 
@@ -92,7 +89,10 @@ def _addresses(values: Sequence[str]) -> list[str]:
     found: list[str] = []
     for value in values:
         if any(ch in value for ch in '"(\\;:'):
-            # Quoted names, comments, groups: the full parser.
+            # Quoted names, comments, groups: the full parser, imported only for them (email.utils
+            # would cost each `sendmail` run more than all the rest of its imports).
+            from email.utils import getaddresses
+
             found.extend(address for _, address in getaddresses([value]) if address)
             continue
         for part in value.split(","):

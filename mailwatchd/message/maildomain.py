@@ -7,7 +7,7 @@ submitter puts it in the Message-ID it adds.
 from __future__ import annotations
 
 import functools
-import socket
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,14 +40,19 @@ def _usable_domain(name: str) -> bool:
 
 
 def local_domain(setting: str | None, *, mailname: Path = MAILNAME,
-                 fqdn: Callable[[], str] = socket.getfqdn) -> str | None:
-    """MAILWATCHD_DEFAULT_DOMAIN, else /etc/mailname, else the host's FQDN; a guessed name only
-    with a dot in it and not localhost (no relay takes `root@myhost`); None when there is none."""
+                 fqdn: Callable[[], str] | None = None) -> str | None:
+    """MAILWATCHD_DEFAULT_DOMAIN, else /etc/mailname, else the host's FQDN (`fqdn`, by default
+    socket.getfqdn); a guessed name only with a dot in it and not localhost (no relay takes
+    `root@myhost`); None when there is none."""
     if setting:
         return setting
     mailname_value = read_mailname(mailname)
     if mailname_value is not None and _mail_domain(mailname_value):
         return mailname_value
+    if fqdn is None:
+        import socket  # here: `sendmail` reads /etc/mailname only and never pays for the module
+
+        fqdn = socket.getfqdn
     host = fqdn().strip().rstrip(".")  # only now: it may ask DNS
     return host if _mail_domain(host) else None
 
@@ -60,4 +65,9 @@ def _mail_domain(name: str) -> bool:
 @functools.cache
 def host_name(setting: str | None) -> str:
     """The name this host gives of itself (EHLO): the mail domain, else its host name; looked up once."""
-    return local_domain(setting) or socket.gethostname()
+    return local_domain(setting) or host_node_name()
+
+
+def host_node_name() -> str:
+    """The host name, as socket.gethostname() gives it on Linux (uname(2)), without that module."""
+    return os.uname().nodename

@@ -23,7 +23,7 @@ from mailwatchd.service.logs import get_logger
 from mailwatchd.service.notify import Notifier
 from mailwatchd.service.scheduler import Scheduler
 from mailwatchd.service.statusfile import ProcessStatus, RelayStatus, Status, status_line, write_status
-from mailwatchd.spool.messagestate import queue_id_time
+from mailwatchd.spool.queueid import queue_id_time
 from mailwatchd.spool.store import Location, Spool
 
 log = get_logger()

@@ -24,7 +24,8 @@ from mailwatchd.service.live import Live
 from mailwatchd.service.logs import get_logger
 from mailwatchd.service.scheduler import Scheduler, WorkItem
 from mailwatchd.settings.relays import Endpoint, RelayConfig
-from mailwatchd.spool.messagestate import Attempt, MessageState, queue_id_time
+from mailwatchd.spool.messagestate import Attempt, MessageState
+from mailwatchd.spool.queueid import queue_id_time
 from mailwatchd.spool.store import Location, Spool
 from mailwatchd.transports.outcome import Cause, DeliveryResult, Outcome, RefusedRecipient
 from mailwatchd.transports.transport import Session

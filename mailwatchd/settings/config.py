@@ -1,4 +1,4 @@
-"""Settings: an explicit env file plus the process environment, validated once.
+"""Settings: an explicit env file plus the process environment (environment.py), validated once.
 
 Keys follow Django's EMAIL_* names so an existing `.env` keeps working; mailwatchd's own
 keys start with MAILWATCHD_. Every problem raises ConfigError naming the key and the fix.
@@ -13,12 +13,15 @@ from pathlib import Path
 
 from mailwatchd.errors import ConfigError
 from mailwatchd.message.maildomain import host_name
+from mailwatchd.settings.environment import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    default_domain_setting,
+    read_source,
+    spool_setting,
+)
 from mailwatchd.settings.listen import ListenSettings, load_listen
 from mailwatchd.settings.parsing import parse_duration, parse_int, parse_size
 from mailwatchd.settings.relays import RelayConfig, load_relays
-
-SERVICE_SPOOL = Path("/var/spool/mailwatchd")
-SUBMIT_SOCKET = Path("/run/mailwatchd/submit.sock")  # the service's local submission socket (SMTP)
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ class Settings:
     retry_min: float = 60.0
     retry_max: float = 3600.0
     max_lifetime: float = 5 * 86400.0
-    max_message_size: int = 25 * 1024 * 1024
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     rescan_interval: float = 60.0
     probe_interval: float = 300.0
     probe_interval_down: float = 30.0
@@ -60,96 +63,13 @@ class Settings:
         return self.helo_name or host_name(self.default_domain)
 
 
-# Keys this program reads; an unknown MAILWATCHD_* key in the env file is a typo worth
-# stopping for, while other keys (Django's SECRET_KEY, EMAIL_BACKEND...) are ignored.
-MAILWATCHD_KEYS = frozenset(
-    {
-        "MAILWATCHD_CONFIG",
-        "MAILWATCHD_SPOOL",
-        "MAILWATCHD_OUTBOX",
-        "MAILWATCHD_RELAYS",
-        "MAILWATCHD_FALLBACK_PORTS",
-        "MAILWATCHD_MAX_PER_MINUTE",
-        "MAILWATCHD_MAX_PER_DAY",
-        "MAILWATCHD_HELO_NAME",
-        "MAILWATCHD_DEFAULT_DOMAIN",
-        "MAILWATCHD_CONNECT_TIMEOUT",
-        "MAILWATCHD_TRANSACTION_TIMEOUT",
-        "MAILWATCHD_CONCURRENCY",
-        "MAILWATCHD_IDLE_TIMEOUT",
-        "MAILWATCHD_RETRY_MIN",
-        "MAILWATCHD_RETRY_MAX",
-        "MAILWATCHD_MAX_LIFETIME",
-        "MAILWATCHD_MAX_MESSAGE_SIZE",
-        "MAILWATCHD_RESCAN_INTERVAL",
-        "MAILWATCHD_PROBE_INTERVAL",
-        "MAILWATCHD_PROBE_INTERVAL_DOWN",
-        "MAILWATCHD_SHUTDOWN_GRACE",
-        "MAILWATCHD_LOG_FORMAT",
-        "MAILWATCHD_LOG_LEVEL",
-        "MAILWATCHD_LISTEN",
-        "MAILWATCHD_LISTEN_ALLOW",
-        "MAILWATCHD_LISTEN_USERS_FILE",
-        "MAILWATCHD_LISTEN_TLS_CERT",
-        "MAILWATCHD_LISTEN_TLS_KEY",
-        "MAILWATCHD_LISTEN_MAX_CONNECTIONS",
-        "MAILWATCHD_LISTEN_MAX_RECIPIENTS",
-        "MAILWATCHD_ADMIN_ADDRESS",
-        "MAILWATCHD_ALIASES",
-        "MAILWATCHD_SUBMIT_SOCKET",
-    }
-)
-
-def default_spool(environ: Mapping[str, str]) -> Path:
-    """/var/spool/mailwatchd wherever the service is installed (its spool exists), for every user:
-    mail must reach the daemon that runs; a per-user state directory only where no service is."""
-    if os.geteuid() == 0 or SERVICE_SPOOL.is_dir():
-        return SERVICE_SPOOL
-    state_home = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state_home) / "mailwatchd" / "spool"
-
-
-def load_environment(config_path: Path | None, environ: Mapping[str, str]) -> dict[str, str]:
-    """The env file's keys (if a path is given), overridden by the process environment."""
-    merged: dict[str, str] = {}
-    if config_path is not None:
-        if not config_path.is_file():
-            raise ConfigError("MAILWATCHD_CONFIG", f"config file {config_path} does not exist",
-                              "create it or point --config at the right file")
-        from dotenv import dotenv_values  # here: `sendmail` without an env file never pays for the import
-
-        try:
-            values = dotenv_values(config_path, interpolate=False)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError("MAILWATCHD_CONFIG", f"cannot read {config_path}: {exc}",
-                              "make the file readable UTF-8 text") from None
-        for key, value in values.items():
-            if key.startswith("MAILWATCHD_") and key not in MAILWATCHD_KEYS:
-                raise ConfigError(key, f"unknown setting in {config_path}",
-                                  "check the spelling against the README's list of settings")
-            merged[key] = value or ""
-    for key, value in environ.items():
-        if key.startswith(("EMAIL_", "MAILWATCHD_")) or key == "CREDENTIALS_DIRECTORY":
-            merged[key] = value
-    return merged
-
-
 def load_settings(config_path: Path | str | None = None,
                   environ: Mapping[str, str] | None = None) -> Settings:
     """Load and validate settings; raise ConfigError on the first problem found."""
     env_source = os.environ if environ is None else environ
-    if config_path is None and env_source.get("MAILWATCHD_CONFIG"):
-        config_path = env_source["MAILWATCHD_CONFIG"]
-    path = Path(config_path) if config_path is not None else None
-    env = load_environment(path, env_source)
-
-    def get(key: str) -> str | None:
-        value = env.get(key)
-        return value if value not in (None, "") else None
-
-    spool = Path(get("MAILWATCHD_SPOOL") or default_spool(env_source))
-    if not spool.is_absolute():
-        raise ConfigError("MAILWATCHD_SPOOL", f"{spool} is a relative path", "use an absolute path")
+    source = read_source(config_path, env_source)
+    path, env, get = source.config_path, source.env, source.get
+    spool = spool_setting(source, env_source)
     outbox = Path(get("MAILWATCHD_OUTBOX") or spool / "outbox")
 
     durations: dict[str, float] = {}
@@ -190,10 +110,7 @@ def load_settings(config_path: Path | str | None = None,
     if (raw := get("MAILWATCHD_HELO_NAME")) is not None:
         extra["helo_name"] = raw.strip()
     if (raw := get("MAILWATCHD_DEFAULT_DOMAIN")) is not None:
-        if "@" in raw or not raw.strip() or any(ch.isspace() for ch in raw.strip()):
-            raise ConfigError("MAILWATCHD_DEFAULT_DOMAIN", f"{raw!r} is not a domain",
-                              "use a bare domain such as example.com")
-        extra["default_domain"] = raw.strip()
+        extra["default_domain"] = default_domain_setting(raw)
     if (raw := get("MAILWATCHD_LOG_FORMAT")) is not None:
         if raw not in ("auto", "console", "json", "journal"):
             raise ConfigError("MAILWATCHD_LOG_FORMAT", f"{raw!r} is not a log format",

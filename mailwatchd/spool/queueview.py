@@ -7,7 +7,7 @@ from typing import Any
 
 from mailwatchd.errors import MailwatchdError
 from mailwatchd.message import envelope
-from mailwatchd.spool.messagestate import is_queue_id, queue_id_time
+from mailwatchd.spool.queueid import is_queue_id, queue_id_time
 from mailwatchd.spool.store import Location, Spool
 
 HEADER_PEEK = 64 * 1024  # enough to read the envelope of any sane message

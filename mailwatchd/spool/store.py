@@ -31,12 +31,13 @@ from enum import StrEnum
 from pathlib import Path
 
 from mailwatchd.errors import RefusedSpoolEntry, SpoolFull, SpoolLocked
-from mailwatchd.spool.messagestate import MessageState, State, is_queue_id, new_queue_id
+from mailwatchd.spool.durable import drop_dirs, fsync_dir, install_durably, write_durably
+from mailwatchd.spool.messagestate import MessageState, State
+from mailwatchd.spool.queueid import is_queue_id, new_queue_id
 
 STALE_TMP_SECONDS = 36 * 3600  # the Maildir convention for abandoned tmp/ files
 TMP_PREFIX = ".tmp-"
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # no room for the data, an inode or a directory entry
 _SYMLINK = "is a symbolic link"
 
 
@@ -51,11 +52,6 @@ class Location(StrEnum):
 # Where a message in each state belongs; meta/ names the state before the file moves there.
 LOCATION_OF = {State.QUEUED: Location.QUEUE, State.DEFERRED: Location.DEFERRED, State.FAILED: Location.FAILED}
 _STATE_IN = {location: state for state, location in LOCATION_OF.items()}
-
-
-def drop_dirs(root: Path) -> tuple[Path, Path]:
-    """The Maildir drop under a spool root: (tmp/, new/)."""
-    return root / "tmp", root / "new"
 
 
 @dataclass(frozen=True)
@@ -100,58 +96,6 @@ def describe_non_regular(mode: int) -> str | None:
 def refusal(problem: str) -> str:
     """The recorded reason for an entry that cannot be a message: `problem` completes the sentence."""
     return f"refused: the spool entry {problem}"
-
-
-def raise_if_full(exc: OSError) -> None:
-    """Raise SpoolFull from `exc` when it says the filesystem is full; otherwise return."""
-    if exc.errno in _FULL_ERRNOS:
-        raise SpoolFull(f"the filesystem is full ({exc.strerror})") from exc
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write `data` to a new file at `path` and fsync it; SpoolFull when the disk is full."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    except OSError as exc:
-        raise_if_full(exc)
-        raise
-    try:
-        os.fchmod(fd, mode)  # exactly `mode`, whatever the writer's umask (the daemon reads 0640 drops)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except OSError as exc:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        raise_if_full(exc)
-        raise
-    os.close(fd)
-
-
-def install_durably(temporary: Path, final: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write `data` to `temporary`, fsync, rename it to `final`, fsync that directory.
-
-    `final` is never seen incomplete; on failure no temporary is left. SpoolFull when the disk is full.
-    """
-    write_durably(temporary, data, mode)
-    try:
-        os.rename(temporary, final)
-        fsync_dir(final.parent)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise_if_full(exc)
-        raise
 
 
 class Spool:

@@ -7,44 +7,33 @@ open even while the daemon restarts (what a setgid postdrop is to Postfix). No w
 never a silent loss.
 
 Kept light on purpose: `sendmail -t` is run once per message, so only what a submission needs
-is imported, and the SMTP client only when the spool is not writable.
+is imported (and read of the settings), and the socket client (submitsocket.py) only when the
+spool is not writable.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import re
-import socket
 import sys
-import time
-from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
 from mailwatchd import exitcodes
-from mailwatchd.errors import MalformedMessage, SpoolFull
-from mailwatchd.settings.config import SUBMIT_SOCKET, load_settings
+from mailwatchd.errors import MalformedMessage, NotQueued, SpoolFull
+from mailwatchd.settings.environment import load_submitter_settings
 from mailwatchd.submission.submit import Submission, enqueue, parse_sendmail_args, prepare, read_message
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from _typeshed import ReadableBuffer, WriteableBuffer
-
-    from mailwatchd.message.envelope import OutgoingMessage
     from mailwatchd.settings.config import Settings
+    from mailwatchd.settings.environment import SubmitterSettings
 
-SUBMIT_SOCKET_ENV = "MAILWATCHD_SUBMIT_SOCKET"  # overrides config.SUBMIT_SOCKET (tests, non-systemd setups)
-# One deadline for the whole socket transaction: socket activation may have to start the daemon.
-SOCKET_DEADLINE_S = 60.0
 # Errors that mean "this user cannot write there": the daemon's socket is the way in. Any other
 # error (EIO after the rename, say) is reported as it is: retrying could queue the message twice.
 _NOT_WRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOENT})
-_QUEUED_AS = re.compile(r"queued as (\S+)")  # the daemon's final reply: "250 2.0.0 Ok: queued as <id>"
-_SYSTEMCTL_HINT = "is mailwatchd.socket running? (systemctl status mailwatchd.socket)"
 
 USAGE = """\
 usage: sendmail [--config FILE] [OPTION...] [--] [RECIPIENT...] < MESSAGE
@@ -96,8 +85,7 @@ class Mode(StrEnum):
     HELP = "--help"
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     """What a sendmail command line asks for; `submission` is set in SUBMIT mode only."""
 
     mode: Mode
@@ -107,15 +95,6 @@ class Request:
 
 class UsageError(ValueError):
     """The command line is wrong: exit 64 with this one-line message."""
-
-
-class NotQueued(Exception):
-    """The message is not queued: exit `status` with `message`."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 # Option letters that take a value, attached (-fme@x) or as the next argument (-f me@x), as getopt does.
@@ -200,11 +179,14 @@ def run(request: Request, stdin: BinaryIO) -> int:
     if request.mode is Mode.NEWALIASES:
         print(NEWALIASES_NOTE)
         return exitcodes.OK
-    settings = load_settings(request.config)  # a bad setting: ConfigError, exit 78, before reading anything
+    # A bad setting: ConfigError, exit 78, before reading anything.
     if request.mode is Mode.SMTP_STDIO:
-        return run_bs(settings)
+        from mailwatchd.settings.config import load_settings
+
+        return run_bs(load_settings(request.config))
     if request.mode is not Mode.SUBMIT or request.submission is None:
         raise ValueError(f"run() does not carry out {request.mode}")
+    settings = load_submitter_settings(request.config)  # what it reads only: the daemon checks the rest
     try:
         data = prepare_message(settings, request.submission, stdin)
         queue_message(settings, data)
@@ -218,7 +200,7 @@ def fail(message: str, status: int) -> int:
     return status
 
 
-def prepare_message(settings: Settings, submission: Submission, stdin: BinaryIO) -> bytes:
+def prepare_message(settings: Settings | SubmitterSettings, submission: Submission, stdin: BinaryIO) -> bytes:
     """Read the message and complete it for the spool; NotQueued(65) when it cannot be sent."""
     raw = read_message(stdin, submission.dot_ends_input)
     if len(raw) > settings.max_message_size:
@@ -230,11 +212,7 @@ def prepare_message(settings: Settings, submission: Submission, stdin: BinaryIO)
         raise NotQueued(exitcodes.DATAERR, f"malformed message: {exc}") from None
 
 
-def submit_socket() -> Path:
-    return Path(os.environ.get(SUBMIT_SOCKET_ENV) or SUBMIT_SOCKET)
-
-
-def queue_message(settings: Settings, data: bytes) -> str | None:
+def queue_message(settings: Settings | SubmitterSettings, data: bytes) -> str | None:
     """Queue `data` durably: in the spool when writable, else through the daemon's socket.
 
     Returns the queue id when known; NotQueued when the message is not queued.
@@ -248,6 +226,7 @@ def queue_message(settings: Settings, data: bytes) -> str | None:
             raise NotQueued(exitcodes.CANTCREAT, f"cannot write to the spool {settings.spool}: {exc}") from None
         spool_problem = f"cannot write to {settings.spool / 'new'} ({exc.strerror})"
     from mailwatchd.message import envelope
+    from mailwatchd.submission.submitsocket import submit_over_socket, submit_socket
 
     try:
         message = envelope.parse("submit", data)
@@ -256,103 +235,18 @@ def queue_message(settings: Settings, data: bytes) -> str | None:
     return submit_over_socket(submit_socket(), message, helo=settings.ehlo_name, spool_problem=spool_problem)
 
 
-class _DeadlineSocket(socket.socket):
-    """A socket whose every send and receive ends by one absolute deadline: a total for the
-    transaction, so a server that drips a byte at a time cannot stretch it."""
-
-    deadline = 0.0
-
-    def arm(self) -> None:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("the deadline passed")
-        self.settimeout(left)
-
-    def recv_into(self, buffer: WriteableBuffer, nbytes: int = 0, flags: int = 0, /) -> int:
-        self.arm()
-        return super().recv_into(buffer, nbytes, flags)
-
-    def sendall(self, data: ReadableBuffer, flags: int = 0, /) -> None:
-        self.arm()
-        super().sendall(data, flags)
-
-
-def submit_over_socket(path: Path, message: OutgoingMessage, *, helo: str, spool_problem: str = "",
-                       timeout: float = SOCKET_DEADLINE_S) -> str | None:
-    """One SMTP transaction with the daemon on its Unix socket, all of it within `timeout` seconds.
-
-    Returns the queue id the daemon names in its final 250, if any. NotQueued otherwise: 65 when
-    the daemon refused the message or an address for good (outcome.classify_reply), 75 for
-    everything else (no socket, nobody listening, a 4xx, a fault before MAIL, a timeout).
-    """
-    import smtplib
-
-    from mailwatchd.transports.outcome import Outcome, Phase, classify_reply
-    from mailwatchd.transports.smtpwire import Reply, wire_body
-
-    def step(phase: Phase, reply: tuple[int, bytes], expected: range) -> Reply:
-        answer = Reply(reply[0], reply[1].decode("utf-8", errors="replace"))
-        if answer.code in expected:
-            return answer
-        if classify_reply(phase, answer.code, answer.text).outcome is Outcome.PERMANENT:
-            raise NotQueued(exitcodes.DATAERR, f"the daemon refused the message: {answer}")
-        raise NotQueued(exitcodes.TEMPFAIL, f"the daemon did not take the message: {answer}; "
-                                            "nothing was queued: send it again later")
-
-    deadline = time.monotonic() + timeout
-    client = smtplib.SMTP(local_hostname=helo)
-    try:
-        sock = _DeadlineSocket(socket.AF_UNIX, socket.SOCK_STREAM)
-        client.sock = sock
-        sock.deadline = deadline
-        sock.arm()
-        sock.connect(str(path))
-        step(Phase.GREETING, client.getreply(), range(220, 221))
-        step(Phase.EHLO, client.ehlo(helo), range(250, 251))
-        options = ""
-        if not all(address.isascii() for address in (message.sender, *message.recipients)):
-            if not client.has_extn("smtputf8"):
-                raise NotQueued(exitcodes.DATAERR, "the daemon's submit socket takes no non-ASCII address (SMTPUTF8)")
-            options, client.command_encoding = " SMTPUTF8", "utf-8"
-        if not message.data.isascii() and client.has_extn("8bitmime"):
-            options += " BODY=8BITMIME"
-        step(Phase.MAIL, client.docmd("MAIL", f"FROM:<{message.sender}>{options}"), range(200, 300))
-        for recipient in message.recipients:
-            step(Phase.RCPT, client.docmd("RCPT", f"TO:<{recipient}>"), range(200, 300))
-        step(Phase.DATA, client.docmd("DATA"), range(354, 355))
-        client.send(wire_body(message.data))
-        final = step(Phase.BODY, client.getreply(), range(200, 300))
-    except NotQueued:
-        raise
-    except FileNotFoundError:
-        problem = f"the daemon's submit socket {path} is missing: {_SYSTEMCTL_HINT}"
-    except ConnectionRefusedError:
-        problem = f"nothing answers on the daemon's submit socket {path}: {_SYSTEMCTL_HINT}"
-    except PermissionError as exc:
-        problem = f"this user may not connect to the daemon's submit socket {path} ({exc.strerror})"
-    except OSError as exc:  # smtplib reports a timeout in a read as SMTPServerDisconnected, from a TimeoutError
-        if isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError) or time.monotonic() >= deadline:
-            problem = (f"the daemon did not complete the submission on {path} within {timeout:g} s: "
-                       "is mailwatchd running? (systemctl status mailwatchd)")
-        else:
-            problem = f"the submission on the daemon's socket {path} failed: {exc or type(exc).__name__}"
-    else:
-        return match.group(1) if (match := _QUEUED_AS.search(final.text)) else None
-    finally:
-        with contextlib.suppress(OSError):
-            client.quit()
-        client.close()
-    raise NotQueued(exitcodes.TEMPFAIL, f"{spool_problem + ' and ' if spool_problem else ''}{problem}; "
-                                        "nothing was queued")
-
-
 def run_bs(settings: Settings) -> int:
     """`sendmail -bs`: one SMTP session on standard input and output (Symfony Mailer's default).
 
     The very session the daemon's listener runs: served here when the caller may write to the
     spool, else relayed byte for byte to the daemon's submit socket, which serves it."""
     if not os.access(settings.spool / "new", os.W_OK | os.X_OK):
-        return relay_stdio(submit_socket(), settings.spool)
+        from mailwatchd.submission.submitsocket import relay_stdio, submit_socket
+
+        try:
+            return relay_stdio(submit_socket(), settings.spool)
+        except NotQueued as exc:
+            return fail(exc.message, exc.status)
     import asyncio
 
     from mailwatchd.service.daemon import LISTEN_COMMAND_TIMEOUT_S
@@ -363,29 +257,3 @@ def run_bs(settings: Settings) -> int:
                             max_message_size=settings.max_message_size, command_timeout=LISTEN_COMMAND_TIMEOUT_S,
                             via="sendmail -bs")
     return asyncio.run(serve_stdio(factory))
-
-
-def relay_stdio(path: Path, spool: Path) -> int:
-    """Carry an SMTP session between standard input/output and the daemon's submit socket."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(str(path))
-    except OSError as exc:
-        sock.close()
-        return fail(f"cannot write to {spool / 'new'} and the daemon's submit socket {path} does not answer "
-                    f"({exc.strerror or exc}): is mailwatchd.socket running? (systemctl status mailwatchd.socket)",
-                    exitcodes.TEMPFAIL)
-
-    def upstream() -> None:
-        with contextlib.suppress(OSError):
-            while data := os.read(0, 65536):
-                sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
-
-    import threading
-
-    threading.Thread(target=upstream, name="sendmail-bs", daemon=True).start()
-    with sock:
-        while data := sock.recv(65536):
-            os.write(1, data)
-    return exitcodes.OK

@@ -8,23 +8,23 @@ daemon qualifies it from its own settings (addressing.py).
 
 from __future__ import annotations
 
-import getpass
-import socket
+import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from email.utils import formataddr, formatdate, make_msgid
 from pathlib import Path
+from typing import NamedTuple
 
 from mailwatchd.errors import MalformedMessage
 from mailwatchd.message import envelope
-from mailwatchd.message.maildomain import MAILNAME, read_mailname
-from mailwatchd.spool.messagestate import new_queue_id
-from mailwatchd.spool.store import drop_dirs, install_durably
+from mailwatchd.message.maildomain import MAILNAME, host_node_name, read_mailname
+from mailwatchd.spool.durable import drop_dirs, install_durably
+from mailwatchd.spool.queueid import new_queue_id
+
+_DAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTH_NAMES = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
-@dataclass(frozen=True)
-class Submission:
+class Submission(NamedTuple):
     """What a sendmail-style command line asked for."""
 
     sender: str | None = None  # -f
@@ -62,14 +62,38 @@ def read_message(stream: object, dot_ends_input: bool) -> bytes:
 
 def message_id_domain(mailname: Path = MAILNAME) -> str:
     """The right side of a Message-ID: /etc/mailname, else the host name. Unique, not routable; no DNS."""
-    return read_mailname(mailname) or socket.gethostname()
+    return read_mailname(mailname) or host_node_name()
+
+
+def date_value(now: float) -> str:
+    """A Date field's value in local time (RFC 5322 §3.3), as email.utils.formatdate(now, localtime=True)
+    writes it; email.utils would cost a `sendmail` run more than the rest of its imports."""
+    t = time.localtime(now)
+    sign, offset = ("-", -t.tm_gmtoff) if t.tm_gmtoff < 0 else ("+", t.tm_gmtoff)
+    return (f"{_DAY_NAMES[t.tm_wday]}, {t.tm_mday:02d} {_MONTH_NAMES[t.tm_mon - 1]} {t.tm_year:04d} "
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} {sign}{offset // 3600:02d}{offset // 60 % 60:02d}")
+
+
+def message_id(domain: str) -> str:
+    """A Message-ID field's value of email.utils.make_msgid's form: <time.pid.random@domain>."""
+    return f"<{int(time.time() * 100)}.{os.getpid()}.{int.from_bytes(os.urandom(8), 'big')}@{domain}>"
+
+
+def _local_user() -> str:
+    import getpass  # only for a message with no From and no -f
+
+    return getpass.getuser()
 
 
 def _mailbox(name: str, address: str) -> str:
     """A From field's value. formataddr takes ASCII addresses only; RFC 6532 §3.2 allows UTF-8."""
+    if not name:
+        return address
+    from email.utils import formataddr  # only for a -F name: it may need quoting or RFC 2047 encoding
+
     if address.isascii():
         return formataddr((name, address))
-    return f"{formataddr((name, 'x@x')).removesuffix(' <x@x>')} <{address}>" if name else address
+    return f"{formataddr((name, 'x@x')).removesuffix(' <x@x>')} <{address}>"
 
 
 def prepare(raw: bytes, submission: Submission) -> bytes:
@@ -94,11 +118,11 @@ def prepare(raw: bytes, submission: Submission) -> bytes:
         envelope.check_address(sender, "sender", local=True)
     added = []
     if b"from" not in names:
-        added.append(f"From: {_mailbox(submission.full_name or '', sender or getpass.getuser())}".encode())
+        added.append(f"From: {_mailbox(submission.full_name or '', sender or _local_user())}".encode())
     if b"date" not in names:
-        added.append(f"Date: {formatdate(time.time(), localtime=True)}".encode())
+        added.append(f"Date: {date_value(time.time())}".encode())
     if b"message-id" not in names:
-        added.append(f"Message-ID: {make_msgid(domain=message_id_domain())}".encode())
+        added.append(f"Message-ID: {message_id(message_id_domain())}".encode())
     if added:
         raw = newline.join(added) + newline + raw
     recipients = list(submission.recipients)

@@ -12,7 +12,7 @@ from pathlib import Path
 from mailwatchd.errors import SpoolFull
 from mailwatchd.message.envelope import OutgoingMessage
 from mailwatchd.settings.config import Settings
-from mailwatchd.spool.store import install_durably
+from mailwatchd.spool.durable import install_durably
 from mailwatchd.transports.outcome import Cause, DeliveryResult, Outcome, Phase, classify_exception
 
 RELAY_NAME = "outbox"
