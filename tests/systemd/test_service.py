@@ -539,6 +539,12 @@ def test_reload_switches_to_the_new_relay(shared: Service) -> None:
     assert machine.show(UNIT, "MainPID", "ActiveState") == {"MainPID": pid, "ActiveState": "active"}
 
 
+def outsider(machine: Machine) -> None:
+    """A user who is not in mailwatchd-submit (created once per machine)."""
+    if machine.run(["id", "outsider"], check=False).returncode != 0:
+        machine.run(["useradd", "--no-create-home", "outsider"])
+
+
 def test_a_user_outside_the_submit_group_sends_through_the_submit_socket(shared: Service) -> None:
     """No group membership, no spool access: /usr/sbin/sendmail -t and -bs still reach the relay, through
     the socket unit's /run/mailwatchd/submit.sock, and exit 0 only once the daemon stored the message."""
@@ -547,7 +553,7 @@ def test_a_user_outside_the_submit_group_sends_through_the_submit_socket(shared:
     shared.reset(relay_env(2570, MAILWATCHD_ADMIN_ADDRESS="ops@example.net"))
     for line in readme_sh_block(SUBMIT_MARKER):  # the README's sendmail link
         machine.run(["sh", "-c", line])
-    machine.run(["useradd", "--no-create-home", "outsider"])
+    outsider(machine)
     assert "mailwatchd-submit" not in machine.run(["id", "-nG", "outsider"]).stdout
     assert shared.as_user("outsider", "/usr/sbin/sendmail -t", message("outsider -t")) == ""
     session = "\r\n".join(["EHLO outsider.example", "MAIL FROM:<outsider>", "RCPT TO:<root>", "DATA",
@@ -643,6 +649,23 @@ def test_cron_mail_reaches_the_admin_address_qualified(shared: Service) -> None:
         assert f"CMD (echo {job})" in log, log
     # cron logs a mailer that failed ("mailed N bytes of output but got status 0x…") or is missing.
     assert "got status" not in log and "No MTA installed" not in log, log
+
+
+def test_a_submission_while_the_daemon_is_stopped_starts_it_through_the_socket(shared: Service) -> None:
+    """The socket unit outlives the service: `systemctl stop mailwatchd` leaves the submit socket, and the
+    next submission by a user outside the submit group starts the daemon and is delivered."""
+    machine = shared.machine
+    sink = SmtpSink.start(machine, "activation-relay", 2575)
+    shared.reset(relay_env(2575))
+    for line in readme_sh_block(SUBMIT_MARKER):
+        machine.run(["sh", "-c", line])
+    outsider(machine)
+    machine.systemctl("stop", UNIT)
+    assert machine.show(UNIT, "ActiveState")["ActiveState"] == "inactive"
+    assert machine.show("mailwatchd.socket", "ActiveState")["ActiveState"] == "active"
+    assert shared.as_user("outsider", "/usr/sbin/sendmail -t", message("while stopped")) == ""
+    assert subjects(shared.wait_sink(sink, 1)) == ["while stopped"]
+    assert machine.show(UNIT, "ActiveState")["ActiveState"] == "active"
 
 
 DJANGO_DEFAULTS = """\
