@@ -636,3 +636,33 @@ def test_ehlo_names_the_mail_domain_unless_told_otherwise(base_env: dict[str, st
     told = load_settings(None, {**base_env, "MAILWATCHD_DEFAULT_DOMAIN": "mail.example.org",
                                 "MAILWATCHD_HELO_NAME": "mx1.example.org"})
     assert told.ehlo_name == "mx1.example.org"
+
+
+@pytest.mark.parametrize(("key", "meant"), [
+    ("EMAIL_HOTS", "EMAIL_HOST"), ("email_host", "EMAIL_HOST"), ("Email_Use_Tls", "EMAIL_USE_TLS"),
+    ("MAILWATCHD_CONCURENCY", "MAILWATCHD_CONCURRENCY"), ("EMAIL_USE_SL", "EMAIL_USE_SSL"),
+])
+def test_a_misspelt_key_stops_the_start_with_the_key_it_resembles(key: str, meant: str, base_env: dict[str, str],
+                                                                  tmp_path: Path) -> None:
+    """A typo must not silently switch a setting off: EMAIL_HOTS used to mean 'no relay, local outbox'."""
+    config = env_file(tmp_path / "mailwatchd.env", EMAIL_PORT="587", **{key: "smtp.example.com"})
+    with pytest.raises(ConfigError) as info:
+        load_settings(config, base_env)
+    assert (info.value.key, info.value.fix) == (key, f"did you mean {meant}?")
+    assert str(config) in info.value.problem
+
+
+def test_the_other_keys_of_a_shared_django_env_file_are_ignored(base_env: dict[str, str], tmp_path: Path) -> None:
+    config = env_file(tmp_path / ".env", SECRET_KEY="x", DEBUG="true", ALLOWED_HOSTS="*", EMAIL_BACKEND="smtp",
+                      EMAIL_SUBJECT_PREFIX="[app] ", EMAIL_USE_LOCALTIME="true", DEFAULT_FROM_EMAIL="a@b.example",
+                      SERVER_EMAIL="s@b.example", DATABASE_URL="postgres://db/app", EMAIL_HOST="smtp.example.com")
+    assert load_settings(config, base_env).relays[0].primary.host == "smtp.example.com"
+
+
+def test_a_misspelt_key_fails_the_cli_with_78_and_names_the_fix(clean_env: dict[str, str], tmp_path: Path) -> None:
+    config = env_file(tmp_path / "mailwatchd.env", EMAIL_HOTS="smtp.example.com")
+    done = subprocess.run([sys.executable, "-m", "mailwatchd", "check", "--config", str(config)],
+                          env={**clean_env, "MAILWATCHD_SPOOL": str(tmp_path / "spool")}, capture_output=True,
+                          timeout=60, check=False)
+    assert done.returncode == exitcodes.CONFIG
+    assert b"EMAIL_HOTS" in done.stderr and b"did you mean EMAIL_HOST?" in done.stderr

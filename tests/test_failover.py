@@ -143,6 +143,11 @@ def test_reload_switches_relay_and_keeps_the_old_one_on_a_bad_file(
     drop(spool_dir, message(2), "m2")
     first.handler.wait_for(2)
 
+    config.write_text(f"EMAIL_HOTS={second.host}\nEMAIL_PORT={second.port}\n")  # a typo: no relay at all
+    daemon.signal(signal.SIGHUP)
+    typo = daemon.wait_event("config_reload_failed", count=2)[1]
+    assert (typo["key"], typo["fix"]) == ("EMAIL_HOTS", "did you mean EMAIL_HOST?")
+
     config.write_text(f"EMAIL_HOST={second.host}\nEMAIL_PORT={second.port}\n")
     daemon.signal(signal.SIGHUP)
     daemon.wait_event("config_reloaded")

@@ -19,8 +19,8 @@ SERVICE_SPOOL = Path("/var/spool/mailwatchd")
 SUBMIT_SOCKET = Path("/run/mailwatchd/submit.sock")  # the service's local submission socket (SMTP)
 DEFAULT_MAX_MESSAGE_SIZE = 25 * 1024 * 1024
 
-# Keys this program reads; an unknown MAILWATCHD_* key in the env file is a typo worth
-# stopping for, while other keys (Django's SECRET_KEY, EMAIL_BACKEND...) are ignored.
+# Keys this program reads; an unknown MAILWATCHD_* key in the env file, or one close to a known
+# key, is a typo worth stopping for, while other keys (Django's SECRET_KEY, EMAIL_BACKEND...) are ignored.
 MAILWATCHD_KEYS = frozenset(
     {
         "MAILWATCHD_CONFIG",
@@ -58,6 +58,41 @@ MAILWATCHD_KEYS = frozenset(
         "MAILWATCHD_SUBMIT_SOCKET",
     }
 )
+
+
+# The Django-style keys this program reads (Django's own names, so an existing .env keeps working).
+EMAIL_KEYS = frozenset({
+    "EMAIL_HOST", "EMAIL_PORT", "EMAIL_HOST_USER", "EMAIL_HOST_PASSWORD", "EMAIL_HOST_PASSWORD_FILE",
+    "EMAIL_USE_TLS", "EMAIL_USE_SSL", "EMAIL_TIMEOUT", "EMAIL_SSL_VERIFY", "EMAIL_SSL_CAFILE",
+    "EMAIL_SSL_CERTFILE", "EMAIL_SSL_KEYFILE",
+})
+KNOWN_KEYS = MAILWATCHD_KEYS | EMAIL_KEYS
+MAX_TYPO_EDITS = 2
+
+
+def _edits(first: str, second: str, limit: int) -> int:
+    """Levenshtein distance, or limit + 1 as soon as it must exceed `limit`."""
+    if abs(len(first) - len(second)) > limit:
+        return limit + 1
+    previous = list(range(len(second) + 1))
+    for row, char in enumerate(first, 1):
+        current = [row]
+        for column, other in enumerate(second, 1):
+            current.append(min(previous[column] + 1, current[column - 1] + 1,
+                               previous[column - 1] + (char != other)))
+        if min(current) > limit:
+            return limit + 1
+        previous = current
+    return previous[-1]
+
+
+def meant_key(key: str) -> str | None:
+    """The setting `key` is most likely a misspelling of (any case, at most two edits away), or None."""
+    upper = key.upper()
+    if upper in KNOWN_KEYS:
+        return upper if upper != key else None
+    distance, known = min((_edits(upper, known, MAX_TYPO_EDITS), known) for known in KNOWN_KEYS)
+    return known if distance <= MAX_TYPO_EDITS else None
 
 
 class Source(NamedTuple):
@@ -110,9 +145,15 @@ def load_environment(config_path: Path | None, environ: Mapping[str, str]) -> di
             raise ConfigError("MAILWATCHD_CONFIG", f"cannot read {config_path}: {exc}",
                               "make the file readable UTF-8 text") from None
         for key, value in values.items():
-            if key.startswith("MAILWATCHD_") and key not in MAILWATCHD_KEYS:
-                raise ConfigError(key, f"unknown setting in {config_path}",
-                                  "check the spelling against the README's list of settings")
+            if key not in KNOWN_KEYS:
+                # A typo would silently switch a setting off (EMAIL_HOTS: no relay at all); other
+                # keys of a shared Django .env (SECRET_KEY, EMAIL_BACKEND) are not ours and stay ignored.
+                meant = meant_key(key)
+                if meant is not None:
+                    raise ConfigError(key, f"unknown setting in {config_path}", f"did you mean {meant}?")
+                if key.startswith("MAILWATCHD_"):
+                    raise ConfigError(key, f"unknown setting in {config_path}",
+                                      "check the spelling against the README's list of settings")
             merged[key] = value or ""
     for key, value in environ.items():
         if key.startswith(("EMAIL_", "MAILWATCHD_")) or key == "CREDENTIALS_DIRECTORY":
