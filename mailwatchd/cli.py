@@ -171,7 +171,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     from mailwatchd.relays.diagnosis import run_check
 
     settings = _settings(args)
-    report = asyncio.run(run_check(settings, send_test_to=args.send_test))
+    if args.send_from is not None and args.send_test is None:
+        return _fail("--from goes with --send-test ADDRESS", exitcodes.USAGE)
+    try:
+        report = asyncio.run(run_check(settings, send_test_to=args.send_test, send_test_from=args.send_from))
+    except ValueError as exc:  # an address that is not one
+        return _fail(str(exc), exitcodes.USAGE)
     if args.json:
         print(json.dumps(report.to_json(), indent=2, default=str))
     else:
@@ -235,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", parents=[common], help="probe every relay and diagnose problems")
     p.add_argument("--json", action="store_true")
     p.add_argument("--send-test", metavar="ADDRESS", help="also send a test message through the first healthy relay")
+    p.add_argument("--from", dest="send_from", metavar="ADDRESS",
+                   help="the test message's sender (default: the relay's login if it is an address, else "
+                        "mailwatchd@<mail domain>); use an identity the relay accepts")
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("status", parents=[common], help="the running daemon's health")
     p.add_argument("--json", action="store_true")

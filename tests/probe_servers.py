@@ -80,14 +80,18 @@ def noncritical_ca(directory: Path) -> tuple[Path, ssl.SSLContext]:
 
 
 class RejectMailHandler(RecordingHandler):
-    """Answers MAIL FROM with a fixed reply (a 550 sender identity or quota refusal)."""
+    """Answers MAIL FROM with a fixed reply (a 550 sender identity or quota refusal), except from `allowed`."""
 
-    def __init__(self, reply: str) -> None:
+    def __init__(self, reply: str, allowed: str | None = None) -> None:
         super().__init__()
         self.reply = reply
+        self.allowed = allowed
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
+        if address == self.allowed:
+            envelope.mail_from, envelope.mail_options = address, mail_options
+            return "250 OK"
         return self.reply
 
 

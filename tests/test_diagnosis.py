@@ -139,6 +139,20 @@ def test_send_test_goes_through_the_first_usable_relay(smtp_server_factory: Fact
     assert "send test to ops@example.org via 'fallback'" in report.render_text()
 
 
+def test_send_test_from_an_address_the_relay_accepts(smtp_server_factory: Factory, ca_file: Path,
+                                                     tmp_path: Path) -> None:
+    """A relay that enforces the sender identity (SendGrid's login is 'apikey') is tested with --from."""
+    identity = "550 5.7.1 The from address does not match a verified Sender Identity"
+    server = smtp_server_factory(RejectMailHandler(identity, allowed="alerts@example.com"))
+    relays = (relay("sendgrid", (server.port, TlsMode.STARTTLS), cafile=ca_file),)
+    refused = check(probe_settings(tmp_path), relays, send_test_to="ops@example.org")
+    assert refused.send_test is not None and refused.send_test.cause is Cause.SENDER_REJECTED
+    accepted = check(probe_settings(tmp_path), relays, send_test_to="ops@example.org",
+                     send_test_from="alerts@example.com")
+    assert accepted.send_test is not None and accepted.send_test.ok and accepted.exit_code == 0
+    assert server.handler.wait_for(1)[0].mail_from == "alerts@example.com"
+
+
 def test_send_test_refused_sender_makes_the_relay_unusable(smtp_server_factory: Factory, ca_file: Path,
                                                            tmp_path: Path) -> None:
     server = smtp_server_factory(RejectMailHandler("550 5.7.1 Sender address not verified"))
@@ -234,3 +248,12 @@ def test_cli_check_json_exit_code(clean_env: dict[str, str], tmp_path: Path, ref
     data = json.loads(done.stdout)
     assert data["endpoints"][0]["cause"] == "connection_refused"
     assert [alt["port"] for alt in data["endpoints"][0]["alternatives"]] == [587, 465, 2525]
+
+
+def test_cli_check_send_test_from(clean_env: dict[str, str], tmp_path: Path, refused_port: int) -> None:
+    env = {**clean_env, "EMAIL_HOST": LOOPBACK, "EMAIL_PORT": str(refused_port),
+           "MAILWATCHD_SPOOL": str(tmp_path / "spool"), "MAILWATCHD_CONNECT_TIMEOUT": "1"}
+    lone = run_cli(env, "check", "--from", "alerts@example.com")
+    assert lone.returncode == 64 and b"--from goes with --send-test" in lone.stderr
+    bad = run_cli(env, "check", "--send-test", "ops@example.org", "--from", "not an address")
+    assert bad.returncode == 64 and b"is not an e-mail address" in bad.stderr

@@ -326,11 +326,12 @@ def send_test_sender(relay: RelayConfig, helo_name: str) -> str:
     return f"mailwatchd@{helo_name}"
 
 
-async def run_check(settings: Settings, *, send_test_to: str | None = None, resolve: Resolver | None = None,
+async def run_check(settings: Settings, *, send_test_to: str | None = None, send_test_from: str | None = None,
+                    resolve: Resolver | None = None,
                     alt_ports: Sequence[AltPort] = DEFAULT_ALT_PORTS) -> CheckReport:
     """Probe every endpoint of every relay (and the alternatives) concurrently; optionally send a test."""
     if send_test_to is not None:
-        SendTest("mailwatchd@example.invalid", send_test_to)  # ValueError before anything is probed
+        SendTest(send_test_from or "mailwatchd@example.invalid", send_test_to)  # ValueError before any probe
     start = time.perf_counter()
     checked_at = datetime.now(UTC)
     if not settings.relays:
@@ -368,7 +369,7 @@ async def run_check(settings: Settings, *, send_test_to: str | None = None, reso
             check.notes.append(f"send test skipped: no usable relay ({send_test_to} not sent)")
         else:
             relay, endpoint = healthy
-            test = SendTest(send_test_sender(relay, settings.ehlo_name), send_test_to)
+            test = SendTest(send_test_from or send_test_sender(relay, settings.ehlo_name), send_test_to)
             report = await probe_endpoint(relay, endpoint, settings, resolve=resolve, send_test=test)
             check.send_test = Finding(report, hint_for(report.cause, endpoint, report.detail, relay=relay))
     check.duration_ms = round((time.perf_counter() - start) * 1000, 1)
