@@ -617,3 +617,36 @@ def test_cron_through_the_daemons_socket(programs: Path, env: dict[str, str], tm
     (received,) = smtp_server.handler.wait_for(1)
     assert received.rcpt_tos == ["ops@example.net"]
     assert received.data.endswith(b"\r\n\r\nthe job's output\r\n")
+
+
+SILENT_DAEMON_CLIENT = """
+import sys
+from pathlib import Path
+from mailwatchd.errors import NotQueued
+from mailwatchd.submission import submitsocket
+submitsocket.BS_SILENCE_LIMIT_S = 0.5
+try:
+    submitsocket.relay_stdio(Path(sys.argv[1]), Path("/nonexistent-spool"))
+except NotQueued as exc:
+    print(exc.message, file=sys.stderr)
+    sys.exit(exc.status)
+"""
+
+
+def test_bs_relayed_to_a_daemon_that_says_nothing_ends_with_75(short_dir: Path) -> None:
+    """`sendmail -bs` for a caller without spool access carries the session to the submit socket; a daemon
+    that accepts the connection and then says nothing must not hold the caller forever."""
+    path = short_dir / "silent.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen(1)
+        child = subprocess.Popen([sys.executable, "-c", SILENT_DAEMON_CLIENT, str(path)], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+        try:
+            connection, _ = server.accept()  # accepted, and never answered
+            with connection:
+                _, stderr = child.communicate(timeout=30)
+        finally:
+            child.kill()
+    assert child.returncode == exitcodes.TEMPFAIL and b"said nothing" in stderr, stderr

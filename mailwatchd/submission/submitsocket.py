@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from mailwatchd.message.envelope import OutgoingMessage
 
 SUBMIT_SOCKET_ENV = "MAILWATCHD_SUBMIT_SOCKET"  # overrides SUBMIT_SOCKET (tests, non-systemd setups)
+BS_SILENCE_LIMIT_S = 600.0
 # One deadline for the whole socket transaction: socket activation may have to start the daemon.
 SOCKET_DEADLINE_S = 60.0
 _QUEUED_AS = re.compile(r"queued as (\S+)")  # the daemon's final reply: "250 2.0.0 Ok: queued as <id>"
@@ -146,7 +147,14 @@ def relay_stdio(path: Path, spool: Path) -> int:
     import threading
 
     threading.Thread(target=upstream, name="sendmail-bs", daemon=True).start()
+    # The daemon ends a session that is silent for 5 minutes (RFC 5321 §4.5.3.2.7) with a 421: a
+    # daemon silent for twice that is stuck, and the caller is told so rather than left waiting.
+    sock.settimeout(BS_SILENCE_LIMIT_S)
     with sock:
-        while data := sock.recv(65536):
-            os.write(1, data)
+        try:
+            while data := sock.recv(65536):
+                os.write(1, data)
+        except TimeoutError:
+            raise NotQueued(exitcodes.TEMPFAIL, f"the daemon said nothing on {path} for "
+                                                f"{BS_SILENCE_LIMIT_S:g}s: {_SYSTEMCTL_HINT}") from None
     return exitcodes.OK
