@@ -194,7 +194,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings(args)
     spool = Spool(settings.spool)
     pid = spool.running_pid()
-    status = read_status(settings.spool)
+    status = read_status(settings.status_path)
     running = pid is not None and status is not None and status.get("pid") == pid
     if args.json:
         print(json.dumps({"running": running, "pid": pid, "status": status if running else None}, indent=2))

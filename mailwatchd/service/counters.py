@@ -9,12 +9,35 @@ flight any more; each end is one `drain_started` / `drain_finished` log line (nu
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from mailwatchd.service.logs import get_logger
 
 log = get_logger()
+
+
+@dataclass(frozen=True)
+class FailedMail:
+    """A message (or a split-off part, or a refused drop) that went to failed/."""
+
+    queue_id: str
+    reason: str
+    cause: str = "unknown"
+    relay: str | None = None
+    sender: str | None = None  # None: the message could not be read or parsed
+    recipients: tuple[str, ...] = ()
+    is_notice: bool = False  # mailwatchd's own failure notice: never the subject of another
+
+
+class Observer(Protocol):
+    """Told of every settled attempt (metrics, failure notices)."""
+
+    def on_delivered(self, relay: str, latency_s: float) -> None: ...
+
+    def on_failed(self, failed: FailedMail) -> None: ...
 
 
 @dataclass
@@ -33,6 +56,9 @@ class Counters:
     failed_in_store: int = 0  # messages in failed/, including those found there at start
     last_delivery: float | None = None  # epoch seconds
     in_flight: int = 0
+    # (relay, outcome, cause) -> messages settled so; relay "outbox" for the local outbox, "-" when none was reached
+    outcomes: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    observers: list[Observer] = field(default_factory=list)
     _pass: Tally | None = None
     _pass_started: float = 0.0
 
@@ -56,17 +82,25 @@ class Counters:
             log.info("drain_finished", duration_s=round(time.monotonic() - self._pass_started, 3),
                      delivered=done.delivered, deferred=done.deferred, failed=done.failed, waiting=deferred)
 
-    def delivered(self) -> None:
+    def delivered(self, relay: str | None, latency_s: float) -> None:
+        """Delivered `latency_s` after it was received."""
         self.last_delivery = time.time()
+        self.outcomes[(relay or "-", "delivered", "ok")] += 1
         self._count("delivered")
+        for observer in self.observers:
+            observer.on_delivered(relay or "-", latency_s)
 
-    def deferred(self) -> None:
+    def deferred(self, relay: str | None, cause: str) -> None:
+        self.outcomes[(relay or "-", "temporary", cause)] += 1
         self._count("deferred")
 
-    def failed(self) -> None:
+    def failed(self, failed: FailedMail) -> None:
         """A message (or a split-off part, or a refused drop) went to failed/."""
         self.failed_in_store += 1
+        self.outcomes[(failed.relay or "-", "permanent", failed.cause)] += 1
         self._count("failed")
+        for observer in self.observers:
+            observer.on_failed(failed)
 
     def _count(self, what: str) -> None:
         for tally in (self.totals, self._pass):

@@ -115,8 +115,13 @@ class HealthReporter:
         if line != self._status_line:
             self._status_line = line
             self.notifier.status(line)
+        path = self.live.settings.status_path
         try:
-            write_status(self.spool.root, status)
+            try:
+                write_status(path, status)
+            except FileNotFoundError:
+                path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                write_status(path, status)
         except OSError as exc:
             log.debug("status_write_failed", detail=str(exc))
 

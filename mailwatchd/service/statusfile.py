@@ -1,4 +1,5 @@
-"""The status file `SPOOL/status.json`: its schema, written by the daemon (atomic replace),
+"""The status file (`SPOOL/status.json`, the service's `/run/mailwatchd/status/status.json`): its
+schema, written by the daemon (atomic replace, mode 0644: it names no address and no secret),
 read by `mailwatchd status`, and the one-line summary both show (systemd's STATUS=)."""
 
 from __future__ import annotations
@@ -8,8 +9,6 @@ import os
 import time
 from pathlib import Path
 from typing import TypedDict
-
-STATUS_FILE = "status.json"
 
 
 class EndpointStatus(TypedDict):
@@ -66,22 +65,20 @@ class Status(TypedDict):
     process: ProcessStatus
 
 
-def status_path(spool_root: Path) -> Path:
-    return spool_root / STATUS_FILE
-
-
-def write_status(spool_root: Path, status: Status) -> None:
+def write_status(path: Path, status: Status) -> None:
     """Replace the status file atomically (a reader never sees half of it); OSError if it cannot."""
-    path = status_path(spool_root)
-    temporary = path.with_name(f".{STATUS_FILE}.tmp")
-    temporary.write_text(json.dumps(status))
+    temporary = path.with_name(f".{path.name}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(descriptor, "w") as stream:
+        os.fchmod(descriptor, 0o644)  # readable by a monitoring user whatever the daemon's umask
+        stream.write(json.dumps(status))
     os.replace(temporary, path)
 
 
-def read_status(spool_root: Path) -> Status | None:
+def read_status(path: Path) -> Status | None:
     """The last status the daemon wrote, or None when there is none (or it is unreadable)."""
     try:
-        data = json.loads(status_path(spool_root).read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None  # type: ignore[return-value]

@@ -19,9 +19,10 @@ from mailwatchd.errors import MalformedMessage, RefusedSpoolEntry, SpoolFull
 from mailwatchd.message import envelope
 from mailwatchd.message.envelope import OutgoingMessage
 from mailwatchd.service.backoff import retry_delay
-from mailwatchd.service.counters import Counters
+from mailwatchd.service.counters import Counters, FailedMail
 from mailwatchd.service.live import Live
 from mailwatchd.service.logs import get_logger
+from mailwatchd.service.notices import is_notice
 from mailwatchd.service.scheduler import Scheduler, WorkItem
 from mailwatchd.settings.relays import Endpoint, RelayConfig
 from mailwatchd.spool.messagestate import Attempt, MessageState
@@ -184,7 +185,7 @@ class Worker:
             # Parsed as stored; completed (bare local names qualified, aliases applied) from the settings.
             message = self.live.addressing.complete(envelope.parse(queue_id, raw))
         except MalformedMessage as exc:
-            self._fail(state, location, f"malformed message: {exc}")
+            self._fail(state, location, f"malformed message: {exc}", cause=Cause.MALFORMED.value)
             return Followup()
 
         result = await self._deliver(message)
@@ -205,7 +206,7 @@ class Worker:
             router.report(relay, endpoint, result)
             if result.outcome is not Outcome.RELAY_FAULT:
                 return result
-            if index + 1 < len(candidates):
+            if index + 1 < len(candidates):  # only when there is somewhere else to go
                 next_relay, next_endpoint = candidates[index + 1]
                 log.warning("relay_failover", queue_id=message.queue_id, relay=relay.name, endpoint=str(endpoint),
                             cause=result.cause.value, detail=result.summary, next_relay=next_relay.name,
@@ -233,16 +234,17 @@ class Worker:
         match result.outcome:
             case Outcome.DELIVERED:
                 if permanent:
-                    self._split(state, raw, message, permanent, Location.FAILED, now)
+                    self._split(state, raw, message, permanent, Location.FAILED, now, relay=result.relay)
                 if temporary:
                     due = now + retry_delay(1, settings.retry_min, settings.retry_max)
-                    part = self._split(state, raw, message, temporary, Location.DEFERRED, now, due=due)
+                    part = self._split(state, raw, message, temporary, Location.DEFERRED, now, due=due,
+                                       relay=result.relay)
                     followup.retry_at.append(Retry(due, part))
                 spool.delivered(message.queue_id, location, has_state=has_state)
                 accepted = len(message.recipients) - len(result.refused)
                 log.info("message_delivered", **base, recipients=accepted, attempt=state.attempts + 1,
                          endpoint=result.endpoint, reply=result.detail)
-                self.counters.delivered()
+                self.counters.delivered(result.relay, now - state.received_at)
                 return followup
             case Outcome.RELAY_FAULT:
                 # The relay's problem, not the message's (only the local outbox gets here; relay faults
@@ -253,7 +255,8 @@ class Worker:
             case Outcome.PERMANENT:
                 state.record(Attempt(now, result.outcome.value, result.cause.value, result.summary, result.relay),
                              counted=True)
-                self._fail(state, location, result.summary, cause=result.cause.value, relay=result.relay)
+                self._fail(state, location, result.summary, cause=result.cause.value, relay=result.relay,
+                           message=message, raw=raw)
                 return followup
             case Outcome.TEMPORARY:
                 state.record(Attempt(now, result.outcome.value, result.cause.value, result.summary, result.relay),
@@ -272,12 +275,13 @@ class Worker:
         if age >= settings.max_lifetime:
             refused = "".join(f"; {r.recipient} refused: {r.code} {r.reply}" for r in permanent)
             self._fail(state, location, f"gave up after {state.attempts} attempts over {age / 3600:.1f} h: "
-                       f"{result.summary}{refused}", cause=Cause.EXPIRED.value, relay=result.relay)
+                       f"{result.summary}{refused}", cause=Cause.EXPIRED.value, relay=result.relay,
+                       message=message, raw=raw)
             return Followup()
         delay = retry_delay(state.attempts, settings.retry_min, settings.retry_max)
         if not permanent:
             return self._defer(state, location, message, result, delay)
-        self._split(state, raw, message, permanent, Location.FAILED, now)
+        self._split(state, raw, message, permanent, Location.FAILED, now, relay=result.relay)
         remaining = [r for r in message.recipients if r not in {p.recipient for p in permanent}]
         part_state = MessageState(spool.new_id(), state.received_at, attempts=state.attempts,
                                   history=list(state.history), source=f"split from {message.queue_id}",
@@ -287,7 +291,7 @@ class Worker:
         log.info("message_deferred", queue_id=part_state.queue_id, relay=result.relay, size=message.size,
                  attempt=state.attempts, delay_s=round(delay, 1), split_from=message.queue_id,
                  cause=result.cause.value, reason=result.summary)
-        self.counters.deferred()
+        self.counters.deferred(result.relay, result.cause.value)
         return Followup(retry_at=[Retry(now + delay, part_state.queue_id)])
 
     def _defer(self, state: MessageState, location: Location, message: OutgoingMessage, result: DeliveryResult,
@@ -299,11 +303,11 @@ class Worker:
         log.info("message_deferred", queue_id=message.queue_id, relay=result.relay, size=message.size,
                  attempt=state.attempts, delay_s=round(delay, 1), next_attempt=next_attempt,
                  cause=result.cause.value, reason=result.summary)
-        self.counters.deferred()
+        self.counters.deferred(result.relay, result.cause.value)
         return Followup(retry_at=[Retry(state.next_attempt_at, message.queue_id)])
 
     def _split(self, state: MessageState, raw: bytes, message: OutgoingMessage, refused: list[RefusedRecipient],
-               location: Location, now: float, due: float | None = None) -> str:
+               location: Location, now: float, due: float | None = None, relay: str | None = None) -> str:
         """Store a copy of the message for some recipients only; returns its queue id."""
         spool = self.spool
         part = MessageState(spool.new_id(), state.received_at, source=f"split from {message.queue_id}",
@@ -317,13 +321,19 @@ class Worker:
         event = "recipients_failed" if location is Location.FAILED else "recipients_deferred"
         log.info(event, queue_id=message.queue_id, part_id=part.queue_id, recipients=len(refused), reason=reason)
         if location is Location.FAILED:
-            self.counters.failed()
+            self.counters.failed(FailedMail(part.queue_id, f"recipient refused: {reason}",
+                                            Cause.RECIPIENT_REJECTED.value, relay, message.sender,
+                                            tuple(r.recipient for r in refused), is_notice(raw)))
         else:
-            self.counters.deferred()
+            self.counters.deferred(relay, Cause.RECIPIENT_REJECTED.value)
         return part.queue_id
 
-    def _fail(self, state: MessageState, location: Location, reason: str, **fields: str | None) -> None:
+    def _fail(self, state: MessageState, location: Location, reason: str, *, cause: str = Cause.MALFORMED.value,
+              relay: str | None = None, message: OutgoingMessage | None = None, raw: bytes = b"") -> None:
         state.reason = reason
         if self.spool.fail(state, location):
-            log.warning("message_failed", queue_id=state.queue_id, reason=reason, attempts=state.attempts, **fields)
-            self.counters.failed()
+            log.warning("message_failed", queue_id=state.queue_id, reason=reason, attempts=state.attempts,
+                        cause=cause, relay=relay)
+            self.counters.failed(FailedMail(
+                state.queue_id, reason, cause, relay, message.sender if message else None,
+                message.recipients if message else (), is_notice(raw)))

@@ -18,8 +18,9 @@ from mailwatchd.settings.environment import (
     default_domain_setting,
     read_source,
     spool_setting,
+    status_file_setting,
 )
-from mailwatchd.settings.listen import ListenSettings, load_listen
+from mailwatchd.settings.listen import ListenSettings, is_loopback, load_listen, parse_addresses
 from mailwatchd.settings.parsing import parse_duration, parse_int, parse_size
 from mailwatchd.settings.relays import RelayConfig, load_relays
 
@@ -52,6 +53,23 @@ class Settings:
     listen: ListenSettings = field(default_factory=ListenSettings)
     admin_address: str | None = None  # where mail to local users (root, postmaster, bare names) goes
     aliases: Path | None = None  # an aliases(5) file mapping local names to addresses
+    status_file: Path | None = None  # None: SPOOL/status.json (load_settings always sets it)
+    queue_age_warning: float = 3600.0  # oldest queued message older than this: WARNING
+    queue_age_critical: float = 4 * 3600.0  # ... CRITICAL
+    spool_min_free: int | None = None  # below this many free bytes the spool takes no new work; None: 2 x max size
+    metrics_file: Path | None = None  # node_exporter textfile collector file
+    metrics_listen: tuple[str, int] | None = None  # loopback HTTP endpoint for /metrics
+    notice_address: str | None = None  # failure-notice digests go here (default: admin_address)
+    notice_interval: float = 900.0  # at most one digest per interval
+    notice_max_per_day: int = 24
+
+    @property
+    def status_path(self) -> Path:
+        return self.status_file or self.spool / "status.json"
+
+    @property
+    def min_free_bytes(self) -> int:
+        return self.spool_min_free if self.spool_min_free is not None else 2 * self.max_message_size
 
     @property
     def uses_outbox(self) -> bool:
@@ -85,6 +103,9 @@ def load_settings(config_path: Path | str | None = None,
         ("MAILWATCHD_PROBE_INTERVAL", "probe_interval", 0.1),
         ("MAILWATCHD_PROBE_INTERVAL_DOWN", "probe_interval_down", 0.1),
         ("MAILWATCHD_SHUTDOWN_GRACE", "shutdown_grace", 0.0),
+        ("MAILWATCHD_QUEUE_AGE_WARNING", "queue_age_warning", 1.0),
+        ("MAILWATCHD_QUEUE_AGE_CRITICAL", "queue_age_critical", 1.0),
+        ("MAILWATCHD_NOTICE_INTERVAL", "notice_interval", 1.0),
     ):
         raw = get(key)
         if raw is not None:
@@ -102,7 +123,12 @@ def load_settings(config_path: Path | str | None = None,
         raise ConfigError("MAILWATCHD_RETRY_MAX", f"{retry_max:g}s is below MAILWATCHD_RETRY_MIN ({retry_min:g}s)",
                           "make the longest retry delay at least the shortest")
 
-    extra: dict[str, object] = {}
+    if durations.get("queue_age_critical", defaults.queue_age_critical) < \
+            durations.get("queue_age_warning", defaults.queue_age_warning):
+        raise ConfigError("MAILWATCHD_QUEUE_AGE_CRITICAL", "is below MAILWATCHD_QUEUE_AGE_WARNING",
+                          "make the critical age at least the warning age")
+
+    extra: dict[str, object] = {"status_file": status_file_setting(source, spool)}
     if (raw := get("MAILWATCHD_CONCURRENCY")) is not None:
         extra["concurrency"] = parse_int("MAILWATCHD_CONCURRENCY", raw, minimum=1, maximum=64)
     if (raw := get("MAILWATCHD_MAX_MESSAGE_SIZE")) is not None:
@@ -123,19 +149,45 @@ def load_settings(config_path: Path | str | None = None,
         extra["log_level"] = raw.lower()
 
     if (raw := get("MAILWATCHD_ADMIN_ADDRESS")) is not None:
-        address = raw.strip()
-        if address.count("@") != 1 or any(ch.isspace() or ch in "<>" for ch in address) or \
-                not all(address.split("@")):
-            raise ConfigError("MAILWATCHD_ADMIN_ADDRESS", f"{raw!r} is not an e-mail address",
-                              "use a full address such as ops@example.com")
-        extra["admin_address"] = address
+        extra["admin_address"] = address_setting("MAILWATCHD_ADMIN_ADDRESS", raw)
     if (raw := get("MAILWATCHD_ALIASES")) is not None:
         if not Path(raw).is_file():
             raise ConfigError("MAILWATCHD_ALIASES", f"{raw} does not exist or is not a file",
                               "point it at an aliases(5) file such as /etc/aliases, or remove the setting")
         extra["aliases"] = Path(raw)
+    if (raw := get("MAILWATCHD_SPOOL_MIN_FREE")) is not None:
+        extra["spool_min_free"] = parse_size("MAILWATCHD_SPOOL_MIN_FREE", raw)
+    if (raw := get("MAILWATCHD_METRICS_FILE")) is not None:
+        metrics_file = Path(raw)
+        if not metrics_file.is_absolute():
+            raise ConfigError("MAILWATCHD_METRICS_FILE", f"{raw} is a relative path",
+                              "use an absolute path, e.g. /var/lib/prometheus/node-exporter/mailwatchd.prom")
+        extra["metrics_file"] = metrics_file
+    if (raw := get("MAILWATCHD_METRICS_LISTEN")) is not None:
+        addresses = parse_addresses("MAILWATCHD_METRICS_LISTEN", raw)
+        if len(addresses) != 1 or not is_loopback(addresses[0][0]):
+            raise ConfigError("MAILWATCHD_METRICS_LISTEN", f"{raw!r} is not one loopback address",
+                              "use 127.0.0.1:PORT or [::1]:PORT; scrape other hosts through the textfile")
+        extra["metrics_listen"] = addresses[0]
+    notice = get("MAILWATCHD_NOTICE_ADDRESS")
+    if notice is not None and notice.strip().lower() in ("off", "none"):
+        extra["notice_address"] = None
+    elif notice is not None:
+        extra["notice_address"] = address_setting("MAILWATCHD_NOTICE_ADDRESS", notice)
+    elif "admin_address" in extra:
+        extra["notice_address"] = extra["admin_address"]
+    if (raw := get("MAILWATCHD_NOTICE_MAX_PER_DAY")) is not None:
+        extra["notice_max_per_day"] = parse_int("MAILWATCHD_NOTICE_MAX_PER_DAY", raw, minimum=1, maximum=1440)
     extra["listen"] = load_listen(get, env)
 
     relays = load_relays(get, env)
     return Settings(spool=spool, outbox=outbox, relays=relays, config_path=path,
                     **durations, **extra)  # type: ignore[arg-type]
+
+
+def address_setting(key: str, raw: str) -> str:
+    """A full e-mail address setting, checked."""
+    address = raw.strip()
+    if address.count("@") != 1 or any(ch.isspace() or ch in "<>" for ch in address) or not all(address.split("@")):
+        raise ConfigError(key, f"{raw!r} is not an e-mail address", "use a full address such as ops@example.com")
+    return address

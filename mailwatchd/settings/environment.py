@@ -17,6 +17,10 @@ from mailwatchd.message.maildomain import host_name
 
 SERVICE_SPOOL = Path("/var/spool/mailwatchd")
 SUBMIT_SOCKET = Path("/run/mailwatchd/submit.sock")  # the service's local submission socket (SMTP)
+# The service's status file: in its own runtime directory (RuntimeDirectory=mailwatchd/status, 0755), readable
+# by a monitoring user who may neither submit nor read mail (the spool's gate is the submit group).
+SERVICE_STATUS_FILE = Path("/run/mailwatchd/status/status.json")
+SERVICE_CONFIG = Path("/etc/mailwatchd/mailwatchd.env")  # the service's env file, the commands' default
 DEFAULT_MAX_MESSAGE_SIZE = 25 * 1024 * 1024
 
 # Keys this program reads; an unknown MAILWATCHD_* key in the env file, or one close to a known
@@ -56,6 +60,15 @@ MAILWATCHD_KEYS = frozenset(
         "MAILWATCHD_ADMIN_ADDRESS",
         "MAILWATCHD_ALIASES",
         "MAILWATCHD_SUBMIT_SOCKET",
+        "MAILWATCHD_STATUS_FILE",
+        "MAILWATCHD_QUEUE_AGE_WARNING",
+        "MAILWATCHD_QUEUE_AGE_CRITICAL",
+        "MAILWATCHD_SPOOL_MIN_FREE",
+        "MAILWATCHD_METRICS_FILE",
+        "MAILWATCHD_METRICS_LISTEN",
+        "MAILWATCHD_NOTICE_ADDRESS",
+        "MAILWATCHD_NOTICE_INTERVAL",
+        "MAILWATCHD_NOTICE_MAX_PER_DAY",
     }
 )
 
@@ -175,6 +188,17 @@ def spool_setting(source: Source, environ: Mapping[str, str]) -> Path:
     if not spool.is_absolute():
         raise ConfigError("MAILWATCHD_SPOOL", f"{spool} is a relative path", "use an absolute path")
     return spool
+
+
+def status_file_setting(source: Source, spool: Path) -> Path:
+    """MAILWATCHD_STATUS_FILE, else the service's (for the service's spool), else SPOOL/status.json."""
+    raw = source.get("MAILWATCHD_STATUS_FILE")
+    if raw is not None:
+        path = Path(raw)
+        if not path.is_absolute():
+            raise ConfigError("MAILWATCHD_STATUS_FILE", f"{raw} is a relative path", "use an absolute path")
+        return path
+    return SERVICE_STATUS_FILE if spool == SERVICE_SPOOL else spool / "status.json"
 
 
 def default_domain_setting(raw: str) -> str:

@@ -10,11 +10,12 @@ import contextlib
 
 from inotify_simple import INotify, flags
 
-from mailwatchd.service.counters import Counters
+from mailwatchd.service.counters import Counters, FailedMail
 from mailwatchd.service.live import Live
 from mailwatchd.service.logs import get_logger
 from mailwatchd.service.scheduler import Scheduler, WorkItem
 from mailwatchd.spool.store import Location, Pending, Refused, Spool
+from mailwatchd.transports.outcome import Cause
 
 log = get_logger()
 # IN_MOVED_TO: a Maildir writer's rename(2) from tmp/; IN_CREATE: a writer's link(2) from
@@ -100,7 +101,7 @@ class Intake:
             return False
         if isinstance(claimed, Refused):
             log.warning("message_failed", queue_id=claimed.queue_id, source=name, reason=claimed.reason)
-            self.counters.failed()
+            self.counters.failed(FailedMail(claimed.queue_id, claimed.reason, Cause.MALFORMED.value))
             return False
         self.scheduler.add_ready(WorkItem(claimed.queue_id, Location.QUEUE))
         log.info("message_queued", queue_id=claimed.queue_id, source=claimed.source, size=claimed.size)

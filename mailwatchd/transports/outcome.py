@@ -77,6 +77,7 @@ class Cause(StrEnum):
     PROTOCOL_ERROR = "protocol_error"
     LOCAL_ERROR = "local_error"
     EXPIRED = "expired"  # the message's lifetime ran out while it kept failing temporarily
+    MALFORMED = "malformed"  # the spool file is not a sendable message (no sender, no recipient, unreadable)
 
 
 @dataclass(frozen=True)
