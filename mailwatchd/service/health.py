@@ -50,6 +50,8 @@ class HealthReporter:
         self._probe_task: asyncio.Task[None] | None = None
         self._cert_warned: dict[str, float] = {}
         self._process = psutil.Process()
+        self.degraded: str | None = None  # set by the daemon: why new work waits (spool full)
+        self.reload_error: str | None = None  # set by the daemon: the last reload's failure, until one succeeds
 
     def start(self) -> None:
         self._probe_task = asyncio.create_task(self._probe_forever(), name="probe")
@@ -148,6 +150,7 @@ class HealthReporter:
         return {
             "pid": os.getpid(), "started_at": self.started_at, "updated_at": time.time(),
             "healthy": self._problem is None, "problem": self._problem,
+            "degraded": self.degraded, "reload_error": self.reload_error,
             "mode": "outbox" if settings.uses_outbox else "relay",
             "outbox": str(settings.outbox) if settings.uses_outbox else None,
             "relays": relays,

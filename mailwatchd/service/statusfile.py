@@ -55,6 +55,8 @@ class Status(TypedDict):
     updated_at: float
     healthy: bool
     problem: str | None
+    degraded: str | None  # why new work waits (the spool's filesystem is full), None when it does not
+    reload_error: str | None  # the last reload's failure, until a reload succeeds
     mode: str  # "relay" or "outbox"
     outbox: str | None
     relays: list[RelayStatus]
