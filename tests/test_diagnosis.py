@@ -12,7 +12,14 @@ from typing import Any
 
 import pytest
 
-from mailwatchd.relays.diagnosis import CheckReport, alternative_endpoints, hint_for, run_check
+from mailwatchd.relays.diagnosis import (
+    DEFAULT_ALT_PORTS,
+    CheckReport,
+    Tried,
+    alternative_endpoints,
+    hint_for,
+    run_check,
+)
 from mailwatchd.settings.config import Settings
 from mailwatchd.settings.relays import Endpoint, RelayConfig, Secret, TlsMode
 from mailwatchd.transports.outcome import Cause
@@ -201,8 +208,79 @@ def test_render_text_shows_every_step_with_its_timing(smtp_server_factory: Facto
 
 
 def test_alternative_ports_skip_configured_ones_and_default_to_the_usual_modes() -> None:
-    assert alternative_endpoints("smtp.example.com", (587, 465, 2525), {587}) == [
+    assert alternative_endpoints("smtp.example.com", (587, 465, 2525),
+                                 [Endpoint("smtp.example.com", 587, TlsMode.STARTTLS)]) == [
         Endpoint("smtp.example.com", 465, TlsMode.IMPLICIT), Endpoint("smtp.example.com", 2525, TlsMode.STARTTLS)]
+
+
+def test_every_usual_mode_of_each_port_is_an_alternative() -> None:
+    host = "smtp.example.com"
+    assert alternative_endpoints(host, DEFAULT_ALT_PORTS, [Endpoint(host, 465, TlsMode.STARTTLS)]) == [
+        Endpoint(host, 587, TlsMode.STARTTLS), Endpoint(host, 465, TlsMode.IMPLICIT),
+        Endpoint(host, 2525, TlsMode.STARTTLS)]
+    assert alternative_endpoints(host, DEFAULT_ALT_PORTS, [Endpoint(host, 587, TlsMode.IMPLICIT)]) == [
+        Endpoint(host, 587, TlsMode.STARTTLS), Endpoint(host, 465, TlsMode.IMPLICIT),
+        Endpoint(host, 2525, TlsMode.STARTTLS)]
+    assert alternative_endpoints(host, (), [Endpoint(host, 2465, TlsMode.IMPLICIT)]) == [
+        Endpoint(host, 2465, TlsMode.STARTTLS)]  # a port with no usual mode: the other one
+    assert alternative_endpoints(host, (), [Endpoint(host, 25, TlsMode.NONE)]) == []  # plain SMTP on purpose
+
+
+def test_advice_never_suggests_the_usual_ports_once_they_failed(tmp_path: Path, refused_port: int) -> None:
+    """The endpoint is refused and so is the stand-in for 465/ssl: no advice to try 465 or 587."""
+    with closed_port() as other:
+        report = check(probe_settings(tmp_path, connect_timeout=0.5),
+                       (relay(LOOPBACK, (refused_port, TlsMode.STARTTLS)),), alt_ports=((other, TlsMode.IMPLICIT),))
+    [down] = report.endpoints
+    assert down.cause is Cause.CONNECTION_REFUSED
+    assert [(alt.port, alt.tls, alt.cause) for alt in down.alternatives] == [
+        (other, TlsMode.IMPLICIT, Cause.CONNECTION_REFUSED)]  # not the refused port in another mode
+    assert f"the usual alternative ports failed too ({other}/ssl connection_refused)" in down.hint
+    for advice in ("465 for implicit TLS", "587 for STARTTLS", "EMAIL_USE_SSL", "try another port"):
+        assert advice not in down.hint
+
+
+def test_advice_never_suggests_a_configured_endpoint_found_failing() -> None:
+    host = "smtp.example.com"
+    primary, fallback = Endpoint(host, 587, TlsMode.STARTTLS), Endpoint(host, 465, TlsMode.IMPLICIT)
+    refused = _fake(fallback, ok=False, cause=Cause.CONNECTION_REFUSED)
+    hint = hint_for(Cause.CONNECTION_REFUSED, primary, "refused", tried=Tried.of(primary, [refused]))
+    assert "465" not in hint and "check EMAIL_HOST and EMAIL_PORT" in hint
+    assert "465 for implicit TLS" in hint_for(Cause.CONNECTION_REFUSED, primary, "refused")  # nothing tried yet
+    unavailable = hint_for(Cause.STARTTLS_UNAVAILABLE, primary, "", tried=Tried.of(primary, [refused]))
+    assert "EMAIL_PORT=465" not in unavailable and "never disable TLS" in unavailable
+
+
+def test_starttls_endpoint_on_an_implicit_tls_port_is_tried_with_implicit_tls(
+        smtp_server_factory: Factory, ca_file: Path, tmp_path: Path) -> None:
+    """A 465/starttls endpoint (here: an implicit-TLS-only server's port, configured STARTTLS)."""
+    server = smtp_server_factory(implicit_tls=True)
+    report = check(probe_settings(tmp_path, command_timeout=0.5),
+                   (relay(LOOPBACK, (server.port, TlsMode.STARTTLS), cafile=ca_file),))
+    [finding] = report.endpoints
+    assert finding.cause is Cause.BANNER_TIMEOUT
+    [alt] = finding.alternatives
+    assert (alt.port, alt.tls, alt.ok) == (server.port, TlsMode.IMPLICIT, True)
+    port = server.port
+    assert finding.hint == (
+        f"port {port} waits for a TLS handshake, not a plain greeting; {port}/ssl answered in {alt.answered_ms:g} ms "
+        f"— keep EMAIL_PORT={port} and set EMAIL_USE_SSL=true (with EMAIL_USE_TLS=false) "
+        f"(or smtp+ssl://{LOOPBACK}:{port} in MAILWATCHD_RELAYS)")
+    assert f"also tried on {LOOPBACK}: {port}/ssl works" in report.render_text()
+
+
+def test_implicit_tls_endpoint_on_a_plain_port_is_tried_with_starttls(
+        smtp_server_factory: Factory, ca_file: Path, tmp_path: Path) -> None:
+    with_starttls, without = smtp_server_factory(), smtp_server_factory(starttls=False)
+    report = check(probe_settings(tmp_path), (relay("a", (with_starttls.port, TlsMode.IMPLICIT), cafile=ca_file),
+                                              relay("b", (without.port, TlsMode.IMPLICIT), cafile=ca_file)))
+    fixed, stuck = report.endpoints
+    assert fixed.cause is stuck.cause is Cause.TLS_HANDSHAKE_FAILED
+    assert f"{with_starttls.port}/starttls answered in" in fixed.hint
+    assert f"use smtp+tls://{LOOPBACK}:{with_starttls.port} for relay a" in fixed.hint
+    assert [(alt.tls, alt.cause) for alt in stuck.alternatives] == [(TlsMode.STARTTLS, Cause.STARTTLS_UNAVAILABLE)]
+    assert "STARTTLS on it failed too (starttls_unavailable" in stuck.hint
+    assert "EMAIL_USE_TLS=true" not in stuck.hint
 
 
 @pytest.mark.parametrize("cause", [cause for cause in Cause if cause is not Cause.OK])
@@ -228,14 +306,19 @@ def test_hints_name_the_provider_specific_fix() -> None:
 
 
 def _fake_ok(endpoint: Endpoint) -> Any:
+    return _fake(endpoint)
+
+
+def _fake(endpoint: Endpoint, *, ok: bool = True, cause: Cause = Cause.OK) -> Any:
+    """A probe report as data (what hints are computed from), without probing."""
     from datetime import UTC, datetime
 
     from mailwatchd.relays.probe import ProbeReport
     from mailwatchd.transports.outcome import Phase
     from mailwatchd.transports.smtpclient import Step
     steps = [Step("connect", Phase.CONNECT, True, 10.0), Step("tls", Phase.TLS, True, 20.0),
-             Step("banner", Phase.GREETING, True, 11.0)]
-    return ProbeReport("r", endpoint.host, endpoint.port, endpoint.tls, True, Cause.OK, "", steps, [], None, None,
+             Step("banner", Phase.GREETING, True, 11.0)] if ok else [Step("connect", Phase.CONNECT, False, 0.1)]
+    return ProbeReport("r", endpoint.host, endpoint.port, endpoint.tls, ok, cause, "", steps, [], None, None,
                        datetime.now(UTC))
 
 
@@ -253,7 +336,9 @@ def test_cli_check_json_exit_code(clean_env: dict[str, str], tmp_path: Path, ref
 def test_cli_check_send_test_from(clean_env: dict[str, str], tmp_path: Path, refused_port: int) -> None:
     env = {**clean_env, "EMAIL_HOST": LOOPBACK, "EMAIL_PORT": str(refused_port),
            "MAILWATCHD_SPOOL": str(tmp_path / "spool"), "MAILWATCHD_CONNECT_TIMEOUT": "1"}
+    # check is a monitoring plugin: a usage problem is UNKNOWN (3), named on the first line.
     lone = run_cli(env, "check", "--from", "alerts@example.com")
-    assert lone.returncode == 64 and b"--from goes with --send-test" in lone.stderr
+    assert lone.returncode == 3 and lone.stdout.startswith(b"MAILWATCHD UNKNOWN - --from goes with --send-test")
     bad = run_cli(env, "check", "--send-test", "ops@example.org", "--from", "not an address")
-    assert bad.returncode == 64 and b"is not an e-mail address" in bad.stderr
+    assert bad.returncode == 3 and bad.stdout.startswith(b"MAILWATCHD UNKNOWN - ")
+    assert b"is not an e-mail address" in bad.stdout

@@ -47,7 +47,7 @@ def test_json_is_compact_and_readable() -> None:
                    "next_attempt_at": 9.0, "reason": None, "source": None,
                    "history": [{"at": 1.0, "outcome": "temporary", "cause": "timeout", "detail": "data: timed out",
                                 "relay": "gmail"}],
-                   "first_failure_at": None}
+                   "first_failure_at": None, "requeued_at": None}
     assert b" " not in state.to_json().replace(b"data: timed out", b"")
 
 

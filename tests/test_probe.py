@@ -86,12 +86,12 @@ def test_good_starttls_server_is_ok_with_timings_and_certificate_days(
     server = smtp_server_factory(tls_context=server_context(cert))
     report = run_probe(relay_for(server.port, TlsMode.STARTTLS, cafile=ca_file), probe_settings(tmp_path))
     assert report.ok and report.cause is Cause.OK, report
-    assert step_names(report) == ["dns", "connect", "banner", "ehlo", "starttls", "tls", "ehlo_tls", "quit"]
+    assert step_names(report) == ["connect", "banner", "ehlo", "starttls", "tls", "ehlo_tls", "quit"]  # an IP: no DNS
     assert all(step.ok and step.ms >= 0 for step in report.steps)
     assert report.timings_ms.keys() == set(step_names(report))
     assert report.cert_days_left == 30
     assert report.tls_version in ("TLSv1.2", "TLSv1.3")
-    assert "STARTTLS" in report.steps[3].detail and "STARTTLS" not in report.extensions  # after TLS: not again
+    assert "STARTTLS" in report.steps[2].detail and "STARTTLS" not in report.extensions  # after TLS: not again
     assert any(ext.startswith("AUTH") for ext in report.extensions)
     assert hint(report) == "" and report.checked_at.tzinfo is not None
     assert server.handler.messages == []
@@ -101,7 +101,7 @@ def test_implicit_tls_server_is_ok(smtp_server_factory: Factory, ca_file: Path, 
     server = smtp_server_factory(implicit_tls=True)
     report = run_probe(relay_for(server.port, TlsMode.IMPLICIT, cafile=ca_file), probe_settings(tmp_path))
     assert report.ok, report
-    assert step_names(report) == ["dns", "connect", "tls", "banner", "ehlo", "quit"]
+    assert step_names(report) == ["connect", "tls", "banner", "ehlo", "quit"]
     assert report.cert_days_left is not None and report.cert_days_left > 300_000  # trustme: year 3000
 
 
@@ -126,7 +126,7 @@ def test_nothing_listening_is_connection_refused(tmp_path: Path) -> None:
     with closed_port() as port:
         report = run_probe(relay_for(port, TlsMode.STARTTLS), probe_settings(tmp_path))
     assert (report.ok, report.cause) == (False, Cause.CONNECTION_REFUSED)
-    assert step_names(report) == ["dns", "connect"] and not report.steps[1].ok
+    assert step_names(report) == ["connect"] and not report.steps[0].ok
     assert "refused" in report.detail and "EMAIL_PORT" in hint(report)
 
 
@@ -149,7 +149,7 @@ def test_silent_server_is_banner_timeout(tmp_path: Path) -> None:
         report = run_probe(relay_for(server.port, TlsMode.STARTTLS), settings)
         elapsed = time.monotonic() - started
     assert report.cause is Cause.BANNER_TIMEOUT, report
-    assert step_names(report) == ["dns", "connect", "banner"] and report.steps[1].ok
+    assert step_names(report) == ["connect", "banner"] and report.steps[0].ok
     assert elapsed < 0.5 + 0.3
 
 
@@ -225,7 +225,7 @@ def test_verification_turned_off_says_so(smtp_server_factory: Factory, tmp_path:
     server = smtp_server_factory(tls_context=server_context(trustme.CA().issue_cert("mail.other.example")))
     report = run_probe(relay_for(server.port, TlsMode.STARTTLS, verify=False), probe_settings(tmp_path))
     assert report.ok, report
-    assert "certificate NOT verified" in report.steps[5].detail and report.cert_days_left is None
+    assert "certificate NOT verified" in report.steps[4].detail and report.cert_days_left is None
 
 
 def strict_like_python_313(relay: RelayConfig) -> ssl.SSLContext:
@@ -372,6 +372,23 @@ def test_unresolvable_name_is_dns_failed(tmp_path: Path) -> None:
     assert report.cause is Cause.DNS_FAILED, report
     assert step_names(report) == ["dns"]
     assert "relay.mailwatchd-test.invalid" in report.detail and "EMAIL_HOST" in hint(report)
+
+
+def test_an_ip_address_has_no_dns_step_and_asks_no_resolver(smtp_server_factory: Factory, tmp_path: Path) -> None:
+    server = smtp_server_factory(starttls=False)
+    asked: list[str] = []
+
+    async def recording(host: str, port: int) -> Sequence[tuple[Any, ...]]:
+        asked.append(host)
+        return await asyncio.get_running_loop().getaddrinfo(host, port, flags=socket.AI_NUMERICHOST)
+
+    report = run_probe(relay_for(server.port, TlsMode.NONE), probe_settings(tmp_path), resolve=recording)
+    assert report.ok, report
+    assert step_names(report)[0] == "connect" and "dns" not in report.timings_ms
+    assert asked == []
+    named = run_probe(relay_for(server.port, TlsMode.NONE, host="relay.mailwatchd.test"), probe_settings(tmp_path),
+                      resolve=lambda host, port: recording(LOOPBACK, port))
+    assert named.ok and step_names(named)[0] == "dns" and asked == [LOOPBACK]  # a name is looked up
 
 
 def test_every_resolved_address_is_tried_within_the_deadline(smtp_server_factory: Factory, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from mailwatchd.relays.probe import ProbeReport, probe_endpoint
 from mailwatchd.settings.relays import Endpoint, RelayConfig, Secret, TlsMode
 from mailwatchd.transports.delivery import SmtpSession
 from mailwatchd.transports.outcome import Cause, DeliveryResult, Outcome, Phase
-from mailwatchd.transports.smtpclient import CONNECT_STAGGER_S, Resolver
+from mailwatchd.transports.smtpclient import CONNECT_STAGGER_S, Resolver, literal_address
 from tests.conftest import LOOPBACK, RecordingHandler, SmtpServer
 from tests.probe_servers import probe_settings
 from tests.rawservers import BlackHole, ScriptedServer
@@ -65,6 +65,27 @@ def test_a_black_holed_first_address_costs_a_stagger_not_a_connect_timeout(
     assert result.outcome is Outcome.DELIVERED, result
     assert probed < 2.0 and delivered < 2.0
     assert len(server.handler.wait_for(1)) == 1
+
+
+def test_ip_addresses_are_literal_and_names_are_not() -> None:
+    assert literal_address("127.0.0.1") == (socket.AF_INET, "127.0.0.1")
+    assert literal_address("::1") == (socket.AF_INET6, "::1")
+    assert literal_address("relay.mailwatchd.test") is None and literal_address("127.0.0.1.nip.io") is None
+
+
+def test_an_ip_address_is_never_looked_up_by_the_probe_or_delivery(smtp_server_factory: Factory,
+                                                                    tmp_path: Path) -> None:
+    server = smtp_server_factory(starttls=False)
+    asked: list[str] = []
+
+    async def recording(host: str, port: int) -> Sequence[tuple[Any, ...]]:
+        asked.append(host)
+        return await asyncio.get_running_loop().getaddrinfo(host, port, flags=socket.AI_NUMERICHOST)
+
+    relay = RelayConfig("literal", (Endpoint(LOOPBACK, server.port, TlsMode.NONE),))
+    report, result, _, _ = both(relay, tmp_path, recording)
+    assert report.ok and result.outcome is Outcome.DELIVERED, (report, result)
+    assert asked == [] and [step.name for step in report.steps][:1] == ["connect"]
 
 
 def test_every_address_black_holed_is_one_connect_timeout_naming_each(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from mailwatchd.spool.store import (
     Location,
     Pending,
     Refused,
+    Requeue,
     Spool,
     describe_non_regular,
 )
@@ -412,6 +413,7 @@ def test_defer_and_fail_of_a_vanished_message(spool: Spool) -> None:
     assert spool.defer(state_for(queue_id), Location.QUEUE) is False
     assert spool.defer(state_for(queue_id), Location.DEFERRED) is False
     assert spool.fail(state_for(queue_id), Location.QUEUE) is False
+    assert not spool.meta_path(queue_id).exists()  # no state is left describing a message that is gone
 
 
 def test_move_never_replaces_an_entry(spool: Spool) -> None:
@@ -583,7 +585,7 @@ def test_requeue_keeps_history(spool: Spool, location: Location) -> None:
         spool.fail(state, Location.QUEUE)
     else:
         spool.defer(state, Location.QUEUE)
-    assert spool.requeue(queue_id)
+    assert spool.requeue(queue_id) is Requeue.REQUEUED
     assert spool.drops() == [queue_id] and spool.names(location) == []
     stored = spool.load_state(queue_id)
     assert stored is not None
@@ -594,24 +596,39 @@ def test_requeue_keeps_history(spool: Spool, location: Location) -> None:
 def test_requeue_without_state_and_of_unknown_ids(spool: Spool) -> None:
     queue_id = new_queue_id()
     (spool.dir(Location.FAILED) / queue_id).write_bytes(MESSAGE)
-    assert spool.requeue(queue_id)
+    assert spool.requeue(queue_id) is Requeue.REQUEUED
     stored = spool.load_state(queue_id)
     assert stored is not None and stored.state is State.QUEUED
-    assert not spool.requeue(new_queue_id())
+    assert spool.requeue(new_queue_id()) is None
+    assert spool.load_state(queue_id) is not None  # a requeued message keeps its state in new/
+    assert spool.requeue(queue_id) is Requeue.ALREADY_WAITING  # already back in new/
     queued = claimed_id(spool)
-    assert not spool.requeue(queued)  # a message in queue/ is not failed or deferred
+    assert spool.requeue(queued) is Requeue.ALREADY_WAITING  # a message in queue/ waits already
     assert spool.names(Location.QUEUE) == [queued]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to write as root into a spool owned by another user")
+def test_commands_run_as_root_leave_files_the_daemons_user_can_read(spool: Spool) -> None:
+    """`sudo mailwatchd requeue` or `ack`: the state and the acknowledgements belong to the spool's owner."""
+    for directory in (spool.meta, spool.dir(Location.FAILED)):
+        os.chown(directory, 65534, 65534)
+    queue_id = claimed_id(spool)
+    spool.fail(state_for(queue_id), Location.QUEUE)
+    spool.acknowledge()
+    for path in (spool.meta_path(queue_id), spool.dir(Location.FAILED) / ".acknowledged"):
+        st = os.stat(path)
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, 65534, 0o600), path
 
 
 def test_delete(spool: Spool, tmp_path: Path) -> None:
     ids = [claimed_id(spool) for _ in range(3)]
     spool.defer(state_for(ids[1]), Location.QUEUE)
     spool.fail(state_for(ids[2]), Location.QUEUE)
-    for queue_id in ids:
-        assert spool.delete(queue_id)
+    for queue_id, where in zip(ids, ("queue", "deferred", "failed"), strict=True):
+        assert spool.delete(queue_id) == where
         assert not spool.exists(queue_id)
         assert not spool.meta_path(queue_id).exists()
-    assert not spool.delete(ids[0])
+    assert spool.delete(ids[0]) is None
     target = tmp_path / "keep"
     target.write_bytes(b"keep")
     os.symlink(target, spool.new / "link")

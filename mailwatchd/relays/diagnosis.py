@@ -1,10 +1,12 @@
 """`mailwatchd check`: probe every relay endpoint at once and say, in plain words, what to fix.
 
-Every endpoint and the usual alternative ports of each relay host (587 STARTTLS, 465
-implicit TLS, 2525 STARTTLS) are probed concurrently, so the whole check takes about one
-connect timeout plus a few command timeouts however many endpoints are down. Alternatives
-are probed without credentials (no extra login attempts), and only reported for an endpoint
-that failed in a way another port might avoid.
+Every endpoint and the usual alternatives on each relay host are probed concurrently: the
+usual ports (587 STARTTLS, 465 implicit TLS, 2525 STARTTLS) and the usual TLS modes of each
+configured port (465/ssl for a 465/starttls endpoint; both modes for a port with no usual
+mode), so the whole check takes about one connect timeout plus a few command timeouts however
+many endpoints are down. Alternatives are probed without credentials (no extra login
+attempts), and only reported for an endpoint that failed in a way another port or mode might
+avoid. Advice never suggests a port and mode this check found failing.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any
 
 from mailwatchd.errors import MalformedMessage
 from mailwatchd.message.envelope import check_address
-from mailwatchd.relays.probe import ProbeReport, SendTest, probe_endpoint
+from mailwatchd.relays.probe import ProbeReport, SendTest, TlsContexts, probe_endpoint
 from mailwatchd.settings.config import Settings
 from mailwatchd.settings.relays import Endpoint, RelayConfig, TlsMode
 from mailwatchd.transports.outcome import Cause
@@ -28,11 +30,18 @@ from mailwatchd.transports.smtpclient import Resolver
 
 AltPort = int | tuple[int, TlsMode]
 DEFAULT_ALT_PORTS: tuple[AltPort, ...] = (587, 465, 2525)
+# The TLS modes each well-known submission port is served with (RFC 8314 §3.3: 465 is implicit
+# TLS; RFC 6409 and common practice: 587, 25 and 2525 are STARTTLS). Any other port: either.
+USUAL_MODES: dict[int, tuple[TlsMode, ...]] = {
+    25: (TlsMode.STARTTLS,), 465: (TlsMode.IMPLICIT,), 587: (TlsMode.STARTTLS,), 2525: (TlsMode.STARTTLS,)}
+EITHER_MODE = (TlsMode.STARTTLS, TlsMode.IMPLICIT)
 ALT_CAUSES = frozenset({
     Cause.CONNECT_TIMEOUT, Cause.CONNECTION_REFUSED, Cause.NETWORK_UNREACHABLE, Cause.BANNER_TIMEOUT,
     Cause.DISCONNECTED, Cause.TLS_HANDSHAKE_FAILED, Cause.TLS_UNTRUSTED, Cause.TLS_EXPIRED,
-    Cause.TLS_HOSTNAME_MISMATCH, Cause.STARTTLS_UNAVAILABLE,
+    Cause.TLS_HOSTNAME_MISMATCH, Cause.STARTTLS_UNAVAILABLE, Cause.TIMEOUT, Cause.PROTOCOL_ERROR,
 })
+# Failures before any byte of SMTP or TLS: the same port in another TLS mode fails the same way.
+TCP_CAUSES = frozenset({Cause.CONNECT_TIMEOUT, Cause.CONNECTION_REFUSED, Cause.NETWORK_UNREACHABLE})
 # A failed test message that says nothing about the relay itself: the address was refused
 # or the relay deferred. Any other failure means mail cannot flow through that relay.
 _TEST_ADDRESS_CAUSES = frozenset({Cause.RECIPIENT_REJECTED, Cause.TEMPORARY_FAILURE})
@@ -44,7 +53,51 @@ def _reason(detail: str) -> str:
     return match.group(1) if match else detail
 
 
-def _problem_and_fix(cause: Cause, endpoint: Endpoint, detail: str, relay: RelayConfig | None) -> tuple[str, str]:
+def usual_modes(port: int) -> tuple[TlsMode, ...]:
+    return USUAL_MODES.get(port, EITHER_MODE)
+
+
+@dataclass(frozen=True)
+class Tried:
+    """What this check found elsewhere on an endpoint's host: every other probe of it, by (port, mode),
+    so that advice never suggests what was just found failing."""
+
+    reports: Mapping[tuple[int, TlsMode], ProbeReport] = field(default_factory=dict)
+    other_ports_probed: bool = False  # the usual other ports were probed: unprobed ones are not the usual ones
+
+    @classmethod
+    def of(cls, endpoint: Endpoint, reports: Sequence[ProbeReport], *, other_ports_probed: bool = False) -> Tried:
+        return cls({(r.port, r.tls): r for r in reports if r.host == endpoint.host and r.endpoint != endpoint},
+                   other_ports_probed)
+
+    def failure(self, port: int, mode: TlsMode) -> ProbeReport | None:
+        report = self.reports.get((port, mode))
+        return report if report is not None and not report.ok else None
+
+    def worked(self, port: int, mode: TlsMode) -> bool:
+        report = self.reports.get((port, mode))
+        return report is not None and report.ok
+
+    def may_suggest(self, port: int, mode: TlsMode) -> bool:
+        """Not found failing, and found working or (when the usual ports were not probed) untested."""
+        if (port, mode) in self.reports:
+            return self.worked(port, mode)
+        return not self.other_ports_probed
+
+    @property
+    def other_ports_help(self) -> bool:
+        """"Try another port" is still advice: the other ports were not probed, or one of them works."""
+        return not self.other_ports_probed or any(r.ok for r in self.reports.values())
+
+
+def _usual_ports(tried: Tried, endpoint: Endpoint) -> list[str]:
+    choices = ((587, TlsMode.STARTTLS, "587 for STARTTLS"), (465, TlsMode.IMPLICIT, "465 for implicit TLS"))
+    return [label for port, mode, label in choices
+            if (port, mode) != (endpoint.port, endpoint.tls) and tried.may_suggest(port, mode)]
+
+
+def _problem_and_fix(cause: Cause, endpoint: Endpoint, detail: str, relay: RelayConfig | None,
+                     tried: Tried) -> tuple[str, str]:
     """What is wrong, and what to do about it, for one cause code."""
     host, port = endpoint.host, endpoint.port
     gmail = "gmail" in host or "google" in host
@@ -54,26 +107,36 @@ def _problem_and_fix(cause: Cause, endpoint: Endpoint, detail: str, relay: Relay
         case Cause.DNS_FAILED:
             return (f"{host} does not resolve ({detail})",
                     f"check EMAIL_HOST for a typo and that this machine's DNS works (getent hosts {host})")
+        case Cause.CONNECTION_REFUSED if usual := _usual_ports(tried, endpoint):
+            return (f"nothing accepts connections on {host}:{port}",
+                    f"check EMAIL_PORT ({', '.join(usual)}) or the firewall rejecting outbound {port}")
         case Cause.CONNECTION_REFUSED:
             return (f"nothing accepts connections on {host}:{port}",
-                    "check EMAIL_PORT (587 for STARTTLS, 465 for implicit TLS) or the firewall rejecting outbound "
-                    f"{port}")
+                    f"check EMAIL_HOST and EMAIL_PORT against the provider's documentation, and whether a firewall "
+                    f"rejects outbound connections to {host}")
         case Cause.CONNECT_TIMEOUT:
             return (f"port {port} looks blocked by a firewall: connects time out",
                     f"ask the network admin to allow outbound {port}")
         case Cause.NETWORK_UNREACHABLE:
             return f"there is no route to {host}", "check this machine's network (and IPv6) configuration"
-        case Cause.BANNER_TIMEOUT if port == 465 and endpoint.tls is not TlsMode.IMPLICIT:
-            return ("port 465 waits for a TLS handshake, not a plain greeting",
-                    "set EMAIL_USE_SSL=true (implicit TLS) instead of EMAIL_USE_TLS for port 465")
+        case Cause.BANNER_TIMEOUT if endpoint.tls is not TlsMode.IMPLICIT and (
+                tried.worked(port, TlsMode.IMPLICIT) or (port == 465 and tried.may_suggest(port, TlsMode.IMPLICIT))):
+            return (f"port {port} waits for a TLS handshake, not a plain greeting",
+                    f"set EMAIL_USE_SSL=true (implicit TLS) instead of EMAIL_USE_TLS for port {port}")
         case Cause.BANNER_TIMEOUT:
             return (f"{host}:{port} accepted the connection but never sent its greeting",
-                    "an overloaded relay, or a proxy or antivirus intercepting SMTP; try another port")
+                    "an overloaded relay, or a proxy or antivirus intercepting SMTP"
+                    + ("; try another port" if tried.other_ports_help else ""))
         case Cause.SERVER_BUSY:
             return (f"the relay refuses sessions for now ({detail})",
                     "it is overloaded or throttles this address; mail waits in the spool, and a fallback relay "
                     "in MAILWATCHD_RELAYS would take over meanwhile")
         case Cause.TLS_HANDSHAKE_FAILED if "WRONG_VERSION_NUMBER" in detail and endpoint.tls is TlsMode.IMPLICIT:
+            starttls = tried.failure(port, TlsMode.STARTTLS)
+            if starttls is not None:
+                return (f"port {port} speaks plain SMTP, not implicit TLS, and STARTTLS on it failed too "
+                        f"({starttls.cause.value}: {starttls.detail})",
+                        "check EMAIL_HOST and EMAIL_PORT against the provider's documentation; never disable TLS")
             return (f"port {port} speaks plain SMTP, not implicit TLS",
                     "set EMAIL_USE_TLS=true (STARTTLS) and EMAIL_USE_SSL=false for this port")
         case Cause.TLS_HANDSHAKE_FAILED:
@@ -96,10 +159,14 @@ def _problem_and_fix(cause: Cause, endpoint: Endpoint, detail: str, relay: Relay
             return (f"the certificate is not issued for {host} ({_reason(detail)})",
                     "EMAIL_HOST must match a name in the certificate: use the host name the provider documents, "
                     "not an IP address or an alias")
-        case Cause.STARTTLS_UNAVAILABLE:
+        case Cause.STARTTLS_UNAVAILABLE if tried.may_suggest(465, TlsMode.IMPLICIT):
             return (f"{host}:{port} does not offer STARTTLS, and mailwatchd never sends without TLS",
                     "use implicit TLS instead (EMAIL_PORT=465, EMAIL_USE_SSL=true, EMAIL_USE_TLS=false); never "
                     "disable TLS. A firewall that strips STARTTLS causes this too")
+        case Cause.STARTTLS_UNAVAILABLE:
+            return (f"{host}:{port} does not offer STARTTLS, and mailwatchd never sends without TLS",
+                    "ask the provider which port offers TLS; never disable TLS. A firewall that strips STARTTLS "
+                    "causes this too")
         case Cause.AUTH_UNAVAILABLE:
             return (f"{host}:{port} offers no usable AUTH ({detail})",
                     "providers offer AUTH only after STARTTLS on 587, or on 465 with implicit TLS (port 25 is for "
@@ -129,7 +196,7 @@ def _problem_and_fix(cause: Cause, endpoint: Endpoint, detail: str, relay: Relay
             return f"the relay deferred ({detail})", "this usually passes; mail stays in the spool and is retried"
         case Cause.TIMEOUT:
             return (f"the relay stopped answering in the middle of the session ({detail})",
-                    "an overloaded relay or a middlebox; try another port")
+                    "an overloaded relay or a middlebox" + ("; try another port" if tried.other_ports_help else ""))
         case Cause.DISCONNECTED:
             return (f"{host}:{port} dropped the connection ({detail})",
                     "the relay may block this address, or a firewall or proxy interferes")
@@ -153,28 +220,49 @@ def switch_advice(endpoint: Endpoint, relay: RelayConfig | None, current: Endpoi
         return f"use {url} for relay {relay.name} in MAILWATCHD_RELAYS"
     if relay is not None and current is not None and current != relay.primary:
         mode = "ssl" if implicit else "tls"
-        return f"list {endpoint.port}/{mode} in MAILWATCHD_FALLBACK_PORTS instead of {current.port}"
+        was = current.port if current.port != endpoint.port else f"{current.port}/{_fallback_mode(current.tls)}"
+        return f"list {endpoint.port}/{mode} in MAILWATCHD_FALLBACK_PORTS instead of {was}"
     same_mode = current is not None and current.tls is endpoint.tls
     flags = f"{flag}=true" if same_mode else f"{flag}=true (with {other}=false)"
+    if current is not None and current.port == endpoint.port:
+        return f"keep EMAIL_PORT={endpoint.port} and set {flags} (or {url} in MAILWATCHD_RELAYS)"
     return f"set EMAIL_PORT={endpoint.port} and {flags} (or {url} in MAILWATCHD_RELAYS)"
 
 
+def _fallback_mode(mode: TlsMode) -> str:
+    """How MAILWATCHD_FALLBACK_PORTS spells a TLS mode."""
+    return {TlsMode.IMPLICIT: "ssl", TlsMode.STARTTLS: "tls"}.get(mode, mode.value)
+
+
 def hint_for(cause: Cause, endpoint: Endpoint, detail: str, *, relay: RelayConfig | None = None,
-             alternatives: Sequence[ProbeReport] = (), fallback: Endpoint | None = None) -> str:
-    """The fix hint for one endpoint's verdict, naming a working alternative port if any."""
-    problem, fix = _problem_and_fix(cause, endpoint, detail, relay)
+             alternatives: Sequence[ProbeReport] = (), fallback: Endpoint | None = None,
+             tried: Tried | None = None) -> str:
+    """The fix hint for one endpoint's verdict, naming a working alternative port or mode if any.
+
+    `tried`: what the check found on the rest of the host (its other endpoints and alternatives);
+    by default just `alternatives`.
+    """
+    if tried is None:
+        tried = Tried.of(endpoint, alternatives, other_ports_probed=any(a.port != endpoint.port for a in alternatives))
+    problem, fix = _problem_and_fix(cause, endpoint, detail, relay, tried)
     if not problem:
         return ""
     working = [alt for alt in alternatives if alt.ok]
     if working:
         best = working[0]
-        hint = (f"{problem}; {best.port} answered in {best.answered_ms:g} ms — "
-                f"{switch_advice(best.endpoint, relay, endpoint)}, or {fix}")
+        same_port = best.port == endpoint.port
+        answered = f"{best.port}/{best.tls.value}" if same_port else f"{best.port}"
+        hint = (f"{problem}; {answered} answered in {best.answered_ms:g} ms — "
+                f"{switch_advice(best.endpoint, relay, endpoint)}")
+        if not same_port:  # on the same port the switch of mode is the fix
+            hint += f", or {fix}"
     else:
         hint = f"{problem} — {fix}"
         if alternatives:
-            tried = ", ".join(f"{alt.port}/{alt.tls.value} {alt.cause.value}" for alt in alternatives)
-            hint += f"; the usual alternative ports failed too ({tried})"
+            failed = ", ".join(f"{alt.port}/{alt.tls.value} {alt.cause.value}" for alt in alternatives)
+            same = {alt.port == endpoint.port for alt in alternatives}
+            what = "ports and modes" if same == {True, False} else "modes" if True in same else "ports"
+            hint += f"; the usual alternative {what} failed too ({failed})"
     if fallback is not None:
         hint += f". Meanwhile mail still flows through the configured {fallback}"
     return hint
@@ -299,20 +387,36 @@ def _render_endpoint(finding: Finding, title: str = "relay") -> list[str]:
     if finding.alternatives:
         alts = "; ".join(f"{alt.port}/{alt.tls.value} " + (f"works (answered in {alt.answered_ms:g} ms)" if alt.ok
                                                               else alt.cause.value) for alt in finding.alternatives)
-        lines.append(f"  other ports on {report.host}: {alts}")
+        lines.append(f"  also tried on {report.host}: {alts}")
     lines.append("")
     return lines
 
 
-def alternative_endpoints(host: str, alt_ports: Sequence[AltPort], configured: set[int]) -> list[Endpoint]:
-    """The usual other ports on `host`: a bare 465 is implicit TLS, any other port STARTTLS."""
-    endpoints = []
+def alternative_endpoints(host: str, alt_ports: Sequence[AltPort], configured: Sequence[Endpoint]) -> list[Endpoint]:
+    """What else to probe on `host`: the usual modes of the usual ports (a bare port number in
+    `alt_ports` means each usual mode of it: 465 implicit TLS, 587 STARTTLS), then the usual modes of
+    each configured port (465/ssl for a 465/starttls endpoint; either mode for an unusual port) —
+    every (port, mode) that is not configured already, once."""
+    taken = {(endpoint.port, endpoint.tls) for endpoint in configured if endpoint.host == host}
+    wanted: list[tuple[int, TlsMode]] = []
     for alt in alt_ports:
-        port, mode = alt if isinstance(alt, tuple) else (alt, TlsMode.IMPLICIT if alt == 465 else TlsMode.STARTTLS)
-        if port not in configured:
-            configured = configured | {port}
+        wanted += [alt] if isinstance(alt, tuple) else [(alt, mode) for mode in usual_modes(alt)]
+    for endpoint in configured:
+        if endpoint.host == host and endpoint.tls is not TlsMode.NONE:  # plain SMTP was chosen on purpose
+            wanted += [(endpoint.port, mode) for mode in usual_modes(endpoint.port)]
+    endpoints = []
+    for port, mode in dict.fromkeys(wanted):
+        if (port, mode) not in taken:
             endpoints.append(Endpoint(host, port, mode))
     return endpoints
+
+
+def alternatives_for(endpoint: Endpoint, cause: Cause, probed: Sequence[ProbeReport],
+                     configured_ports: set[int]) -> list[ProbeReport]:
+    """The alternatives that say something about this endpoint's failure: the usual other ports, and
+    the other modes of its own port unless nothing answered there at all. Its own port first."""
+    same_port = [] if cause in TCP_CAUSES else [alt for alt in probed if alt.port == endpoint.port]
+    return same_port + [alt for alt in probed if alt.port not in configured_ports]
 
 
 def send_test_sender(relay: RelayConfig, helo_name: str) -> str:
@@ -343,9 +447,9 @@ async def run_check(settings: Settings, *, send_test_to: str | None = None, send
     for relay in settings.relays:
         anonymous = replace(relay, username=None, password=None)  # no extra login attempts
         for host in dict.fromkeys(endpoint.host for endpoint in relay.endpoints):
-            configured = {endpoint.port for endpoint in relay.endpoints if endpoint.host == host}
-            alt_targets += [(anonymous, alt) for alt in alternative_endpoints(host, alt_ports, configured)]
-    results = await asyncio.gather(*(probe_endpoint(relay, endpoint, settings, resolve=resolve)
+            alt_targets += [(anonymous, alt) for alt in alternative_endpoints(host, alt_ports, relay.endpoints)]
+    contexts: TlsContexts = {}
+    results = await asyncio.gather(*(probe_endpoint(relay, endpoint, settings, resolve=resolve, contexts=contexts)
                                      for relay, endpoint in targets + alt_targets))
     reports, alt_reports = list(results[: len(targets)]), results[len(targets):]
     findings: list[Finding] = []
@@ -354,12 +458,17 @@ async def run_check(settings: Settings, *, send_test_to: str | None = None, send
         findings.append(finding)
         if report.ok:
             continue
+        probed = [alt for (alt_relay, alt_endpoint), alt in zip(alt_targets, alt_reports, strict=True)
+                  if alt_relay.name == relay.name and alt_endpoint.host == endpoint.host]
+        configured_ports = {ep.port for ep in relay.endpoints if ep.host == endpoint.host}
         if report.cause in ALT_CAUSES:
-            finding.alternatives = [alt for (alt_relay, alt_endpoint), alt in zip(alt_targets, alt_reports, strict=True)
-                                    if alt_relay.name == relay.name and alt_endpoint.host == endpoint.host]
-        fallback = next((r.endpoint for r in reports if r.relay == relay.name and r.ok), None)
+            finding.alternatives = alternatives_for(endpoint, report.cause, probed, configured_ports)
+        siblings = [r for r in reports if r.relay == relay.name]
+        tried = Tried.of(endpoint, [*siblings, *probed],
+                         other_ports_probed=any(alt.port not in configured_ports for alt in probed))
+        fallback = next((r.endpoint for r in siblings if r.ok), None)
         finding.hint = hint_for(report.cause, endpoint, report.detail, relay=relay,
-                                alternatives=finding.alternatives, fallback=fallback)
+                                alternatives=finding.alternatives, fallback=fallback, tried=tried)
     check = CheckReport(endpoints=findings, relays=[relay.name for relay in settings.relays], duration_ms=0.0,
                         checked_at=checked_at, send_test_to=send_test_to)
     if send_test_to is not None:
@@ -370,7 +479,8 @@ async def run_check(settings: Settings, *, send_test_to: str | None = None, send
         else:
             relay, endpoint = healthy
             test = SendTest(send_test_from or send_test_sender(relay, settings.ehlo_name), send_test_to)
-            report = await probe_endpoint(relay, endpoint, settings, resolve=resolve, send_test=test)
+            report = await probe_endpoint(relay, endpoint, settings, resolve=resolve, send_test=test,
+                                          contexts=contexts)
             check.send_test = Finding(report, hint_for(report.cause, endpoint, report.detail, relay=relay))
     check.duration_ms = round((time.perf_counter() - start) * 1000, 1)
     return check

@@ -8,10 +8,12 @@ The report says what happened (cause, detail, timings); what to do about it is d
 
 from __future__ import annotations
 
+import ssl
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import formatdate, make_msgid
+from pathlib import Path
 from typing import Any
 
 from mailwatchd.errors import MalformedMessage
@@ -23,6 +25,11 @@ from mailwatchd.transports.outcome import Cause, Phase
 from mailwatchd.transports.smtpclient import Resolver, SetupFailed, Step, open_session, quit_session, secret_forms
 from mailwatchd.transports.smtpwire import describe
 from mailwatchd.transports.tlsconfig import client_context
+
+# One TLS context serves every probe of a check that uses the same TLS files: building one loads
+# the system CA store (about 30 ms of CPU, before any connect of the batch could start).
+TlsKey = tuple[Path | None, Path | None, Path | None, bool]
+TlsContexts = dict[TlsKey, ssl.SSLContext]
 
 
 @dataclass
@@ -92,11 +99,24 @@ class SendTest:
         return OutgoingMessage("send-test", self.sender, (self.recipient,), data, len(data))
 
 
+def tls_context(relay: RelayConfig, contexts: TlsContexts | None = None) -> ssl.SSLContext:
+    """The client context for `relay`, shared through `contexts` with relays that use the same TLS files."""
+    if contexts is None:
+        return client_context(relay)
+    key = (relay.cafile, relay.certfile, relay.keyfile, relay.verify)
+    context = contexts.get(key)
+    if context is None:
+        context = contexts[key] = client_context(relay)
+    return context
+
+
 async def probe_endpoint(relay: RelayConfig, endpoint: Endpoint, settings: Settings, *,
-                         resolve: Resolver | None = None, send_test: SendTest | None = None) -> ProbeReport:
+                         resolve: Resolver | None = None, send_test: SendTest | None = None,
+                         contexts: TlsContexts | None = None) -> ProbeReport:
     """Probe one endpoint of `relay`; never raises for a network or protocol failure.
 
-    `resolve(host, port)` defaults to the loop's getaddrinfo.
+    `resolve(host, port)` defaults to the loop's getaddrinfo. `contexts`: TLS contexts to share
+    between the probes of one check (see tls_context).
     """
     checked_at = datetime.now(UTC)
     steps: list[Step] = []
@@ -106,7 +126,7 @@ async def probe_endpoint(relay: RelayConfig, endpoint: Endpoint, settings: Setti
     cert_days_left: int | None = None
     tls_version: str | None = None
     try:
-        context = client_context(relay) if endpoint.tls is not TlsMode.NONE else None
+        context = tls_context(relay, contexts) if endpoint.tls is not TlsMode.NONE else None
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         cause, detail = Cause.LOCAL_ERROR, f"cannot load the TLS files: {describe(exc)}"
     else:

@@ -41,6 +41,7 @@ class MessageState:
     source: str | None = None  # the file name the submitter used in new/
     history: list[Attempt] = field(default_factory=list)
     first_failure_at: float | None = None  # the message's own first failure: its lifetime runs from here
+    requeued_at: float | None = None  # the operator's last `requeue` (a fresh start: attempts and lifetime)
 
     def record(self, attempt: Attempt, *, counted: bool) -> None:
         self.history.append(attempt)

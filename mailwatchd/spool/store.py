@@ -4,7 +4,8 @@ Layout under the spool root:
   tmp/, new/   the Maildir drop: a submitter writes in tmp/ and renames into new/
   queue/       claimed by the daemon, ready for an attempt (file name = queue id)
   deferred/    waiting for the next attempt
-  failed/      given up; meta/ says why
+  failed/      given up; meta/ says why. failed/.acknowledged lists the ids an operator has
+               seen (`mailwatchd ack`): they stay for inspection but no longer count
   meta/        <id>.json, the state of a message that has had an attempt
   mailwatchd.lock   flock(2)ed by the running daemon, holding its pid
 
@@ -14,6 +15,13 @@ Invariants:
   it names where the message is going, so recovery can finish an interrupted move.
 - A message file is unlinked only after the relay accepted it (the reply after DATA).
 - Entries in new/ are untrusted: never followed through a symlink, never opened blocking.
+- Operator commands (requeue, delete, ack) may run while the daemon runs. A message moves
+  forward only (new → queue → deferred → failed) except by `requeue` (back to new/, its state
+  written first as "queued"), so a command looking in that order finds a message the daemon
+  moves meanwhile. A requeue that overtakes an attempt in flight is settled by that attempt:
+  delivered, the requeued copy is removed (never sent twice); deferred or failed, the message
+  goes there with that attempt's record (never stranded). A message deleted during its
+  attempt is not retried; if the relay accepted it, it was sent.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -37,6 +45,8 @@ from mailwatchd.spool.queueid import is_queue_id, new_queue_id
 
 STALE_TMP_SECONDS = 36 * 3600  # the Maildir convention for abandoned tmp/ files
 TMP_PREFIX = ".tmp-"
+ACKNOWLEDGED = ".acknowledged"  # in failed/: a dot name, so never taken for a message
+NEW = "new"  # what a message in the drop is called where a Location is named
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _SYMLINK = "is a symbolic link"
 
@@ -98,6 +108,18 @@ def refusal(problem: str) -> str:
     return f"refused: the spool entry {problem}"
 
 
+class Requeue(StrEnum):
+    """What `Spool.requeue` did (None: no such message)."""
+
+    REQUEUED = "requeued"
+    ALREADY_WAITING = "already waiting"  # in new/ or queue/: nothing to do
+
+
+def is_entry_name(name: str) -> bool:
+    """A name that can only mean a file directly in a spool directory (no path, no dot file)."""
+    return bool(name) and "/" not in name and "\0" not in name and not name.startswith(".")
+
+
 class Spool:
     """File operations on one spool directory. Not thread-safe; one daemon per spool."""
 
@@ -112,6 +134,9 @@ class Spool:
         self._dirs = {location: os.path.join(root, location.value) for location in Location}
         self._new = str(self.new)
         self._meta = str(self.meta)
+        self._acknowledged_path = os.path.join(self._dirs[Location.FAILED], ACKNOWLEDGED)
+        self._unacknowledged: tuple[tuple[int, int, int], tuple[int, int]] | None = None  # (stat key, counts)
+        self._owner: tuple[int, int] | None = None  # root's writes get the spool's owner (see _install_as_owner)
 
     def dir(self, location: Location) -> Path:
         return self.root / location.value
@@ -245,8 +270,17 @@ class Spool:
 
     def read(self, queue_id: str, location: Location) -> bytes:
         """The message's bytes; RefusedSpoolEntry if it is not a safe regular file."""
+        return self._read_entry(f"{self._dirs[location]}/{queue_id}")
+
+    def read_drop(self, name: str) -> bytes:
+        """A drop's bytes (new/<name>), read as warily as a claimed message; RefusedSpoolEntry likewise."""
+        if not is_entry_name(name):
+            raise FileNotFoundError(errno.ENOENT, "not a name in new/", name)
+        return self._read_entry(f"{self._new}/{name}")
+
+    def _read_entry(self, path: str) -> bytes:
         try:
-            fd = os.open(f"{self._dirs[location]}/{queue_id}", _READ_FLAGS)
+            fd = os.open(path, _READ_FLAGS)
         except OSError as exc:
             if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link
                 raise RefusedSpoolEntry(refusal(_SYMLINK)) from None
@@ -292,7 +326,27 @@ class Spool:
         temporary = self.meta / f"{TMP_PREFIX}{state.queue_id}"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
-        install_durably(temporary, final, state.to_json())
+        if os.geteuid() == 0:
+            self._install_as_owner(temporary, final, state.to_json())
+        else:
+            install_durably(temporary, final, state.to_json())
+
+    def _install_as_owner(self, temporary: Path, final: Path, data: bytes) -> None:
+        """install_durably, the file owned by the spool's owner before it appears: a command run as
+        root writes state the daemon (the mailwatchd user) must still read."""
+        write_durably(temporary, data)
+        try:
+            if self._owner is None:
+                st = os.stat(self.meta)
+                self._owner = (st.st_uid, st.st_gid)
+            if self._owner != (0, 0):
+                os.chown(temporary, *self._owner)
+            os.rename(temporary, final)
+            fsync_dir(final.parent)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
 
     def move(self, source: Path, target: Path) -> bool:
         """rename(2) then fsync both directories; False when the source vanished."""
@@ -309,27 +363,60 @@ class Spool:
 
     def delivered(self, queue_id: str, location: Location, *, has_state: bool = True) -> None:
         """Forget a message the relay accepted (`has_state=False`: it never had a meta file)."""
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(f"{self._dirs[location]}/{queue_id}")
+        except FileNotFoundError:
+            # Requeued during this attempt (its state says so): the requeued copy must not go out again.
+            # Deleted during it: nothing is left, and its state was removed with it.
+            state = self.load_state(queue_id) if has_state else None
+            if state is not None and state.state is State.QUEUED:
+                for path in (f"{self._new}/{queue_id}", f"{self._dirs[Location.QUEUE]}/{queue_id}"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
         if has_state:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{self._meta}/{queue_id}.json")
 
+    def _whereabouts(self, queue_id: str, location: Location) -> str | None:
+        """The message file an attempt from `location` settles: there, or where a requeue during the
+        attempt put it (new/, or queue/ once claimed again); None when it is gone (deleted)."""
+        for path in (f"{self._dirs[location]}/{queue_id}", f"{self._new}/{queue_id}",
+                     f"{self._dirs[Location.QUEUE]}/{queue_id}"):
+            if os.path.lexists(path):
+                return path
+        return None
+
+    def _settle(self, state: MessageState, location: Location, target: Location) -> bool:
+        """Write the state, then move the message into `target`; False when it vanished (deleted).
+
+        Looked for again if it moves meanwhile (an operator's requeue): the attempt's outcome stands."""
+        queue_id = state.queue_id
+        destination = f"{self._dirs[target]}/{queue_id}"
+        for _ in range(3):
+            source = self._whereabouts(queue_id, location)
+            if source is None:
+                break
+            self.write_state(state)
+            if source == destination:
+                if os.path.lexists(destination):
+                    return True
+                continue
+            if self.move(Path(source), Path(destination)):
+                return True
+        if not self.exists(queue_id) and not os.path.lexists(f"{self._new}/{queue_id}"):
+            with contextlib.suppress(FileNotFoundError):  # no message left for this state to describe
+                os.unlink(self.meta_path(queue_id))
+        return False
+
     def defer(self, state: MessageState, location: Location) -> bool:
         """Record the next attempt, then move the message to deferred/ (False if it vanished)."""
         state.state = State.DEFERRED
-        self.write_state(state)
-        if location is Location.DEFERRED:
-            return os.path.lexists(self.dir(location) / state.queue_id)
-        return self.move(self.dir(location) / state.queue_id, self.dir(Location.DEFERRED) / state.queue_id)
+        return self._settle(state, location, Location.DEFERRED)
 
     def fail(self, state: MessageState, location: Location) -> bool:
         """Record the reason, then move the message to failed/ (False if it vanished)."""
         state.state = State.FAILED
-        self.write_state(state)
-        if location is Location.FAILED:
-            return True
-        return self.move(self.dir(location) / state.queue_id, self.dir(Location.FAILED) / state.queue_id)
+        return self._settle(state, location, Location.FAILED)
 
     def add(self, data: bytes, state: MessageState, location: Location) -> None:
         """Store a new message (a split-off part) directly in `location`, state first."""
@@ -349,33 +436,150 @@ class Spool:
 
     # -- operator commands (the daemon may be running) -----------------------------------------
 
-    def requeue(self, queue_id: str) -> bool:
-        """Give a failed or deferred message a fresh start: back into new/, history kept."""
-        for location in (Location.FAILED, Location.DEFERRED):
-            path = self.dir(location) / queue_id
-            if os.path.lexists(path):
-                state = self.load_state(queue_id) or MessageState(queue_id, time.time())
-                state.state, state.attempts, state.next_attempt_at, state.reason = State.QUEUED, 0, None, None
-                self.write_state(state)
-                return self.move(path, self.new / queue_id)
-        return False
+    def locate(self, name: str) -> str | None:
+        """Where a message is: "new" (a drop, by its name in new/), a Location's value, or None."""
+        if not is_entry_name(name):
+            return None
+        if os.path.lexists(f"{self._new}/{name}"):
+            return NEW
+        if is_queue_id(name):
+            for location in Location:
+                if os.path.lexists(f"{self._dirs[location]}/{name}"):
+                    return location.value
+        return None
 
-    def delete(self, queue_id: str) -> bool:
-        """Remove a message wherever it is; True if something was removed."""
-        removed = False
-        for location in Location:
-            path = self.dir(location) / queue_id
-            try:
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                else:
-                    os.unlink(path)
-                removed = True
-            except FileNotFoundError:
-                continue
+    def requeue(self, queue_id: str) -> Requeue | None:
+        """Give a failed or deferred message a fresh start: back into new/ with its attempts, lifetime
+        and reason cleared, its history kept. A message in new/ or queue/ is already waiting; None: no
+        such message. (See the module's notes for a requeue during an attempt.)"""
+        for _ in range(3):  # the daemon may move it meanwhile (deferred → failed): look again
+            where = self.locate(queue_id)
+            if where is None:
+                break
+            if where in (NEW, Location.QUEUE.value):
+                return Requeue.ALREADY_WAITING
+            if where == Location.FAILED.value:
+                self._forget_acknowledged(queue_id)  # failing again counts again
+            state = self.load_state(queue_id) or MessageState(queue_id, time.time())
+            state.state, state.attempts, state.next_attempt_at, state.reason = State.QUEUED, 0, None, None
+            state.first_failure_at, state.requeued_at = None, time.time()
+            self.write_state(state)  # first: recovery finishes the move to new/ if this stops here
+            with contextlib.suppress(FileExistsError):  # new/<id> taken meanwhile: look again
+                if self.move(self.root / where / queue_id, self.new / queue_id):
+                    return Requeue.REQUEUED
+        if is_queue_id(queue_id) and self.locate(queue_id) is None:
+            with contextlib.suppress(FileNotFoundError):  # delivered or deleted meanwhile
+                os.unlink(self.meta_path(queue_id))
+        return None
+
+    def delete(self, name: str) -> str | None:
+        """Remove a message wherever it is (a drop in new/ by its name), with its state and any
+        acknowledgement; returns where it was ("new" or a Location's value), None if nowhere.
+
+        Looked for in the order messages move, twice, so one the daemon moves meanwhile is found."""
+        if not is_entry_name(name):
+            return None
+        places = [(NEW, self._new)]
+        if is_queue_id(name):
+            places += [(location.value, self._dirs[location]) for location in Location]
+        for _ in range(2):
+            for where, directory in places:
+                if _remove_entry(f"{directory}/{name}"):
+                    if is_queue_id(name):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(self.meta_path(name))
+                    if where == Location.FAILED.value:
+                        self._forget_acknowledged(name)
+                    return where
+        return None
+
+    # -- acknowledged failures ------------------------------------------------------------------
+
+    def acknowledged(self) -> set[str]:
+        """The ids in failed/ an operator has acknowledged (`mailwatchd ack`); stale ids included.
+        OSError when the list cannot be read."""
+        try:
+            fd = os.open(self._acknowledged_path, _READ_FLAGS)
+        except FileNotFoundError:
+            return set()
+        with os.fdopen(fd, "rb") as handle:
+            return {word for word in handle.read(1 << 24).decode(errors="replace").split() if is_queue_id(word)}
+
+    def acknowledge(self, queue_ids: Iterable[str] | None = None) -> tuple[list[str], list[str]]:
+        """Mark failed messages as seen: they stay in failed/ but unacknowledged_failed() no longer counts
+        them. None: every message in failed/ now. Returns (acknowledged, not in failed/)."""
+        with self._acknowledgements() as (failed, current):
+            wanted = sorted(failed) if queue_ids is None else list(dict.fromkeys(queue_ids))
+            done = [queue_id for queue_id in wanted if queue_id in failed]
+            self._write_acknowledged(current & failed | set(done), current)
+        return done, [queue_id for queue_id in wanted if queue_id not in failed]
+
+    def unacknowledged_failed(self) -> int:
+        """How many messages in failed/ are not acknowledged: what status and check warn about."""
+        return self.failed_counts()[1]
+
+    def failed_counts(self) -> tuple[int, int]:
+        """(messages in failed/, of which not acknowledged).
+
+        Cheap to call every few seconds: while failed/ is unchanged it costs one stat(2). Every
+        change that matters (a failure moved in, a requeue or delete, an acknowledgement: the
+        list is replaced by rename in failed/) changes failed/'s mtime; otherwise it lists failed/
+        and reads the list. A count taken within a second of the last change is not kept, so two
+        changes within one tick of the file system's clock are both seen."""
+        try:
+            st = os.stat(self._dirs[Location.FAILED])
+        except FileNotFoundError:
+            return 0, 0
+        key = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+        if self._unacknowledged is not None and self._unacknowledged[0] == key:
+            return self._unacknowledged[1]
+        try:
+            acknowledged = self.acknowledged()
+        except OSError:  # an unreadable list acknowledges nothing: warn rather than hide
+            acknowledged = set()
+        failed = set(self.names(Location.FAILED))
+        counts = len(failed), len(failed - acknowledged)
+        settled = time.time_ns() - st.st_mtime_ns > 1_000_000_000
+        self._unacknowledged = (key, counts) if settled else None
+        return counts
+
+    @contextlib.contextmanager
+    def _acknowledgements(self) -> Iterator[tuple[set[str], set[str]]]:
+        """(ids in failed/, ids acknowledged) under an exclusive flock(2) of failed/ itself: the
+        commands that rewrite the list take turns; the daemon only reads it."""
+        try:
+            fd = os.open(self._dirs[Location.FAILED], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            yield set(), set()
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield set(self.names(Location.FAILED)), self.acknowledged()
+        finally:
+            os.close(fd)
+
+    def _forget_acknowledged(self, queue_id: str) -> None:
+        with self._acknowledgements() as (failed, current):
+            if queue_id in current:
+                self._write_acknowledged((current - {queue_id}) & failed, current)
+
+    def _write_acknowledged(self, ids: set[str], current: set[str]) -> None:
+        if ids == current:
+            return
+        final = Path(self._acknowledged_path)
+        if not ids:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(final)
+            fsync_dir(final.parent)
+            return
+        temporary = final.with_name(f"{TMP_PREFIX}{ACKNOWLEDGED.lstrip('.')}")
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.meta_path(queue_id))
-        return removed
+            os.unlink(temporary)
+        data = "".join(f"{queue_id}\n" for queue_id in sorted(ids)).encode()
+        if os.geteuid() == 0:
+            self._install_as_owner(temporary, final, data)
+        else:
+            install_durably(temporary, final, data)
 
     def probe_writable(self) -> str | None:
         """None if the spool takes a durable write now, else why not."""
@@ -388,6 +592,18 @@ class Spool:
         except (OSError, SpoolFull) as exc:
             return str(exc)
         return None
+
+
+def _remove_entry(path: str) -> bool:
+    """Unlink a spool entry (a real directory: remove its tree, never following a link); False if absent."""
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def scandir(path: Path) -> Iterator[os.DirEntry[str]]:

@@ -1,4 +1,5 @@
-"""Session set-up, the one implementation: DNS, connect, TLS, greeting, EHLO, STARTTLS, AUTH.
+"""Session set-up, the one implementation: DNS (none for an IP address), connect, TLS, greeting,
+EHLO, STARTTLS, AUTH.
 
 Delivery, the reachability probe and `check --send-test` all open their connections here, so
 they cannot disagree about a relay. Each step runs under its own deadline and is reported
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ipaddress
 import socket
 import ssl
 import time
@@ -297,8 +299,11 @@ class _Setup:
 
     async def run(self) -> Connection:
         endpoint, timeouts = self.endpoint, self.timeouts
-        found = await self.step("dns", Phase.DNS, timeouts.connect, self.addresses,
-                                lambda addresses: ", ".join(address for _, address in addresses))
+        literal = literal_address(endpoint.host)
+        # An IP address needs no lookup: no "dns" step (getaddrinfo would cost a thread hand-off).
+        found = [literal] if literal is not None else await self.step(
+            "dns", Phase.DNS, timeouts.connect, self.addresses,
+            lambda addresses: ", ".join(address for _, address in addresses))
         # Each address has its own connect deadline; the step's also covers the staggered starts.
         connect_deadline = timeouts.connect + CONNECT_STAGGER_S * (len(found) - 1) + 0.05
         address = await self.step("connect", Phase.CONNECT, connect_deadline, lambda: self.connect(found),
@@ -320,6 +325,15 @@ class _Setup:
         assert self.wire is not None
         return Connection(self.wire, address, self.extensions, self.ehlo_lines, self.tls_version,
                           self.cert_not_after)
+
+
+def literal_address(host: str) -> tuple[int, str] | None:
+    """(address family, address) when `host` is an IPv4 or IPv6 address rather than a name, else None."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return (socket.AF_INET6 if address.version == 6 else socket.AF_INET), host
 
 
 async def open_session(relay: RelayConfig, endpoint: Endpoint, *, timeouts: Timeouts, helo_name: str,
