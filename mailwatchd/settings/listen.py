@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailwatchd.errors import ConfigError
+from mailwatchd.settings.credentials import Secret, read_secret_file
 from mailwatchd.settings.parsing import parse_int, parse_port
-from mailwatchd.settings.relays import Secret, read_secret_file
 
 DEFAULT_LISTEN = "127.0.0.1:2525"
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -1,4 +1,4 @@
-"""Relays: their types (endpoints, TLS modes, secrets) and their definitions, the Django-style
+"""Relays: their types (endpoints, TLS modes; secrets in credentials.py) and their definitions, the Django-style
 EMAIL_* relay and the MAILWATCHD_RELAYS URLs (`smtp+tls://user@host:587?name=...&ports=465/ssl`),
 with their credentials and limits."""
 
@@ -13,6 +13,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from mailwatchd.errors import ConfigError
+from mailwatchd.settings.credentials import Secret as Secret  # re-exported: relays carry it
+from mailwatchd.settings.credentials import read_secret_file
 from mailwatchd.settings.parsing import parse_bool, parse_int, parse_port
 
 
@@ -22,29 +24,6 @@ class TlsMode(StrEnum):
     STARTTLS = "starttls"
     IMPLICIT = "ssl"
     NONE = "none"
-
-
-class Secret:
-    """A credential that never shows in repr, str, logs or exception texts."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
 
 
 @dataclass(frozen=True)
@@ -123,26 +102,6 @@ def parse_ports(key: str, raw: str, host: str) -> tuple[Endpoint, ...]:
             mode = TlsMode.IMPLICIT if port == 465 else TlsMode.STARTTLS
         endpoints.append(Endpoint(host, port, mode))
     return tuple(endpoints)
-
-
-def read_secret_file(key: str, raw: str, environ: Mapping[str, str]) -> Secret:
-    """Read a password file; a relative name is looked up in systemd's $CREDENTIALS_DIRECTORY."""
-    path = Path(raw)
-    if not path.is_absolute():
-        cred_dir = environ.get("CREDENTIALS_DIRECTORY")
-        if not cred_dir:
-            raise ConfigError(key, f"{raw!r} is relative and $CREDENTIALS_DIRECTORY is not set",
-                              "give an absolute path, or load the credential with LoadCredential=")
-        path = Path(cred_dir) / path
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(key, f"cannot read {path}: {exc.strerror}",
-                          "check the path and that the daemon's user may read it") from None
-    secret = text.rstrip("\r\n")
-    if not secret:
-        raise ConfigError(key, f"{path} is empty", "put the password in the file")
-    return Secret(secret)
 
 
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})

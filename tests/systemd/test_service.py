@@ -237,8 +237,9 @@ def relay_env(port: int, **extra: str) -> dict[str, str]:
     return {"EMAIL_HOST": "127.0.0.1", "EMAIL_PORT": str(port), **extra}
 
 
-def boot_installed(layer: Layer, workdir: Path) -> Service:
-    """A machine with the sink's library and the wheels, booted, with mailwatchd installed per the README."""
+def boot_installed(layer: Layer, workdir: Path, before_install: Callable[[Machine], None] | None = None) -> Service:
+    """A machine with the sink's library and the wheels, booted, with mailwatchd installed per the README
+    (after `before_install`, if given: what an operator did first, such as the README's "Try it")."""
     machine = Machine(workdir, layers=[layer.sink_layer])
     for wheel in sorted(layer.wheels.glob("*.whl")):
         machine.write_file(f"{WHEELS}/{wheel.name}", wheel.read_bytes())
@@ -249,6 +250,8 @@ def boot_installed(layer: Layer, workdir: Path) -> Service:
     machine.write_file("/etc/mailname", f"{MAIL_DOMAIN}\n")
     machine.boot()
     try:
+        if before_install is not None:
+            before_install(machine)
         steps = install_per_readme(machine)
         after = machine.show(UNIT, "ActiveState", "SubState", "StatusText", "UnitFileState", "FragmentPath")
         return Service(machine, steps, after)
