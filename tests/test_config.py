@@ -661,8 +661,15 @@ def test_the_other_keys_of_a_shared_django_env_file_are_ignored(base_env: dict[s
 
 def test_a_misspelt_key_fails_the_cli_with_78_and_names_the_fix(clean_env: dict[str, str], tmp_path: Path) -> None:
     config = env_file(tmp_path / "mailwatchd.env", EMAIL_HOTS="smtp.example.com")
-    done = subprocess.run([sys.executable, "-m", "mailwatchd", "check", "--config", str(config)],
-                          env={**clean_env, "MAILWATCHD_SPOOL": str(tmp_path / "spool")}, capture_output=True,
-                          timeout=60, check=False)
+    env = {**clean_env, "MAILWATCHD_SPOOL": str(tmp_path / "spool")}
+    done = subprocess.run([sys.executable, "-m", "mailwatchd", "queue", "--config", str(config)],
+                          env=env, capture_output=True, timeout=60, check=False)
     assert done.returncode == exitcodes.CONFIG
     assert b"EMAIL_HOTS" in done.stderr and b"did you mean EMAIL_HOST?" in done.stderr
+    # check is a monitoring plugin: the same mistake is UNKNOWN (3) with the fix on its first line.
+    done = subprocess.run([sys.executable, "-m", "mailwatchd", "check", "--config", str(config)],
+                          env=env, capture_output=True, timeout=60, check=False)
+    assert done.returncode == 3
+    first = done.stdout.splitlines()[0]
+    assert first.startswith(b"MAILWATCHD UNKNOWN - configuration error: EMAIL_HOTS")
+    assert b"did you mean EMAIL_HOST?" in first

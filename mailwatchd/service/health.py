@@ -2,7 +2,7 @@
 
 - the sd_notify STATUS= line and the status file (statusfile.py) that `mailwatchd status` reads;
 - the watchdog ping, sent from the main loop only while no worker is stuck past its deadline
-  and the spool takes a durable write (the one watchdog gate);
+  and the spool takes a durable write or lacks only room, when it runs degraded (the one watchdog gate);
 - the reachability probes of every relay endpoint, on a timer (faster while one is down).
 """
 
@@ -20,9 +20,11 @@ from mailwatchd.relays.probe import probe_endpoint
 from mailwatchd.service.counters import Counters
 from mailwatchd.service.live import Live
 from mailwatchd.service.logs import get_logger
+from mailwatchd.service.metrics import Metrics
 from mailwatchd.service.notify import Notifier
 from mailwatchd.service.scheduler import Scheduler
 from mailwatchd.service.statusfile import ProcessStatus, RelayStatus, Status, status_line, write_status
+from mailwatchd.settings.environment import SERVICE_SPOOL
 from mailwatchd.spool.queueid import queue_id_time
 from mailwatchd.spool.store import Location, Spool
 
@@ -35,18 +37,22 @@ class HealthReporter:
     """Status line and file, the watchdog gate, probes."""
 
     def __init__(self, *, spool: Spool, scheduler: Scheduler, live: Live, counters: Counters, notifier: Notifier,
-                 stuck: Callable[[], str | None]) -> None:
+                 stuck: Callable[[], str | None], metrics: Metrics | None = None,
+                 write_probe: Callable[[], str | None] | None = None) -> None:
         self.spool = spool
         self.scheduler = scheduler
         self.live = live
         self.counters = counters
         self.notifier = notifier
         self.stuck = stuck
+        self.metrics = metrics
         self.started_at = time.time()
         self._status_line = ""
         self._problem: str | None = None
         self._writable_checked = 0.0
         self._writable_problem: str | None = None
+        # A test write that reports only a lack of room is no problem: the daemon runs degraded (diskspace.py).
+        self._write_probe = write_probe or spool.probe_writable
         self._probe_task: asyncio.Task[None] | None = None
         self._cert_warned: dict[str, float] = {}
         self._process = psutil.Process()
@@ -98,7 +104,7 @@ class HealthReporter:
         now = time.monotonic()
         if now - self._writable_checked >= WRITABLE_CHECK_S:
             self._writable_checked = now
-            self._writable_problem = self.spool.probe_writable()
+            self._writable_problem = self._write_probe()
         return self.stuck() or (f"spool not writable: {self._writable_problem}" if self._writable_problem else None)
 
     def tick(self) -> None:
@@ -113,6 +119,8 @@ class HealthReporter:
         if problem is None:
             self.notifier.watchdog_ping()
         status = self.snapshot()
+        if self.metrics is not None:
+            self.metrics.update(status, self.counters)
         line = status_line(status)
         if line != self._status_line:
             self._status_line = line
@@ -147,15 +155,20 @@ class HealthReporter:
             process["open_fds"] = self._process.num_fds()
             process["spool_free_bytes"] = psutil.disk_usage(str(spool.root)).free
         totals = counters.totals
+        failed, unacknowledged = spool.failed_counts()  # requeue, delete and ack change them from outside
         return {
-            "pid": os.getpid(), "started_at": self.started_at, "updated_at": time.time(),
+            "pid": os.getpid(), "system": spool.root == SERVICE_SPOOL,
+            "started_at": self.started_at, "updated_at": time.time(),
             "healthy": self._problem is None, "problem": self._problem,
             "degraded": self.degraded, "reload_error": self.reload_error,
             "mode": "outbox" if settings.uses_outbox else "relay",
             "outbox": str(settings.outbox) if settings.uses_outbox else None,
             "relays": relays,
             "queue": {"ready": self.scheduler.ready_count, "deferred": self.scheduler.deferred_count,
-                      "failed": counters.failed_in_store, "in_flight": counters.in_flight},
+                      "failed": failed, "in_flight": counters.in_flight},
+            "failed_unacknowledged": unacknowledged,
+            "thresholds": {"queue_age_warning": settings.queue_age_warning,
+                           "queue_age_critical": settings.queue_age_critical},
             "oldest_age_s": round(time.time() - min(queue_id_time(q) for q in oldest), 1) if oldest else None,
             "last_delivery": counters.last_delivery,
             "totals": {"delivered": totals.delivered, "deferred": totals.deferred, "failed": totals.failed},

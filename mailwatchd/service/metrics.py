@@ -72,6 +72,9 @@ def snapshot_families(status: Status, outcomes: Mapping[tuple[str, str, str], in
     failed = GaugeMetricFamily("mailwatchd_failed_messages",
                                "Messages in failed/ (never delivered; see `mailwatchd queue`)",
                                value=status["queue"]["failed"])
+    unacknowledged = GaugeMetricFamily("mailwatchd_failed_unacknowledged_messages",
+                                       "Failed messages neither requeued, deleted nor acknowledged (`mailwatchd ack`)",
+                                       value=status["failed_unacknowledged"])
     oldest = GaugeMetricFamily("mailwatchd_oldest_message_age_seconds",
                                "Age of the oldest ready or deferred message, since it was dropped; 0 when none",
                                value=status["oldest_age_s"] or 0.0)
@@ -99,7 +102,7 @@ def snapshot_families(status: Status, outcomes: Mapping[tuple[str, str, str], in
                 steps.add_metric([*where, step], milliseconds / 1000.0)
             if endpoint["cert_days_left"] is not None:
                 expiry.add_metric(where, endpoint["cert_days_left"])
-    return [up, healthy, updated, started, queue, failed, oldest, deliveries, relay_up, steps, expiry]
+    return [up, healthy, updated, started, queue, failed, unacknowledged, oldest, deliveries, relay_up, steps, expiry]
 
 
 class Metrics:

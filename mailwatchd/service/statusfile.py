@@ -49,8 +49,14 @@ class ProcessStatus(TypedDict, total=False):
     spool_free_bytes: int
 
 
+class Thresholds(TypedDict):
+    queue_age_warning: float
+    queue_age_critical: float
+
+
 class Status(TypedDict):
     pid: int
+    system: bool  # the service's spool: no relay configured there means mail is not leaving the host
     started_at: float
     updated_at: float
     healthy: bool
@@ -61,6 +67,8 @@ class Status(TypedDict):
     outbox: str | None
     relays: list[RelayStatus]
     queue: QueueStatus
+    failed_unacknowledged: int  # failed messages neither requeued, deleted nor acknowledged (`mailwatchd ack`)
+    thresholds: Thresholds
     oldest_age_s: float | None
     last_delivery: float | None
     totals: Totals
@@ -101,6 +109,10 @@ def status_line(status: Status) -> str:
         parts.append("relays: " + ", ".join(relays))
     if status["last_delivery"]:
         parts.append(f"last delivery {time.time() - status['last_delivery']:.0f}s ago")
+    if status.get("reload_error"):
+        parts.insert(0, f"RELOAD FAILED, running settings kept: {status['reload_error']}")
+    if status.get("degraded"):
+        parts.insert(0, f"DEGRADED: {status['degraded']}")
     if status["problem"]:
         parts.insert(0, f"UNHEALTHY: {status['problem']}")
     return "; ".join(parts)

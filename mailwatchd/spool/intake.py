@@ -10,7 +10,9 @@ import contextlib
 
 from inotify_simple import INotify, flags
 
+from mailwatchd.errors import SpoolFull
 from mailwatchd.service.counters import Counters, FailedMail
+from mailwatchd.service.diskspace import SpoolSpace, is_full_error
 from mailwatchd.service.live import Live
 from mailwatchd.service.logs import get_logger
 from mailwatchd.service.scheduler import Scheduler, WorkItem
@@ -30,15 +32,18 @@ class Intake:
     """Claims drops from new/ into the scheduler.
 
     Names starting with a dot are left alone (the Maildir convention for files being written).
+    While the spool is full (`space.degraded`) nothing is claimed: drops wait in new/ until the
+    daemon rescans when room returns.
     """
 
     def __init__(self, *, spool: Spool, scheduler: Scheduler, counters: Counters, live: Live,
-                 stop: asyncio.Event) -> None:
+                 stop: asyncio.Event, space: SpoolSpace | None = None) -> None:
         self.spool = spool
         self.scheduler = scheduler
         self.counters = counters
         self.live = live
         self.stop_requested = stop
+        self.space = space
         self._inotify: INotify | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rescan_task: asyncio.Task[None] | None = None
@@ -81,16 +86,25 @@ class Intake:
             if removed:
                 log.info("tmp_cleaned", removed=removed)
 
+    @property
+    def paused(self) -> bool:
+        return self.space is not None and self.space.degraded is not None
+
     def rescan(self) -> int:
         """Claim everything waiting in new/; returns how many were claimed."""
+        if self.paused:
+            return 0
         return sum(1 for name in self.spool.drops() if self.claim(name))
 
     def claim(self, name: str, tries: int = 0) -> bool:
-        if self.stop_requested.is_set():
+        if self.stop_requested.is_set() or self.paused:
             return False
         try:
             claimed = self.spool.claim(name)
-        except OSError as exc:
+        except (SpoolFull, OSError) as exc:
+            if self.space is not None and is_full_error(exc):
+                self.space.saw_full(exc)  # degraded now: the drop waits in new/
+                return False
             log.error("claim_failed", source=name, detail=str(exc))
             return False
         if claimed is None:
