@@ -221,3 +221,20 @@ def test_a_full_spool_starts_degraded_delivers_the_queue_and_resumes_when_room_r
                    message="the spool drained, nothing failed")
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_first_start_on_a_spool_with_no_free_block_still_starts_degraded(
+        small_fs: Path, smtp_server: SmtpServer, clean_env: dict[str, str], daemons: Any) -> None:
+    spool = small_fs
+    Spool(spool).create_layout()  # as tmpfiles leaves it: no daemon ever ran, so there is no lock file yet
+    assert not (spool / "mailwatchd.lock").exists()
+    filler = fill(spool)
+    env = relay_env(clean_env, spool, smtp_server.host, smtp_server.port, MAILWATCHD_SPOOL_MIN_FREE="1M",
+                    MAILWATCHD_STATUS_FILE=str(spool.parent / "status.json"))
+    daemon = daemons(env)  # READY, not exit 73: the lock holds even where its pid could not be written
+    [full] = daemon.wait_event("spool_full")
+    assert full["free_bytes"] == 0
+    filler.unlink()
+    daemon.wait_event("spool_space_recovered", timeout=10)
+    drop(spool, message(1), "after-room")
+    smtp_server.handler.wait_for(1)

@@ -157,8 +157,16 @@ class Spool:
             pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
             os.close(fd)
             raise SpoolLocked(f"another mailwatchd (pid {pid or '?'}) is running on {self.root}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        pid = f"{os.getpid()}\n".encode()
+        try:
+            # Written over the old pid, then cut to length: on a full filesystem the old file's block is
+            # reused. A new lock file on a filesystem with no free block stays empty: the lock still holds.
+            os.pwrite(fd, pid, 0)
+            os.ftruncate(fd, len(pid))
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                os.close(fd)
+                raise
         self._lock_fd = fd
 
     def release_lock(self) -> None:
