@@ -157,12 +157,12 @@ class Spool:
             pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
             os.close(fd)
             raise SpoolLocked(f"another mailwatchd (pid {pid or '?'}) is running on {self.root}") from None
-        pid = f"{os.getpid()}\n".encode()
+        own_pid = f"{os.getpid()}\n".encode()
         try:
             # Written over the old pid, then cut to length: on a full filesystem the old file's block is
             # reused. A new lock file on a filesystem with no free block stays empty: the lock still holds.
-            os.pwrite(fd, pid, 0)
-            os.ftruncate(fd, len(pid))
+            os.pwrite(fd, own_pid, 0)
+            os.ftruncate(fd, len(own_pid))
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 os.close(fd)
