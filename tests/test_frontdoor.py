@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import LOOPBACK, SmtpServer
-from tests.daemonproc import relay_env
+from tests.daemonproc import relay_env, spool_names
 from tests.test_failover import free_port
 
 
@@ -81,3 +81,27 @@ def test_swaks_sees_the_error_replies(smtp_server: SmtpServer, spool_dir: Path, 
                          capture_output=True, text=True, timeout=30, check=False)
     assert big.returncode != 0 and "552" in big.stdout, big.stdout
     assert smtp_server.handler.wait_for(1)[0].rcpt_tos == ["ann@example.org"]
+
+
+def test_the_listener_queues_straight_into_queue_and_a_kill_after_the_250_loses_nothing(
+        smtp_server_factory: Any, spool_dir: Path, clean_env: dict[str, str], daemons: Any) -> None:
+    relay = smtp_server_factory(starttls=False)
+    env, port = listening_env(clean_env, spool_dir, relay, MAILWATCHD_CONNECT_TIMEOUT="200ms")
+    daemon = daemons({**env, "EMAIL_PORT": str(free_port())})  # the relay is down: the 250's promise must wait
+    with smtplib.SMTP(LOOPBACK, port, timeout=10) as client:
+        client.ehlo("app.example.org")
+        client.mail("app@example.org")
+        client.rcpt("ann@example.org")
+        code, reply = client.data(b"Subject: promised\r\n\r\nkept\r\n")
+    assert code == 250
+    queue_id = reply.decode().rsplit(" ", 1)[-1]
+    # The daemon stored it as its own: in queue/, never a drop in new/ to claim.
+    assert spool_names(spool_dir, "new", "queue") == {"new": [], "queue": [queue_id]}
+    [queued] = daemon.wait_event("message_queued")
+    assert queued["queue_id"] == queue_id and queued["source"] == "smtp"
+    daemon.kill()
+
+    restarted = daemons(env)
+    [received] = relay.handler.wait_for(1)
+    assert b"Subject: promised" in received.data and received.rcpt_tos == ["ann@example.org"]
+    restarted.wait_event("message_delivered", lambda e: e["queue_id"] == queue_id)

@@ -178,7 +178,8 @@ class Daemon:
             return True
         factory = ServerFactory(spool_root=self.settings.spool, listen=listen, hostname=self.settings.ehlo_name,
                                 max_message_size=self.settings.max_message_size,
-                                command_timeout=LISTEN_COMMAND_TIMEOUT_S, on_queued=_log_received)
+                                command_timeout=LISTEN_COMMAND_TIMEOUT_S, on_queued=self._received,
+                                deposit=self.spool.accept)
         listener = Listener(factory, listen, inherited)
         try:
             await listener.start()
@@ -189,6 +190,17 @@ class Daemon:
             return False
         self.listener = listener
         return True
+
+    def _received(self, queued: Queued) -> None:
+        """The listener stored a message straight into queue/: schedule it once its 250 is on the wire
+        (this runs just before the reply is written; call_soon runs after)."""
+        _log_received(queued)
+        asyncio.get_running_loop().call_soon(self._ready_from_listener, queued)
+
+    def _ready_from_listener(self, queued: Queued) -> None:
+        self.scheduler.add_ready(WorkItem(queued.queue_id, Location.QUEUE))
+        log.info("message_queued", queue_id=queued.queue_id, source="smtp", size=queued.size)
+        self.counters.queued()
 
     def _start_worker(self, index: int) -> Worker:
         worker = Worker(index, spool=self.spool, scheduler=self.scheduler, live=self.live, counters=self.counters,

@@ -433,6 +433,16 @@ class Spool:
         directory = self.dir(location)
         install_durably(directory / f"{TMP_PREFIX}{state.queue_id}", directory / state.queue_id, data)
 
+    def accept(self, data: bytes) -> str:
+        """Store a message the daemon received itself (its SMTP listener) durably in queue/; its id.
+
+        Claimed from the start: the daemon wrote it, so there is no drop to check and no rename
+        from new/ to wait for. Crash-safe as a claimed drop is (a queue/ file with no state yet)."""
+        queue_id = self._fresh_id()
+        directory = self.dir(Location.QUEUE)
+        install_durably(directory / f"{TMP_PREFIX}{queue_id}", directory / queue_id, data)
+        return queue_id
+
     def new_id(self) -> str:
         return self._fresh_id()
 

@@ -9,6 +9,7 @@ must AUTH before MAIL, and AUTH is offered only over TLS or to the networks name
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import ipaddress
 import logging
@@ -154,9 +155,9 @@ def received_field(*, helo: str, peer: Peer, hostname: str, protocol: str, date:
     return f"Received: from {origin}\r\n\tby {hostname} (mailwatchd) with {protocol}; {when}\r\n".encode()
 
 
-def store(spool_root: Path, message: bytes, *, sender: str, recipients: Sequence[str], received: bytes,
-          max_size: int) -> str:
-    """Put `message` with its trace and envelope fields durably into new/; returns the queue id.
+def store(deposit: Callable[[bytes], str], message: bytes, *, sender: str, recipients: Sequence[str],
+          received: bytes, max_size: int) -> str:
+    """Put `message` with its trace and envelope fields durably into the spool with `deposit`; the queue id.
 
     Blocks on fsync: run it in a thread. NotAMessage, MalformedMessage (an address),
     TooBig, SpoolFull or OSError when it cannot be stored.
@@ -169,7 +170,7 @@ def store(spool_root: Path, message: bytes, *, sender: str, recipients: Sequence
     data = envelope.with_envelope(data, sender, recipients)
     if len(data) > max_size:
         raise TooBig(f"{len(data)} bytes with the added fields; the limit is {max_size}")
-    return enqueue(spool_root, data)
+    return deposit(data)
 
 
 def _one_line(text: str) -> str:
@@ -214,8 +215,11 @@ class ServerFactory:
 
     def __init__(self, *, spool_root: Path, listen: ListenSettings, hostname: str, max_message_size: int,
                  command_timeout: float, on_queued: Callable[[Queued], None] | None = None,
-                 via: str | None = None) -> None:
+                 via: str | None = None, deposit: Callable[[bytes], str] | None = None) -> None:
         self.spool_root = spool_root
+        # How a message is stored: into new/ like any submission, unless the daemon takes it straight
+        # into its queue (Spool.accept). Called in a thread: it blocks on fsync.
+        self.deposit = deposit if deposit is not None else functools.partial(enqueue, spool_root)
         self.listen = listen
         self.hostname = hostname
         self.max_message_size = max_message_size
@@ -392,7 +396,7 @@ class _Hooks:
         def write() -> tuple[str, str]:
             received = received_field(helo=session.host_name or "", peer=peer, hostname=factory.hostname,
                                       protocol=protocol)
-            queue_id = store(factory.spool_root, message, sender=sender, recipients=recipients,
+            queue_id = store(factory.deposit, message, sender=sender, recipients=recipients,
                              received=received, max_size=factory.max_message_size)
             return queue_id, (local_user(peer.uid, peer.via) if peer.uid is not None else peer_label(peer))
 
