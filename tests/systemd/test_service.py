@@ -250,6 +250,9 @@ def boot_installed(layer: Layer, workdir: Path, before_install: Callable[[Machin
     machine.write_file("/etc/mailname", f"{MAIL_DOMAIN}\n")
     machine.boot()
     try:
+        # A fresh host has no spool: one a run by hand left on this host's root (seen through the overlay)
+        # must not leak in. Removed on the overlay only.
+        machine.run(["rm", "-rf", "/var/spool/mailwatchd", "/etc/mailwatchd"])
         if before_install is not None:
             before_install(machine)
         steps = install_per_readme(machine)
