@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 
+import inotify_simple
 from inotify_simple import INotify, flags
 
 from mailwatchd.errors import SpoolFull
@@ -25,6 +27,10 @@ log = get_logger()
 # protocol: it may be taken before it is complete.
 WATCH_MASK = flags.MOVED_TO | flags.CREATE
 PENDING_RETRY_S = 0.02
+# inotify_simple finds libc with ctypes.util.find_library("c"), which runs `ldconfig -p` (a process, ~10 ms,
+# at every start); the process's own symbols (dlopen(NULL)) already include glibc's inotify calls.
+if getattr(inotify_simple, "_libc", None) is None:
+    inotify_simple._libc = ctypes.CDLL(None, use_errno=True)
 PENDING_TRIES = 250  # then the periodic rescan takes over
 
 
