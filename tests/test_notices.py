@@ -28,12 +28,12 @@ from mailwatchd.service.notices import (
     DAY_S,
     DETAIL_LIMIT,
     GATHER_S,
+    NOTICE_SOURCE,
     RECIPIENTS_SHOWN,
     STATE_FILE,
     SUBMIT_RETRY_S,
     FailureNotices,
     Submit,
-    is_notice,
     spool_submitter,
 )
 from mailwatchd.service.scheduler import Scheduler
@@ -319,7 +319,7 @@ def test_the_digest_is_an_auto_generated_plain_text_message_to_the_admin(rig: Ri
     queue_id = rig.notices.tick()
     assert queue_id is not None
     raw = rig.spool.read(queue_id, Location.QUEUE)
-    assert is_notice(raw)
+    assert rig.spool.load_state(queue_id).source == NOTICE_SOURCE  # type: ignore[union-attr]
     outgoing = envelope.parse(queue_id, raw)
     assert outgoing.sender == "mailwatchd@example.com" and outgoing.recipients == (ADMIN,)
     (digest,) = rig.queued()
@@ -360,15 +360,6 @@ def test_without_a_dotted_host_name_the_sender_takes_the_admin_domain(spool_dir:
     queue_id = rig.notices.tick()
     assert queue_id is not None
     assert envelope.parse(queue_id, rig.spool.read(queue_id, Location.QUEUE)).sender == "mailwatchd@example.com"
-
-
-@pytest.mark.parametrize("newline", [b"\n", b"\r\n"])
-def test_is_notice_reads_the_header_only(newline: bytes) -> None:
-    def raw(*lines: bytes) -> bytes:
-        return newline.join(lines)
-    assert is_notice(raw(b"From: a@example.com", b"x-mailwatchd-notice: failure-digest", b"", b"body"))
-    assert not is_notice(raw(b"From: a@example.com", b"", b"X-Mailwatchd-Notice: failure-digest", b""))
-    assert not is_notice(raw(b"From: a@example.com", b"X-Mailwatchd-Notices-Seen: 1", b"", b""))
 
 
 # -- end to end: a real daemon, a real relay ----------------------------------------------------------
@@ -475,6 +466,20 @@ def test_a_notice_that_itself_fails_is_not_reported_by_another(
     raw = (spool_dir / "failed" / notices[1]["queue_id"]).read_bytes()
     assert second["queue_id"].encode() in raw and notice["queue_id"].encode() not in raw
     assert len(daemon.named("failure_notice_queued")) == 2 and server.handler.messages == []
+
+
+def test_a_submitter_cannot_hide_its_failure_behind_the_notice_header(
+        smtp_server_factory: Callable[..., SmtpServer], spool_dir: Path, clean_env: dict[str, str],
+        daemons: Callable[..., DaemonProcess]) -> None:
+    server = smtp_server_factory(RefuseBad("bad-"))
+    daemon = daemons(notice_env(clean_env, spool_dir, server.port, MAILWATCHD_NOTICE_ADDRESS=ADMIN))
+    forged = b"X-Mailwatchd-Notice: failure-digest\n" + message(1, to="bad-1@example.org")
+    drop(spool_dir, forged, "forged")
+    failed = daemon.wait_event("message_failed")[0]["queue_id"]
+    notice = daemon.wait_event("failure_notice_queued")[0]
+    assert notice["failures"] == 1
+    [digest] = server.handler.wait_for(1)
+    assert failed.encode() in digest.data
 
 
 def test_no_notice_while_every_relay_is_down_and_it_goes_once_one_is_up(

@@ -49,24 +49,21 @@ REASON_CHARS = 500
 LINE_WIDTH = 76
 GATHER_S = 10.0  # a digest waits this long (at most one interval) after its first failure: a burst goes together
 SUBMIT_RETRY_S = 60.0  # after a digest could not be queued (spool full)
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
 _CONTROLS = re.compile(r"[\x00-\x1f\x7f]+")
 
 Submit = Callable[[bytes], str]
 
 
-def is_notice(raw: bytes) -> bool:
-    """Whether a spool file is one of our own failure notices (never the subject of another)."""
-    header_end = _HEADER_END.search(raw)
-    head = raw if header_end is None else raw[:header_end.start()]
-    return (b"\n" + head.lower()).find(b"\n" + NOTICE_HEADER.lower() + b":") >= 0
+# The state file's `source` of a notice the daemon queued. The state lives in meta/, which only the daemon
+# writes: a submitter can copy the notice header into its own message, not this.
+NOTICE_SOURCE = "failure notice"
 
 
 def spool_submitter(spool: Spool, scheduler: Scheduler, counters: Counters) -> Submit:
     """`submit(raw) -> queue id`: store a notice in queue/ (state first, durably) and make it ready."""
     def submit(raw: bytes) -> str:
         queue_id = spool.new_id()
-        spool.add(raw, MessageState(queue_id, time.time(), source="failure notice"), Location.QUEUE)
+        spool.add(raw, MessageState(queue_id, time.time(), source=NOTICE_SOURCE), Location.QUEUE)
         scheduler.add_ready(WorkItem(queue_id, Location.QUEUE))
         counters.queued()
         return queue_id

@@ -22,7 +22,7 @@ from mailwatchd.service.backoff import retry_delay
 from mailwatchd.service.counters import Counters, FailedMail
 from mailwatchd.service.live import Live
 from mailwatchd.service.logs import get_logger
-from mailwatchd.service.notices import is_notice
+from mailwatchd.service.notices import NOTICE_SOURCE
 from mailwatchd.service.scheduler import Scheduler, WorkItem
 from mailwatchd.settings.relays import Endpoint, RelayConfig
 from mailwatchd.spool.messagestate import Attempt, MessageState
@@ -256,7 +256,7 @@ class Worker:
                 state.record(Attempt(now, result.outcome.value, result.cause.value, result.summary, result.relay),
                              counted=True)
                 self._fail(state, location, result.summary, cause=result.cause.value, relay=result.relay,
-                           message=message, raw=raw)
+                           message=message)
                 return followup
             case Outcome.TEMPORARY:
                 state.record(Attempt(now, result.outcome.value, result.cause.value, result.summary, result.relay),
@@ -276,7 +276,7 @@ class Worker:
             refused = "".join(f"; {r.recipient} refused: {r.code} {r.reply}" for r in permanent)
             self._fail(state, location, f"gave up after {state.attempts} attempts over {age / 3600:.1f} h: "
                        f"{result.summary}{refused}", cause=Cause.EXPIRED.value, relay=result.relay,
-                       message=message, raw=raw)
+                       message=message)
             return Followup()
         delay = retry_delay(state.attempts, settings.retry_min, settings.retry_max)
         if not permanent:
@@ -323,17 +323,17 @@ class Worker:
         if location is Location.FAILED:
             self.counters.failed(FailedMail(part.queue_id, f"recipient refused: {reason}",
                                             Cause.RECIPIENT_REJECTED.value, relay, message.sender,
-                                            tuple(r.recipient for r in refused), is_notice(raw)))
+                                            tuple(r.recipient for r in refused), state.source == NOTICE_SOURCE))
         else:
             self.counters.deferred(relay, Cause.RECIPIENT_REJECTED.value)
         return part.queue_id
 
     def _fail(self, state: MessageState, location: Location, reason: str, *, cause: str = Cause.MALFORMED.value,
-              relay: str | None = None, message: OutgoingMessage | None = None, raw: bytes = b"") -> None:
+              relay: str | None = None, message: OutgoingMessage | None = None) -> None:
         state.reason = reason
         if self.spool.fail(state, location):
             log.warning("message_failed", queue_id=state.queue_id, reason=reason, attempts=state.attempts,
                         cause=cause, relay=relay)
             self.counters.failed(FailedMail(
                 state.queue_id, reason, cause, relay, message.sender if message else None,
-                message.recipients if message else (), is_notice(raw)))
+                message.recipients if message else (), state.source == NOTICE_SOURCE))
