@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, NoReturn
 
 from mailwatchd import __version__, exitcodes
 from mailwatchd.errors import ConfigError, NotQueued
 
+TYPE_CHECKING = False  # mypy takes it as true; `sendmail -t` does without typing (tests/test_imports.py)
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable, Sequence
+    from typing import NoReturn
 
     from mailwatchd.service import verdict
     from mailwatchd.service.statusfile import Status

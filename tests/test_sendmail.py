@@ -515,7 +515,7 @@ def test_a_dripping_daemon_cannot_stretch_the_deadline(short_dir: Path) -> None:
 def test_submission_imports_neither_argparse_nor_the_daemon(env: dict[str, str], spool_dir: Path) -> None:
     """The fast path: one process per message must not pay for the rest of the program."""
     heavy = {"argparse", "asyncio", "smtplib", "mailwatchd.spool.queueview", "mailwatchd.service.daemon",
-             "mailwatchd.transports.smtpwire",
+             "mailwatchd.transports.smtpwire", "mailwatchd.cli",
              # the standard library's heavier modules: dataclasses pulls in inspect and ast; email.utils
              # random, datetime, calendar, locale and socket
              "dataclasses", "inspect", "email.utils", "socket", "json", "shutil", "getpass",
@@ -531,6 +531,39 @@ def test_submission_imports_neither_argparse_nor_the_daemon(env: dict[str, str],
     assert "mailwatchd.submission.submit" in imported  # the listing is what it claims to be
     assert not heavy & imported
     assert len(queued(spool_dir)) == 1
+
+
+# The same command lines through the console script's entry point (mailwatchd.__main__, which queues a
+# message without loading cli.py) and through cli.main: the same exit status, output and spool.
+ENTRY_POINTS = {"fast path": "from mailwatchd.__main__ import main", "cli": "from mailwatchd.cli import main"}
+
+
+@pytest.mark.parametrize(("name", "args", "stdin", "extra_env", "status", "queues"), [
+    ("sendmail", ["-t"], PHP_MAIL, {}, exitcodes.OK, 1),
+    ("mailwatchd", ["sendmail", "-t", "-i", "-f", "app@example.com"], PHP_MAIL, {}, exitcodes.OK, 1),
+    ("sendmail", ["-t"], b"", {}, exitcodes.DATAERR, 0),
+    ("sendmail", ["-t"], PHP_MAIL, {"MAILWATCHD_MAX_MESSAGE_SIZE": "lots"}, exitcodes.CONFIG, 0),
+    ("sendmail", ["-t"], PHP_MAIL, {"MAILWATCHD_CONFIG": "/nonexistent/mailwatchd.env"}, exitcodes.CONFIG, 0),
+    ("sendmail", ["-Z", "x@example.org"], PHP_MAIL, {}, exitcodes.USAGE, 0),
+    ("sendmail", ["--help"], b"", {}, exitcodes.OK, 0),
+    ("newaliases", [], b"", {}, exitcodes.OK, 0),
+    ("mailq", [], b"", {}, exitcodes.OK, 0),
+])
+def test_the_fast_path_answers_as_cli_does(tmp_path: Path, env: dict[str, str], name: str, args: list[str],
+                                            stdin: bytes, extra_env: dict[str, str], status: int,
+                                            queues: int) -> None:
+    outcomes = []
+    for label, entry in ENTRY_POINTS.items():
+        spool = tmp_path / label.replace(" ", "-") / "spool"
+        script = tmp_path / label.replace(" ", "-") / name
+        script.parent.mkdir()
+        script.write_text(f"import sys\n{entry}\nsys.exit(main())\n")
+        done = subprocess.run([sys.executable, str(script), *args], input=stdin, capture_output=True, timeout=60,
+                              env={**env, "MAILWATCHD_SPOOL": str(spool), **extra_env}, check=False)
+        stdout, stderr = (out.replace(str(spool).encode(), b"SPOOL") for out in (done.stdout, done.stderr))
+        outcomes.append((done.returncode, stdout, stderr, len(queued(spool)) if (spool / "new").is_dir() else 0))
+    assert outcomes[0] == outcomes[1]
+    assert (outcomes[0][0], outcomes[0][3]) == (status, queues)
 
 
 def test_usage_error_is_a_value_error() -> None:

@@ -14,6 +14,8 @@ from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from mailwatchd.errors import MalformedMessage
 from mailwatchd.message import envelope
@@ -309,3 +311,62 @@ def test_enqueued_file_is_group_readable_whatever_the_umask(tmp_path: Path) -> N
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "new" / queue_id).st_mode) == 0o640
+
+
+# -- envelope's checks without re: the patterns they stand for ------------------------------------------------
+# envelope.py checks these with str and bytes methods (`sendmail` would pay for re and the compiling);
+# here they are held to the patterns, as re reads them, "$" before a final newline included.
+
+HEADER_END = re.compile(rb"\r?\n\r?\n")
+FIELD_NAME = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+ADDRESS = re.compile(r"^[^\s<>()\x00-\x1f\x7f@]+@[^\s<>()\x00-\x1f\x7f@]+$")
+LOCAL_NAME = re.compile(r'^[^\s<>()\[\]\\,;:"\x00-\x1f\x7f@]+$')
+# The characters the rules turn on, a few of each kind, and room for anything else.
+_TRICKY_TEXT = "aZ09.-_+@<>()[]\\,;:\"' \t\n\r\x0b\x0c\x00\x1c\x1f\x7f\x85\xa0\u1680\u2000\u2028\u3000\ufeffé\udc80"
+_TRICKY_BYTES = b"aZ09-:; \t\r\n\x00\x1f\x20\x21\x39\x3a\x3b\x7e\x7f\x80\xff"
+tricky_text = st.text(alphabet=st.one_of(st.sampled_from(_TRICKY_TEXT), st.characters()), max_size=12)
+tricky_bytes = st.lists(st.sampled_from([bytes([b]) for b in _TRICKY_BYTES]) | st.binary(max_size=2),
+                        max_size=14).map(b"".join)
+
+
+@given(tricky_text)
+@example("a@b\n")
+@example("root\n")
+@example("a@b\n\n")
+@example("\n")
+def test_address_checks_are_the_patterns(text: str) -> None:
+    assert envelope._is_address(text) is bool(ADDRESS.match(text))
+    assert envelope._is_local_name(text) is bool(LOCAL_NAME.match(text))
+    assert envelope.is_local_name(text) is bool(LOCAL_NAME.match(text))
+
+
+def test_address_checks_take_each_kind_of_character_as_the_patterns_do() -> None:
+    """Every ASCII character, every one re or str takes for white space, and a sample of the rest."""
+    everything = "".join(map(chr, range(0x110000)))
+    spaces = set(re.findall(r"\s", everything)) | {char for char in everything if char.isspace()}
+    for char in sorted(set(map(chr, range(0x80))) | spaces | set(everything[::251])):
+        code = ord(char)
+        assert envelope._is_local_name(char) is bool(LOCAL_NAME.match(char)), hex(code)
+        assert envelope._is_address(f"a{char}@b") is bool(ADDRESS.match(f"a{char}@b")), hex(code)
+
+
+@given(tricky_bytes)
+@example(b"From: a\n")
+@example(b"Subject \t: x")
+@example(b"From foo\nTo: x")
+@example(b": x")
+def test_the_field_name_is_the_pattern(line: bytes) -> None:
+    match = FIELD_NAME.match(line)
+    assert envelope._field_name(line) == (match.group(1) if match else None)
+
+
+@given(tricky_bytes)
+@example(b"a: b\r\n\r\nbody")
+@example(b"a: b\r\n\nbody")
+@example(b"a: b\n\r\nbody")
+@example(b"\n\n")
+@example(b"a: b\r\n")
+def test_the_header_ends_where_the_pattern_says(raw: bytes) -> None:
+    match = HEADER_END.search(raw)
+    expected = match.start() + (2 if raw[match.start():match.start() + 1] == b"\r" else 1) if match else len(raw)
+    assert envelope._header_length(raw) == expected

@@ -11,23 +11,31 @@ Parsing only: a bare local name (`root`) is read as it stands; the daemon comple
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
-from typing import NamedTuple
-
 from mailwatchd.errors import MalformedMessage
+from mailwatchd.records import NamedTuple  # typing.NamedTuple without importing typing (`sendmail` runs this)
+
+TYPE_CHECKING = False  # mypy takes it as true
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 ENVELOPE_FROM = "X-Mailwatchd-Envelope-From"
 ENVELOPE_TO = "X-Mailwatchd-Envelope-To"
 
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
-_FIELD_NAME = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+# The four rules below are checked with str and bytes methods, not re: `sendmail` runs them once
+# per message, and compiling the patterns (with importing re) would cost each run more than the
+# checks themselves. tests/test_submit.py holds them to these patterns:
+#   header end       rb"\r?\n\r?\n" (searched)
+#   field name       rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:"
+#   address          r"^[^\s<>()\x00-\x1f\x7f@]+@[^\s<>()\x00-\x1f\x7f@]+$"
+#   local name       r'^[^\s<>()\[\]\\,;:"\x00-\x1f\x7f@]+$'
+# ("$" also matches before a final newline, and so do these.)
 # An address we are willing to put in MAIL FROM / RCPT TO: no white space, controls or
 # angle brackets (they would let a header inject SMTP commands), one @ with both sides set.
-_ADDRESS = re.compile(r"^[^\s<>()\x00-\x1f\x7f@]+@[^\s<>()\x00-\x1f\x7f@]+$")
+_NOT_IN_ADDRESS = frozenset("<>()@ \x7f" + "".join(map(chr, range(0x20))))
 # A local user name as cron and other local senders write it (`root`, `www-data`): the same
 # rule with no @, and none of the characters that separate or quote addresses either.
-_LOCAL_NAME = re.compile(r'^[^\s<>()\[\]\\,;:"\x00-\x1f\x7f@]+$')
+_NOT_IN_LOCAL_NAME = _NOT_IN_ADDRESS | frozenset('[]\\,;:"')
+_FIELD_NAME_BYTES = bytes(range(0x21, 0x7F)).replace(b":", b"")  # printable US-ASCII but ":"
 _DROPPED_FIELDS_FROM = ENVELOPE_FROM.lower().encode()
 _DROPPED_FIELDS_TO = ENVELOPE_TO.lower().encode()
 _DROPPED_FIELDS = frozenset({b"bcc", _DROPPED_FIELDS_FROM, _DROPPED_FIELDS_TO})
@@ -49,37 +57,72 @@ class HeaderField(NamedTuple):
     raw: bytes  # the whole field, folded lines and line endings included
 
 
+def _header_length(raw: bytes) -> int:
+    """Where the header ends: just after the line break that an empty line follows, else len(raw)."""
+    breaks = [at for at in (raw.find(b"\n\n"), raw.find(b"\n\r\n")) if at != -1]
+    return min(breaks) + 1 if breaks else len(raw)
+
+
+def _field_name(line: bytes) -> bytes | None:
+    """The name of the field `line` starts (ftext, optional spaces or tabs, ":"), or None."""
+    colon = line.find(b":")
+    name = line[:colon].rstrip(b" \t")
+    if colon == -1 or not name or name.translate(None, _FIELD_NAME_BYTES):
+        return None
+    return name
+
+
+def _is_word(text: str, excluded: frozenset[str]) -> bool:
+    """`text` is not empty and holds none of `excluded` and no white space (str.isspace, as re's \\s)."""
+    return bool(text) and excluded.isdisjoint(text) and (text.isascii() or not any(ch.isspace() for ch in text))
+
+
+def _but_final_newline(text: str) -> str:
+    return text[:-1] if text.endswith("\n") else text
+
+
+def _is_address(text: str) -> bool:
+    local, at, domain = _but_final_newline(text).partition("@")
+    return bool(at) and _is_word(local, _NOT_IN_ADDRESS) and _is_word(domain, _NOT_IN_ADDRESS)
+
+
+def _is_local_name(text: str) -> bool:
+    return _is_word(_but_final_newline(text), _NOT_IN_LOCAL_NAME)
+
+
 def split_header(raw: bytes) -> tuple[list[HeaderField], bytes]:
     """Split a message into its header fields and the rest (blank line and body)."""
-    match = _HEADER_END.search(raw)
-    if match:
-        head_end = match.start() + (2 if raw[match.start() : match.start() + 1] == b"\r" else 1)
-        head, rest = raw[:head_end], raw[head_end:]
-    else:
-        head, rest = raw, b""
-    if head.startswith(b"From ") and b"\n" in head and not _FIELD_NAME.match(head):
+    fields, rest = _split(raw)
+    return [HeaderField(name, field) for name, field in fields], rest
+
+
+def _split(raw: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """split_header's (lower-cased name, whole field) pairs as plain tuples: what the daemon parses per message."""
+    head_end = _header_length(raw)
+    head, rest = raw[:head_end], raw[head_end:]
+    if head.startswith(b"From ") and b"\n" in head and _field_name(head) is None:
         head = head[head.index(b"\n") + 1 :]  # an mbox "From " separator line is not a field
-    fields: list[HeaderField] = []
+    fields: list[tuple[bytes, bytes]] = []
     for line in head.splitlines(keepends=True):
         if line[:1] in (b" ", b"\t") and fields:
-            last = fields[-1]
-            fields[-1] = HeaderField(last.name, last.raw + line)
+            folded_name, field = fields[-1]
+            fields[-1] = (folded_name, field + line)
             continue
-        name = _FIELD_NAME.match(line)
+        name = _field_name(line)
         if name is None:
             if not line.strip():
                 continue
             raise MalformedMessage("not an RFC 5322 message: a header line has no field name")
-        fields.append(HeaderField(name.group(1).lower(), line))
+        fields.append((name.lower(), line))
     if not fields:
         raise MalformedMessage("not an RFC 5322 message: no header fields")
     return fields, rest
 
 
-def _value(field: HeaderField) -> str:
+def _value(field: bytes) -> str:
     # surrogateescape keeps invalid bytes distinct (U+DC80..U+DCFF) so check_address can refuse
     # them; "replace" would turn them into U+FFFD, an address that is not in the message.
-    text = field.raw.decode("utf-8", errors="surrogateescape")
+    text = field.decode("utf-8", errors="surrogateescape")
     value = text.split(":", 1)[1]
     return " ".join(value.split())  # unfold (RFC 5322 §2.2.3)
 
@@ -109,7 +152,7 @@ def _addresses(values: Sequence[str]) -> list[str]:
 
 def is_local_name(address: str) -> bool:
     """True for a bare local user name (`root`): an address the daemon still has to complete."""
-    return bool(_LOCAL_NAME.match(address))
+    return _is_local_name(address)
 
 
 def check_address(address: str, role: str, *, local: bool = False) -> str:
@@ -126,17 +169,17 @@ def check_address(address: str, role: str, *, local: bool = False) -> str:
         except UnicodeEncodeError:  # a surrogate no bytes were decoded to: only a caller's str has one
             raw = address.encode("utf-8", errors="surrogatepass")
         raise MalformedMessage(f"{role} address {repr(raw)[1:]} is not valid UTF-8") from None
-    if _ADDRESS.match(address) or (local and _LOCAL_NAME.match(address)):
+    if _is_address(address) or (local and _is_local_name(address)):
         return address
     form = "a user@domain form or a local user name" if local else "a user@domain form"
     raise MalformedMessage(f"{role} address {address!r} is not usable (it needs {form})")
 
 
-def _collect(fields: list[HeaderField]) -> dict[bytes, list[str]]:
+def _collect(fields: list[tuple[bytes, bytes]]) -> dict[bytes, list[str]]:
     by_name: dict[bytes, list[str]] = {}
-    for field in fields:
-        if field.name in _ENVELOPE_SOURCES:
-            by_name.setdefault(field.name, []).append(_value(field))
+    for name, field in fields:
+        if name in _ENVELOPE_SOURCES:
+            by_name.setdefault(name, []).append(_value(field))
     return by_name
 
 
@@ -153,7 +196,7 @@ def _sender(by_name: dict[bytes, list[str]]) -> str:
 
 def sender_of(raw: bytes) -> str:
     """The envelope sender a message's own headers give."""
-    fields, _ = split_header(raw)
+    fields, _ = _split(raw)
     return _sender(_collect(fields))
 
 
@@ -162,7 +205,7 @@ def parse(queue_id: str, raw: bytes) -> OutgoingMessage:
 
     Bare local names stay as they are: `addressing.Addressing.complete` qualifies them.
     """
-    fields, rest = split_header(raw)
+    fields, rest = _split(raw)
     by_name = _collect(fields)
 
     sender = _sender(by_name)
@@ -181,8 +224,8 @@ def parse(queue_id: str, raw: bytes) -> OutgoingMessage:
     if not recipients:
         raise MalformedMessage("no recipient: the message has no To, Cc or Bcc address")
 
-    if raw.startswith(b"From ") or any(field.name in _DROPPED_FIELDS for field in fields):
-        data = b"".join(field.raw for field in fields if field.name not in _DROPPED_FIELDS) + rest
+    if raw.startswith(b"From ") or any(name in _DROPPED_FIELDS for name, _ in fields):
+        data = b"".join(field for name, field in fields if name not in _DROPPED_FIELDS) + rest
     else:
         data = raw
     return OutgoingMessage(queue_id, sender, tuple(recipients), data, len(raw))

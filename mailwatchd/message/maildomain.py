@@ -6,21 +6,38 @@ submitter puts it in the Message-ID it adds.
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Callable
-from pathlib import Path
 
 from mailwatchd.errors import MalformedMessage
 from mailwatchd.message.envelope import check_address
 
-MAILNAME = Path("/etc/mailname")  # Debian's mail name of the host (Postfix myorigin, nullmailer defaulthost)
+TYPE_CHECKING = False  # mypy takes it as true; `sendmail` imports neither typing nor pathlib
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+    MAILNAME: Path
+
+# Debian's mail name of the host (Postfix myorigin, nullmailer defaulthost); MAILNAME is it as a Path.
+MAILNAME_PATH = "/etc/mailname"
+_HOST_NAMES: dict[str | None, str] = {}  # host_name's answers, by setting
+
+if not TYPE_CHECKING:  # hidden from mypy, which would otherwise take any misspelt attribute for a Path
+
+    def __getattr__(name: str) -> Path:
+        """PEP 562: MAILNAME, made on first use."""
+        if name != "MAILNAME":
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        from pathlib import Path
+
+        value = globals()[name] = Path(MAILNAME_PATH)
+        return value
 
 
-def read_mailname(path: Path = MAILNAME) -> str | None:
+def read_mailname(path: str | os.PathLike[str] = MAILNAME_PATH) -> str | None:
     """The first line of /etc/mailname, or None when it is missing, unreadable or not a host name."""
     try:
-        with path.open("rb") as file:
+        with open(path, "rb") as file:
             line = file.readline(256)
     except OSError:
         return None
@@ -39,7 +56,7 @@ def _usable_domain(name: str) -> bool:
     return True
 
 
-def local_domain(setting: str | None, *, mailname: Path = MAILNAME,
+def local_domain(setting: str | None, *, mailname: str | os.PathLike[str] = MAILNAME_PATH,
                  fqdn: Callable[[], str] | None = None) -> str | None:
     """MAILWATCHD_DEFAULT_DOMAIN, else /etc/mailname, else the host's FQDN (`fqdn`, by default
     socket.getfqdn); a guessed name only with a dot in it and not localhost (no relay takes
@@ -62,10 +79,11 @@ def _mail_domain(name: str) -> bool:
     return "." in name and lowered != "localhost" and not lowered.startswith("localhost.") and _usable_domain(name)
 
 
-@functools.cache
 def host_name(setting: str | None) -> str:
     """The name this host gives of itself (EHLO): the mail domain, else its host name; looked up once."""
-    return local_domain(setting) or host_node_name()
+    if setting not in _HOST_NAMES:  # a dict, not functools.cache: `sendmail` does without functools
+        _HOST_NAMES[setting] = local_domain(setting) or host_node_name()
+    return _HOST_NAMES[setting]
 
 
 def host_node_name() -> str:

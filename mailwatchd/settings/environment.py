@@ -8,20 +8,56 @@ reads: the spool, the message size limit and the mail names.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from pathlib import Path
-from typing import NamedTuple
 
 from mailwatchd.errors import ConfigError
-from mailwatchd.message.maildomain import host_name
+from mailwatchd.records import NamedTuple
 
-SERVICE_SPOOL = Path("/var/spool/mailwatchd")
-SUBMIT_SOCKET = Path("/run/mailwatchd/submit.sock")  # the service's local submission socket (SMTP)
-# The service's status file: in its own runtime directory (RuntimeDirectory=mailwatchd/status, 0755), readable
-# by a monitoring user who may neither submit nor read mail (the spool's gate is the submit group).
-SERVICE_STATUS_FILE = Path("/run/mailwatchd/status/status.json")
-SERVICE_CONFIG = Path("/etc/mailwatchd/mailwatchd.env")  # the service's env file, the commands' default
+TYPE_CHECKING = False  # mypy takes it as true; typing itself is not imported (records.py)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from pathlib import Path
+
+    SERVICE_SPOOL: Path
+    SUBMIT_SOCKET: Path
+    SERVICE_STATUS_FILE: Path
+    SERVICE_CONFIG: Path
+
+# The service's paths. Each is a module attribute holding a Path, made on first use (__getattr__ below),
+# so that `sendmail`, which reads none of them as a Path, never imports pathlib.
+_SERVICE_PATHS = {
+    "SERVICE_SPOOL": "/var/spool/mailwatchd",
+    "SUBMIT_SOCKET": "/run/mailwatchd/submit.sock",  # the service's local submission socket (SMTP)
+    # The service's status file: in its own runtime directory (RuntimeDirectory=mailwatchd/status, 0755), readable
+    # by a monitoring user who may neither submit nor read mail (the spool's gate is the submit group).
+    "SERVICE_STATUS_FILE": "/run/mailwatchd/status/status.json",
+    "SERVICE_CONFIG": "/etc/mailwatchd/mailwatchd.env",  # the service's env file, the commands' default
+}
 DEFAULT_MAX_MESSAGE_SIZE = 25 * 1024 * 1024
+
+if not TYPE_CHECKING:  # hidden from mypy, which would otherwise take any misspelt attribute for a Path
+
+    def __getattr__(name: str) -> Path:
+        """PEP 562: SERVICE_SPOOL, SUBMIT_SOCKET, SERVICE_STATUS_FILE and SERVICE_CONFIG, made once."""
+        if name not in _SERVICE_PATHS:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        from pathlib import Path
+
+        value = globals()[name] = Path(_SERVICE_PATHS[name])
+        return value
+
+
+def _service_path(name: str) -> str:
+    """A service path as a string: the module's attribute when it is set (by __getattr__, or by a
+    test that moves the service elsewhere), else its default."""
+    value = globals().get(name)
+    return _SERVICE_PATHS[name] if value is None else os.fspath(value)
+
+
+def _as_path(path: str | os.PathLike[str]) -> Path:
+    from pathlib import Path
+
+    return Path(path)
+
 
 # Keys this program reads; an unknown MAILWATCHD_* key in the env file, or one close to a known
 # key, is a typo worth stopping for, while other keys (Django's SECRET_KEY, EMAIL_BACKEND...) are ignored.
@@ -123,31 +159,39 @@ class Source(NamedTuple):
 class SubmitterSettings(NamedTuple):
     """What a submission reads of the settings."""
 
-    spool: Path
+    spool_dir: str  # the spool as MAILWATCHD_SPOOL (or the default) names it; `spool` is the same as a Path
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     helo_name: str = ""
     default_domain: str | None = None
 
     @property
+    def spool(self) -> Path:
+        """As Settings.spool."""
+        return _as_path(self.spool_dir)
+
+    @property
     def ehlo_name(self) -> str:
         """As Settings.ehlo_name: MAILWATCHD_HELO_NAME, else the mail domain (maildomain.py)."""
+        from mailwatchd.message.maildomain import host_name  # the socket's EHLO only: a spool drop says no name
+
         return self.helo_name or host_name(self.default_domain)
 
 
-def default_spool(environ: Mapping[str, str]) -> Path:
+def default_spool_dir(environ: Mapping[str, str]) -> str:
     """/var/spool/mailwatchd wherever the service is installed (its spool exists), for every user:
     mail must reach the daemon that runs; a per-user state directory only where no service is."""
-    if os.geteuid() == 0 or SERVICE_SPOOL.is_dir():
-        return SERVICE_SPOOL
-    state_home = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state_home) / "mailwatchd" / "spool"
+    service_spool = _service_path("SERVICE_SPOOL")
+    if os.geteuid() == 0 or os.path.isdir(service_spool):
+        return service_spool
+    state_home = environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(state_home, "mailwatchd", "spool")
 
 
-def load_environment(config_path: Path | None, environ: Mapping[str, str]) -> dict[str, str]:
+def load_environment(config_path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> dict[str, str]:
     """The env file's keys (if a path is given), overridden by the process environment."""
     merged: dict[str, str] = {}
     if config_path is not None:
-        if not config_path.is_file():
+        if not os.path.isfile(config_path):
             raise ConfigError("MAILWATCHD_CONFIG", f"config file {config_path} does not exist",
                               "create it or point --config at the right file")
         from dotenv import dotenv_values  # here: `sendmail` without an env file never pays for the import
@@ -178,27 +222,34 @@ def read_source(config_path: Path | str | None, environ: Mapping[str, str]) -> S
     """The env file (`config_path`, else $MAILWATCHD_CONFIG, else none) merged with `environ`."""
     if config_path is None and environ.get("MAILWATCHD_CONFIG"):
         config_path = environ["MAILWATCHD_CONFIG"]
-    path = Path(config_path) if config_path is not None else None
+    path = _as_path(config_path) if config_path is not None else None  # pathlib only with an env file
     return Source(path, load_environment(path, environ))
 
 
-def spool_setting(source: Source, environ: Mapping[str, str]) -> Path:
+def spool_dir_setting(source: Source, environ: Mapping[str, str]) -> str:
     """MAILWATCHD_SPOOL, else the default spool for this user."""
-    spool = Path(source.get("MAILWATCHD_SPOOL") or default_spool(environ))
-    if not spool.is_absolute():
-        raise ConfigError("MAILWATCHD_SPOOL", f"{spool} is a relative path", "use an absolute path")
+    spool = source.get("MAILWATCHD_SPOOL") or default_spool_dir(environ)
+    if not os.path.isabs(spool):
+        raise ConfigError("MAILWATCHD_SPOOL", f"{_as_path(spool)} is a relative path", "use an absolute path")
     return spool
+
+
+def spool_setting(source: Source, environ: Mapping[str, str]) -> Path:
+    """MAILWATCHD_SPOOL, else the default spool for this user, as a Path."""
+    return _as_path(spool_dir_setting(source, environ))
 
 
 def status_file_setting(source: Source, spool: Path) -> Path:
     """MAILWATCHD_STATUS_FILE, else the service's (for the service's spool), else SPOOL/status.json."""
     raw = source.get("MAILWATCHD_STATUS_FILE")
     if raw is not None:
-        path = Path(raw)
+        path = _as_path(raw)
         if not path.is_absolute():
             raise ConfigError("MAILWATCHD_STATUS_FILE", f"{raw} is a relative path", "use an absolute path")
         return path
-    return SERVICE_STATUS_FILE if spool == SERVICE_SPOOL else spool / "status.json"
+    if spool == _as_path(_service_path("SERVICE_SPOOL")):
+        return _as_path(_service_path("SERVICE_STATUS_FILE"))
+    return spool / "status.json"
 
 
 def default_domain_setting(raw: str) -> str:
@@ -214,7 +265,7 @@ def load_submitter_settings(config_path: Path | str | None = None,
     """The settings a submission reads, checked as load_settings checks them; ConfigError on the first problem."""
     env_source = os.environ if environ is None else environ
     source = read_source(config_path, env_source)
-    spool = spool_setting(source, env_source)
+    spool = spool_dir_setting(source, env_source)
     max_message_size = DEFAULT_MAX_MESSAGE_SIZE
     if (raw := source.get("MAILWATCHD_MAX_MESSAGE_SIZE")) is not None:
         from mailwatchd.settings.parsing import parse_size  # only when set: its regexes and math cost ~1 ms

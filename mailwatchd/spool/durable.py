@@ -6,19 +6,24 @@ Apart from store.py so that `sendmail` loads only what a submission needs.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-from pathlib import Path
 
 from mailwatchd.errors import SpoolFull
 
+TYPE_CHECKING = False  # mypy takes it as true; `sendmail` imports neither typing nor pathlib
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    StrPath = str | os.PathLike[str]
+
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # no room for the data, an inode or a directory entry
+DROP_TMP, DROP_NEW = "tmp", "new"  # the Maildir drop's directories under a spool root
 
 
 def drop_dirs(root: Path) -> tuple[Path, Path]:
     """The Maildir drop under a spool root: (tmp/, new/)."""
-    return root / "tmp", root / "new"
+    return root / DROP_TMP, root / DROP_NEW
 
 
 def raise_if_full(exc: OSError) -> None:
@@ -27,7 +32,7 @@ def raise_if_full(exc: OSError) -> None:
         raise SpoolFull(f"the filesystem is full ({exc.strerror})") from exc
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: StrPath) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -35,7 +40,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_durably(path: Path, data: bytes, mode: int = 0o600) -> None:
+def write_durably(path: StrPath, data: bytes, mode: int = 0o600) -> None:
     """Write `data` to a new file at `path` and fsync it; SpoolFull when the disk is full."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
@@ -50,14 +55,13 @@ def write_durably(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.fsync(fd)
     except OSError as exc:
         os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+        _remove(path)
         raise_if_full(exc)
         raise
     os.close(fd)
 
 
-def install_durably(temporary: Path, final: Path, data: bytes, mode: int = 0o600) -> None:
+def install_durably(temporary: StrPath, final: StrPath, data: bytes, mode: int = 0o600) -> None:
     """Write `data` to `temporary`, fsync, rename it to `final`, fsync that directory.
 
     `final` is never seen incomplete; on failure no temporary is left. SpoolFull when the disk is full.
@@ -65,9 +69,16 @@ def install_durably(temporary: Path, final: Path, data: bytes, mode: int = 0o600
     write_durably(temporary, data, mode)
     try:
         os.rename(temporary, final)
-        fsync_dir(final.parent)
+        fsync_dir(os.path.dirname(final) or ".")  # Path.parent's answer, without pathlib
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
+        _remove(temporary)
         raise_if_full(exc)
         raise
+
+
+def _remove(path: StrPath) -> None:
+    """Unlink `path` if it can be; an error here is not the one to report."""
+    try:  # noqa: SIM105 - contextlib.suppress would cost each `sendmail` run the contextlib import
+        os.unlink(path)
+    except OSError:
+        pass

@@ -8,7 +8,7 @@ never a silent loss.
 
 Kept light on purpose: `sendmail -t` is run once per message, so only what a submission needs
 is imported (and read of the settings), and the socket client (submitsocket.py) only when the
-spool is not writable.
+spool is not writable. Not even typing, enum or pathlib: tests/test_imports.py holds the list.
 """
 
 from __future__ import annotations
@@ -16,20 +16,21 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from enum import StrEnum
-from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
 from mailwatchd import exitcodes
 from mailwatchd.errors import MalformedMessage, NotQueued, SpoolFull
-from mailwatchd.settings.environment import load_submitter_settings
+from mailwatchd.records import NamedTuple
+from mailwatchd.settings.environment import SubmitterSettings, load_submitter_settings
 from mailwatchd.submission.submit import Submission, enqueue, parse_sendmail_args, prepare, read_message
 
+TYPE_CHECKING = False  # mypy takes it as true; typing itself is not imported (records.py)
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from typing import BinaryIO, Final, Literal
 
     from mailwatchd.settings.config import Settings
-    from mailwatchd.settings.environment import SubmitterSettings
+
+    ModeName = Literal["-bm", "-bp", "-q", "-bi", "-bs", "--help"]
 
 # Errors that mean "this user cannot write there": the daemon's socket is the way in. Any other
 # error (EIO after the rename, say) is reported as it is: retrying could queue the message twice.
@@ -76,20 +77,23 @@ NEWALIASES_NOTE = ("mailwatchd: nothing to rebuild: the daemon reads the aliases
                    "when it starts and on reload (systemctl reload mailwatchd)")
 
 
-class Mode(StrEnum):
-    SUBMIT = "-bm"
-    LIST_QUEUE = "-bp"
-    FLUSH = "-q"
-    NEWALIASES = "-bi"
-    SMTP_STDIO = "-bs"
-    HELP = "--help"
+class Mode:
+    """What a command line asks for, named by its sendmail flag (plain strings: the enum module costs each
+    `sendmail` run more than this whole module)."""
+
+    SUBMIT: Final = "-bm"
+    LIST_QUEUE: Final = "-bp"
+    FLUSH: Final = "-q"
+    NEWALIASES: Final = "-bi"
+    SMTP_STDIO: Final = "-bs"
+    HELP: Final = "--help"
 
 
 class Request(NamedTuple):
     """What a sendmail command line asks for; `submission` is set in SUBMIT mode only."""
 
-    mode: Mode
-    config: Path | None = None
+    mode: ModeName
+    config: str | None = None  # --config FILE, as given
     submission: Submission | None = None
 
 
@@ -103,21 +107,22 @@ _SUBMISSION_LETTERS = frozenset("frF")  # handed to submit.parse_sendmail_args
 _IGNORED_WITH_VALUE = frozenset("BONRVXLph")
 _IGNORED_ANY_SUFFIX = frozenset("oe")  # -oem, -odb, -em: sendmail's -o and -e options
 _IGNORED_FLAGS = frozenset("vmnUG")
-_MODE_OF_B = {"m": Mode.SUBMIT, "p": Mode.LIST_QUEUE, "i": Mode.NEWALIASES, "s": Mode.SMTP_STDIO}
-_MODE_OF_PROGRAM = {"mailq": Mode.LIST_QUEUE, "newaliases": Mode.NEWALIASES}
+_MODE_OF_B: dict[str, ModeName] = {"m": Mode.SUBMIT, "p": Mode.LIST_QUEUE, "i": Mode.NEWALIASES,
+                                   "s": Mode.SMTP_STDIO}
+_MODE_OF_PROGRAM: dict[str, ModeName] = {"mailq": Mode.LIST_QUEUE, "newaliases": Mode.NEWALIASES}
 
 
 def parse_command_line(argv: Sequence[str], *, program: str = "sendmail") -> Request:
     """Parse a sendmail(8) command line run as `program` (sendmail, mailq, newaliases). UsageError if wrong."""
     args = list(argv)
-    config: Path | None = None
+    config: str | None = None
     if args[:1] in (["--config"], ["-c"]):
         if len(args) < 2:
             raise UsageError(f"option {args[0]} needs a file")
-        config, args = Path(args[1]), args[2:]
+        config, args = args[1], args[2:]
     elif args and args[0].startswith("--config="):
-        config, args = Path(args[0].removeprefix("--config=")), args[1:]
-    mode = _MODE_OF_PROGRAM.get(program, Mode.SUBMIT)
+        config, args = args[0].removeprefix("--config="), args[1:]
+    mode: ModeName = _MODE_OF_PROGRAM.get(program, Mode.SUBMIT)
     kept: list[str] = []  # the submission's arguments, for parse_sendmail_args
     recipients = False
     index = 0
@@ -158,7 +163,7 @@ def parse_command_line(argv: Sequence[str], *, program: str = "sendmail") -> Req
             pass
         else:
             raise UsageError(f"unknown option {arg}")
-    if mode is not Mode.SUBMIT:
+    if mode != Mode.SUBMIT:
         if recipients:
             raise UsageError(f"recipients given with {mode}: only -bm (the default) queues mail")
         return Request(mode, config)
@@ -173,18 +178,18 @@ def parse_command_line(argv: Sequence[str], *, program: str = "sendmail") -> Req
 
 def run(request: Request, stdin: BinaryIO) -> int:
     """Carry out a SUBMIT, SMTP_STDIO, NEWALIASES or HELP request (cli.py runs the queue commands)."""
-    if request.mode is Mode.HELP:
+    if request.mode == Mode.HELP:
         sys.stdout.write(USAGE)
         return exitcodes.OK
-    if request.mode is Mode.NEWALIASES:
+    if request.mode == Mode.NEWALIASES:
         print(NEWALIASES_NOTE)
         return exitcodes.OK
     # A bad setting: ConfigError, exit 78, before reading anything.
-    if request.mode is Mode.SMTP_STDIO:
+    if request.mode == Mode.SMTP_STDIO:
         from mailwatchd.settings.config import load_settings
 
         return run_bs(load_settings(request.config))
-    if request.mode is not Mode.SUBMIT or request.submission is None:
+    if request.mode != Mode.SUBMIT or request.submission is None:
         raise ValueError(f"run() does not carry out {request.mode}")
     settings = load_submitter_settings(request.config)  # what it reads only: the daemon checks the rest
     try:
@@ -217,8 +222,9 @@ def queue_message(settings: Settings | SubmitterSettings, data: bytes) -> str | 
 
     Returns the queue id when known; NotQueued when the message is not queued.
     """
+    spool = settings.spool_dir if isinstance(settings, SubmitterSettings) else os.fspath(settings.spool)
     try:
-        return enqueue(settings.spool, data)
+        return enqueue(spool, data)
     except SpoolFull as exc:
         raise NotQueued(exitcodes.TEMPFAIL, f"the spool cannot take the message now: {exc}") from None
     except OSError as exc:

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
-from pathlib import Path
-from typing import NamedTuple
 
 from mailwatchd.errors import MalformedMessage
 from mailwatchd.message import envelope
-from mailwatchd.message.maildomain import MAILNAME, host_node_name, read_mailname
-from mailwatchd.spool.durable import drop_dirs, install_durably
+from mailwatchd.message.maildomain import MAILNAME_PATH, host_node_name, read_mailname
+from mailwatchd.records import NamedTuple
+from mailwatchd.spool.durable import DROP_NEW, DROP_TMP, install_durably
 from mailwatchd.spool.queueid import new_queue_id
+
+TYPE_CHECKING = False  # mypy takes it as true; `sendmail` imports neither typing nor pathlib
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 _DAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTH_NAMES = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -34,14 +36,14 @@ class Submission(NamedTuple):
     dot_ends_input: bool = True  # cleared by -i / -oi
 
 
-def enqueue(spool_root: Path, data: bytes) -> str:
+def enqueue(spool_root: str | os.PathLike[str], data: bytes) -> str:
     """Store `data` in new/ durably; returns the queue id. SpoolFull when the disk is full."""
-    tmp_dir, new_dir = drop_dirs(spool_root)
+    tmp_dir, new_dir = os.path.join(spool_root, DROP_TMP), os.path.join(spool_root, DROP_NEW)
     for directory in (tmp_dir, new_dir):
-        if not directory.is_dir():
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not os.path.isdir(directory):
+            os.makedirs(directory, mode=0o700, exist_ok=True)
     queue_id = new_queue_id()
-    install_durably(tmp_dir / queue_id, new_dir / queue_id, data, mode=0o640)
+    install_durably(os.path.join(tmp_dir, queue_id), os.path.join(new_dir, queue_id), data, mode=0o640)
     return queue_id
 
 
@@ -60,7 +62,7 @@ def read_message(stream: object, dot_ends_input: bool) -> bytes:
     return b"".join(lines)
 
 
-def message_id_domain(mailname: Path = MAILNAME) -> str:
+def message_id_domain(mailname: str | os.PathLike[str] = MAILNAME_PATH) -> str:
     """The right side of a Message-ID: /etc/mailname, else the host name. Unique, not routable; no DNS."""
     return read_mailname(mailname) or host_node_name()
 
