@@ -315,12 +315,12 @@ def test_enqueued_file_is_group_readable_whatever_the_umask(tmp_path: Path) -> N
 
 # -- envelope's checks without re: the patterns they stand for ------------------------------------------------
 # envelope.py checks these with str and bytes methods (`sendmail` would pay for re and the compiling);
-# here they are held to the patterns, as re reads them, "$" before a final newline included.
+# here they are held to the patterns, with "\Z" for the patterns' "$": no line break may end an address.
 
 HEADER_END = re.compile(rb"\r?\n\r?\n")
 FIELD_NAME = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
-ADDRESS = re.compile(r"^[^\s<>()\x00-\x1f\x7f@]+@[^\s<>()\x00-\x1f\x7f@]+$")
-LOCAL_NAME = re.compile(r'^[^\s<>()\[\]\\,;:"\x00-\x1f\x7f@]+$')
+ADDRESS = re.compile(r"^[^\s<>()\x00-\x1f\x7f@]+@[^\s<>()\x00-\x1f\x7f@]+\Z")
+LOCAL_NAME = re.compile(r'^[^\s<>()\[\]\\,;:"\x00-\x1f\x7f@]+\Z')
 # The characters the rules turn on, a few of each kind, and room for anything else.
 _TRICKY_TEXT = "aZ09.-_+@<>()[]\\,;:\"' \t\n\r\x0b\x0c\x00\x1c\x1f\x7f\x85\xa0\u1680\u2000\u2028\u3000\ufeffé\udc80"
 _TRICKY_BYTES = b"aZ09-:; \t\r\n\x00\x1f\x20\x21\x39\x3a\x3b\x7e\x7f\x80\xff"
@@ -338,6 +338,14 @@ def test_address_checks_are_the_patterns(text: str) -> None:
     assert envelope._is_address(text) is bool(ADDRESS.match(text))
     assert envelope._is_local_name(text) is bool(LOCAL_NAME.match(text))
     assert envelope.is_local_name(text) is bool(LOCAL_NAME.match(text))
+
+
+def test_an_address_ending_in_a_line_break_is_refused_it_would_end_the_envelope_header() -> None:
+    for address in ("a@b\n", "root\n", "a@b\r\n"):
+        with pytest.raises(MalformedMessage):
+            envelope.check_address(address, "recipient", local=True)
+    with pytest.raises(MalformedMessage):
+        envelope.with_envelope(b"Subject: x\n\nbody\n", "app@example.com", ["a@b\nInjected: yes"])
 
 
 def test_address_checks_take_each_kind_of_character_as_the_patterns_do() -> None:

@@ -28,7 +28,8 @@ ENVELOPE_TO = "X-Mailwatchd-Envelope-To"
 #   field name       rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:"
 #   address          r"^[^\s<>()\x00-\x1f\x7f@]+@[^\s<>()\x00-\x1f\x7f@]+$"
 #   local name       r'^[^\s<>()\[\]\\,;:"\x00-\x1f\x7f@]+$'
-# ("$" also matches before a final newline, and so do these.)
+# (Unlike those patterns, whose "$" also matched before a final newline, no line break passes: an
+# address ending in "\n" would end the header when written as an envelope field.)
 # An address we are willing to put in MAIL FROM / RCPT TO: no white space, controls or
 # angle brackets (they would let a header inject SMTP commands), one @ with both sides set.
 _NOT_IN_ADDRESS = frozenset("<>()@ \x7f" + "".join(map(chr, range(0x20))))
@@ -77,17 +78,13 @@ def _is_word(text: str, excluded: frozenset[str]) -> bool:
     return bool(text) and excluded.isdisjoint(text) and (text.isascii() or not any(ch.isspace() for ch in text))
 
 
-def _but_final_newline(text: str) -> str:
-    return text[:-1] if text.endswith("\n") else text
-
-
 def _is_address(text: str) -> bool:
-    local, at, domain = _but_final_newline(text).partition("@")
+    local, at, domain = text.partition("@")
     return bool(at) and _is_word(local, _NOT_IN_ADDRESS) and _is_word(domain, _NOT_IN_ADDRESS)
 
 
 def _is_local_name(text: str) -> bool:
-    return _is_word(_but_final_newline(text), _NOT_IN_LOCAL_NAME)
+    return _is_word(text, _NOT_IN_LOCAL_NAME)
 
 
 def split_header(raw: bytes) -> tuple[list[HeaderField], bytes]:
