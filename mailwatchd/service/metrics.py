@@ -1,8 +1,9 @@
 """Prometheus metrics: a node_exporter textfile (MAILWATCHD_METRICS_FILE) and an optional loopback
 HTTP endpoint (MAILWATCHD_METRICS_LISTEN), both from one private registry.
 
-Gauges and the deliveries counter are rebuilt from the health snapshot on every tick (at most
-5 s apart), so a reader sees one consistent picture and a relay removed by a reload disappears.
+Gauges and the deliveries counter are rebuilt from the health snapshot whenever one of its figures
+changed (checked every main-loop tick, at most 5 s apart) and at least every health.HEARTBEAT_S, so
+a reader sees one consistent picture and a relay removed by a reload disappears.
 The delivery-latency histogram is fed live by the workers, as an Observer of the counters.
 Labels name relays, endpoints (host:port/tls), causes, outcomes and probe steps: never a mail
 address, a credential or anything from a message.

@@ -19,7 +19,7 @@ from mailwatchd.service.statusfile import Status
 if TYPE_CHECKING:
     from mailwatchd.relays.diagnosis import CheckReport
 
-STALE_AFTER_S = 60.0  # the daemon rewrites its status at least every 5 s
+STALE_AFTER_S = 60.0  # the daemon rewrites its status at least every 25 s (health.HEARTBEAT_S + a tick)
 CERT_WARNING_DAYS = 14
 CERT_CRITICAL_DAYS = 3
 _PLAIN_LABEL = re.compile(r"[A-Za-z0-9_.:/-]+")

@@ -221,11 +221,13 @@ class Wire(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
-        buffer += data
-        start = 0
-        while (end := buffer.find(b"\n", start)) >= 0:
-            line = bytes(buffer[start:end]).rstrip(b"\r")
-            start = end + 1
+        if buffer:
+            buffer += data
+            data = bytes(buffer)
+            buffer.clear()
+        *lines, rest = data.split(b"\n")  # complete lines, then what follows the last line feed
+        for raw_line in lines:
+            line = raw_line.rstrip(b"\r")
             code, separator = line[:3], line[3:4]
             if (len(code) != 3 or not code.isdigit() or separator not in (b"", b" ", b"-")
                     or (self._lines and code != self._code)):
@@ -237,8 +239,12 @@ class Wire(asyncio.Protocol):
             if separator != b"-":
                 self._replies.append(Reply(int(code), "\n".join(self._lines)))
                 self._lines = []
-        del buffer[:start]
-        if len(buffer) + sum(map(len, self._lines)) > MAX_REPLY_BYTES:
+        if rest:
+            buffer += rest
+            if len(buffer) + sum(map(len, self._lines)) > MAX_REPLY_BYTES:
+                self._fail(MalformedReply("a reply of more than 64 KiB"))
+                return
+        elif self._lines and sum(map(len, self._lines)) > MAX_REPLY_BYTES:
             self._fail(MalformedReply("a reply of more than 64 KiB"))
             return
         self._wake()
