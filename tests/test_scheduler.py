@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -22,12 +23,19 @@ class Clock:
         return self.now
 
 
-def q(queue_id: str) -> WorkItem:
-    return WorkItem(queue_id, Location.QUEUE)
+def qid(name: str) -> str:
+    """A queue id for a short name; ids sort as the names do."""
+    assert len(name) <= 7
+    number = int.from_bytes(name.encode().ljust(7, b"\0"), "big")
+    return f"{number:014X}000000"
 
 
-def d(queue_id: str) -> WorkItem:
-    return WorkItem(queue_id, Location.DEFERRED)
+def q(name: str) -> WorkItem:
+    return WorkItem(qid(name), Location.QUEUE)
+
+
+def d(name: str) -> WorkItem:
+    return WorkItem(qid(name), Location.DEFERRED)
 
 
 def drain(scheduler: Scheduler) -> list[WorkItem]:
@@ -37,9 +45,9 @@ def drain(scheduler: Scheduler) -> list[WorkItem]:
     return items
 
 
-def test_ready_in_arrival_order() -> None:
+def test_ready_oldest_id_first() -> None:
     scheduler = Scheduler(Clock())
-    for name in ("a", "b", "c"):
+    for name in ("c", "a", "b"):
         scheduler.add_ready(q(name))
     assert (len(scheduler), scheduler.ready_count, scheduler.deferred_count) == (3, 3, 0)
     assert drain(scheduler) == [q("a"), q("b"), q("c")]
@@ -47,46 +55,53 @@ def test_ready_in_arrival_order() -> None:
     assert len(scheduler) == 0
 
 
-def test_front_insertion_and_release() -> None:
+def test_a_released_message_is_first_in_line_again() -> None:
     scheduler = Scheduler(Clock())
-    scheduler.add_ready(q("a"))
     scheduler.add_ready(q("b"))
-    scheduler.add_ready(q("urgent"), front=True)
+    scheduler.add_ready(q("a"), front=True)
     first = scheduler.take_nowait()
-    assert first == q("urgent")
+    assert first == q("a")
     scheduler.release(first)  # no relay could take it: first in line again
-    assert drain(scheduler) == [q("urgent"), q("a"), q("b")]
+    assert drain(scheduler) == [q("a"), q("b")]
 
 
-def test_an_id_is_held_once() -> None:
+def test_only_queue_ids_are_held() -> None:
+    scheduler = Scheduler(Clock())
+    with pytest.raises(ValueError, match="not a queue id"):
+        scheduler.add_ready(WorkItem("../etc/passwd", Location.QUEUE))
+    with pytest.raises(ValueError, match="not a queue id"):
+        scheduler.add_deferred(1.0, "0123456789abcdef0123")  # lower case: not an id the spool makes
+    assert len(scheduler) == 0 and not scheduler.knows("a")
+
+
+def test_an_id_is_in_one_workers_hands_at_a_time() -> None:
     clock = Clock()
     scheduler = Scheduler(clock)
     scheduler.add_ready(q("a"))
     scheduler.add_ready(q("a"))
     scheduler.add_ready(d("a"), front=True)
-    assert scheduler.ready_count == 1 and scheduler.knows("a")
-    item = scheduler.take_nowait()
-    assert item == q("a")
-    # Taken: still held, so neither a rescan nor a deferral can queue it twice.
+    assert scheduler.knows(qid("a"))
+    assert drain(scheduler) == [q("a")]  # listed three times, handed out once
+    # Taken: neither a rescan nor a deferral lists it again while the worker has it.
     scheduler.add_ready(q("a"))
-    scheduler.add_deferred(0.0, "a")
-    assert scheduler.knows("a") and len(scheduler) == 0
+    scheduler.add_deferred(0.0, qid("a"))
+    assert scheduler.knows(qid("a")) and len(scheduler) == 0
     assert scheduler.take_nowait() is None
-    scheduler.done("a")
-    assert not scheduler.knows("a")
-    scheduler.add_deferred(clock.now, "a")
-    assert scheduler.knows("a") and scheduler.deferred_count == 1
+    scheduler.done(qid("a"))
+    assert not scheduler.knows(qid("a"))
+    scheduler.add_deferred(clock.now, qid("a"))
+    assert scheduler.knows(qid("a")) and scheduler.deferred_count == 1
     assert drain(scheduler) == [d("a")]
-    scheduler.done("a")
-    scheduler.done("a")  # harmless twice
-    assert not scheduler.knows("a")
+    scheduler.done(qid("a"))
+    scheduler.done(qid("a"))  # harmless twice
+    assert not scheduler.knows(qid("a"))
 
 
 def test_deferred_promotion_by_the_injected_clock() -> None:
     clock = Clock(100.0)
     scheduler = Scheduler(clock)
-    scheduler.add_deferred(110.0, "late")
-    scheduler.add_deferred(105.0, "soon")
+    scheduler.add_deferred(110.0, qid("late"))
+    scheduler.add_deferred(105.0, qid("soon"))
     scheduler.add_ready(q("now"))
     assert (scheduler.ready_count, scheduler.deferred_count, len(scheduler)) == (1, 2, 3)
     assert drain(scheduler) == [q("now")]
@@ -103,91 +118,113 @@ def test_due_ties_come_out_by_id() -> None:
     clock = Clock(0.0)
     scheduler = Scheduler(clock)
     for name in ("c", "a", "b"):
-        scheduler.add_deferred(5.0, name)
+        scheduler.add_deferred(5.0, qid(name))
     clock.now = 5.0
     assert drain(scheduler) == [d("a"), d("b"), d("c")]
 
 
-def test_add_ready_takes_a_message_off_the_heap() -> None:
+def test_a_stale_due_listing_of_a_taken_message_is_dropped() -> None:
+    """A deferred message an operator requeued is claimed again while its due listing stays on the heap."""
     clock = Clock(0.0)
     scheduler = Scheduler(clock)
-    scheduler.add_deferred(50.0, "a")
+    scheduler.add_deferred(50.0, qid("a"))
     scheduler.add_ready(q("a"))
-    assert (scheduler.ready_count, scheduler.deferred_count) == (1, 0)
+    assert (scheduler.ready_count, scheduler.deferred_count) == (1, 1)
     assert drain(scheduler) == [q("a")]
     clock.now = 100.0
-    assert scheduler.take_nowait() is None  # the heap entry went stale
-    scheduler.done("a")
+    assert scheduler.take_nowait() is None  # due while a worker has it: dropped
+    assert len(scheduler) == 0
+    scheduler.done(qid("a"))
     assert scheduler.take_nowait() is None
 
 
 def test_a_retry_of_a_message_that_never_moved_is_taken_from_where_it_is() -> None:
     """A worker that could not write the spool retries the message in queue/, not in deferred/."""
     scheduler = Scheduler(clock=lambda: 100.0)
-    scheduler.add_deferred(50.0, "A", Location.QUEUE)
-    scheduler.add_deferred(60.0, "B")
-    assert scheduler.take_nowait() == WorkItem("A", Location.QUEUE)
-    assert scheduler.take_nowait() == WorkItem("B", Location.DEFERRED)
-    scheduler.done("A")
-    scheduler.add_deferred(70.0, "A")  # later it did move to deferred/
-    assert scheduler.take_nowait() == WorkItem("A", Location.DEFERRED)
+    scheduler.add_deferred(50.0, qid("A"), Location.QUEUE)
+    scheduler.add_deferred(60.0, qid("B"))
+    assert scheduler.take_nowait() == q("A")
+    assert scheduler.take_nowait() == d("B")
+    scheduler.done(qid("A"))
+    scheduler.add_deferred(70.0, qid("A"))  # later it did move to deferred/
+    assert scheduler.take_nowait() == d("A")
 
 
 def test_flush_makes_every_deferred_message_due() -> None:
     clock = Clock(0.0)
     scheduler = Scheduler(clock)
-    scheduler.add_deferred(2000.0, "b")
-    scheduler.add_deferred(1000.0, "a")
+    scheduler.add_deferred(2000.0, qid("b"))
+    scheduler.add_deferred(1000.0, qid("a"))
     assert scheduler.take_nowait() is None
     assert scheduler.flush() == 2
+    assert (scheduler.ready_count, scheduler.deferred_count) == (2, 0)
     assert drain(scheduler) == [d("a"), d("b")]
     clock.now = 5000.0
-    assert scheduler.take_nowait() is None  # the old entries are stale, not due twice
+    assert scheduler.take_nowait() is None  # not due twice
     assert scheduler.flush() == 0
 
 
-def test_stale_entries_after_re_deferral() -> None:
+def test_a_second_listing_costs_at_most_one_more_attempt() -> None:
     clock = Clock(0.0)
     scheduler = Scheduler(clock)
-    scheduler.add_deferred(10.0, "a")
-    scheduler.add_deferred(50.0, "a")  # later
-    scheduler.add_deferred(30.0, "b")
-    scheduler.add_deferred(5.0, "b")  # earlier
-    assert scheduler.deferred_count == 2
-    clock.now = 5.0
-    assert drain(scheduler) == [d("b")]
-    clock.now = 20.0
-    assert scheduler.take_nowait() is None  # a's 10.0 entry is stale
-    clock.now = 40.0
-    assert scheduler.take_nowait() is None  # b's 30.0 entry is stale (b is taken)
-    scheduler.done("b")
-    clock.now = 50.0
+    scheduler.add_deferred(10.0, qid("a"))
+    scheduler.add_deferred(50.0, qid("a"))  # listed again, later
+    clock.now = 10.0
     assert drain(scheduler) == [d("a")]
-    scheduler.done("a")
-    scheduler.add_deferred(60.0, "a")
-    scheduler.add_deferred(60.0, "a")  # the same time twice
+    clock.now = 60.0
+    assert scheduler.take_nowait() is None  # the later listing came due while a worker had it
+    scheduler.done(qid("a"))
+    scheduler.add_deferred(70.0, qid("a"))
+    scheduler.add_deferred(70.0, qid("a"))  # the same time twice
     clock.now = 100.0
     assert drain(scheduler) == [d("a")]
+    assert len(scheduler) == 0
 
 
 @given(st.lists(st.tuples(st.sampled_from("abcdefgh"), st.integers(0, 20)), max_size=40))
-def test_each_deferred_id_comes_out_once_at_its_last_due_time(deferrals: list[tuple[str, int]]) -> None:
+def test_each_deferred_id_comes_out_once_at_its_earliest_due_time(deferrals: list[tuple[str, int]]) -> None:
+    """While no worker lets go of a message (no done()), a message listed several times comes out once."""
     clock = Clock(-1.0)
     scheduler = Scheduler(clock)
-    last: dict[str, float] = {}
+    first: dict[str, float] = {}
     for name, due in deferrals:
-        scheduler.add_deferred(float(due), name)
-        last[name] = float(due)
-    assert scheduler.deferred_count == len(last)
+        scheduler.add_deferred(float(due), qid(name))
+        first[name] = min(first.get(name, float(due)), float(due))
+    assert scheduler.deferred_count == len(deferrals)
     out: list[tuple[float, str]] = []
     for now in range(-1, 22):
         clock.now = float(now)
         for item in drain(scheduler):
             assert item.location is Location.DEFERRED
-            assert last[item.queue_id] <= now
             out.append((float(now), item.queue_id))
-    assert out == sorted((due, name) for name, due in last.items())
+    assert out == sorted((due, qid(name)) for name, due in first.items())
     assert len(scheduler) == 0
+
+
+def test_oldest_id_among_ready_deferred_and_taken() -> None:
+    clock = Clock(0.0)
+    scheduler = Scheduler(clock)
+    assert scheduler.oldest_id() is None
+    scheduler.add_ready(q("m"))
+    assert scheduler.oldest_id() == qid("m")
+    scheduler.add_deferred(10.0, qid("d"))
+    scheduler.add_deferred(20.0, qid("b"))
+    scheduler.add_deferred(30.0, qid("c"))
+    assert scheduler.oldest_id() == qid("b")
+    clock.now = 20.0
+    assert drain(scheduler) == [d("b"), d("d"), q("m")]  # taken: still the oldest known
+    assert scheduler.oldest_id() == qid("b")
+    scheduler.done(qid("b"))  # delivered
+    assert scheduler.oldest_id() == qid("c")  # c is still deferred: found on the heap again
+    scheduler.add_ready(q("a"))
+    assert scheduler.oldest_id() == qid("a")
+    scheduler.flush()
+    for name in ("a", "c", "d", "m"):
+        scheduler.done(qid(name))
+    assert drain(scheduler) == [q("a"), d("c")]
+    for name in ("a", "c"):
+        scheduler.done(qid(name))
+    assert scheduler.oldest_id() is None
 
 
 # -- take(): waiting without a tick ---------------------------------------------------------------
@@ -196,7 +233,7 @@ def test_each_deferred_id_comes_out_once_at_its_last_due_time(deferrals: list[tu
 def test_take_returns_none_at_the_deadline() -> None:
     async def scenario() -> tuple[WorkItem | None, float]:
         scheduler = Scheduler(Clock())
-        scheduler.add_deferred(1e12, "far")
+        scheduler.add_deferred(1e12, qid("far"))
         started = time.monotonic()
         item = await scheduler.take(timeout=0.2)
         return item, time.monotonic() - started
@@ -219,7 +256,7 @@ def test_take_with_zero_timeout() -> None:
 def test_take_wakes_at_once_on_add_ready_from_another_task() -> None:
     async def scenario() -> tuple[WorkItem | None, float]:
         scheduler = Scheduler(Clock())
-        scheduler.add_deferred(1e12, "far")  # a due time far away must not delay the wake-up
+        scheduler.add_deferred(1e12, qid("far"))  # a due time far away must not delay the wake-up
         taker = asyncio.create_task(scheduler.take(timeout=30))
         await asyncio.sleep(0)  # let the taker start waiting
         assert not taker.done()
@@ -241,7 +278,7 @@ def test_take_waits_for_a_due_time_on_the_clock() -> None:
     async def scenario() -> tuple[WorkItem | None, float]:
         scheduler = Scheduler()  # the real clock
         started = time.monotonic()
-        scheduler.add_deferred(time.time() + 0.15, "retry")
+        scheduler.add_deferred(time.time() + 0.15, qid("retry"))
         item = await scheduler.take(timeout=10)
         return item, time.monotonic() - started
 
@@ -253,11 +290,11 @@ def test_take_waits_for_a_due_time_on_the_clock() -> None:
 def test_take_wakes_for_an_earlier_deferral_added_while_waiting() -> None:
     async def scenario() -> tuple[WorkItem | None, float]:
         scheduler = Scheduler()
-        scheduler.add_deferred(time.time() + 3600, "later")
+        scheduler.add_deferred(time.time() + 3600, qid("later"))
         taker = asyncio.create_task(scheduler.take(timeout=10))
         await asyncio.sleep(0)
         started = time.monotonic()
-        scheduler.add_deferred(time.time() + 0.05, "sooner")
+        scheduler.add_deferred(time.time() + 0.05, qid("sooner"))
         item = await taker
         return item, time.monotonic() - started
 
@@ -276,7 +313,7 @@ def test_several_takers_each_get_one_item() -> None:
         return list(await asyncio.gather(*takers))
 
     results = asyncio.run(scenario())
-    assert sorted(item.queue_id for item in results if item is not None) == ["a", "b", "c"]
+    assert sorted(item.queue_id for item in results if item is not None) == [qid("a"), qid("b"), qid("c")]
 
 
 def test_wake_lets_a_taker_look_again_without_inventing_work() -> None:

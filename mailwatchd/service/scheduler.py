@@ -1,7 +1,20 @@
-"""What is due: messages ready now, and deferred ones on a heap ordered by next-attempt time.
+"""What is due: messages ready now (oldest queue id first), and deferred ones on a heap ordered by
+next-attempt time.
 
 Nothing here touches the disk. The daemon feeds it from intake and recovery, and workers
 take from it; a worker waits on one event (new work, a due retry, a stop), never a tick.
+
+A message costs one int on one heap (about 50 bytes): a queue id is 20 hex digits (queueid.py), held
+as the 80-bit number it spells, with its directory in two more bits and, on the due heap, the due
+time in milliseconds above them. Ids sort by creation time, so the ready heap hands out the oldest
+message first and its top is the oldest ready message.
+
+There is no index by id (it would triple the memory), so an id can be listed twice: after an
+operator's `requeue` of a deferred message, or a second add of the same id. That is made safe where
+it is taken: an id is in one worker's hands at most once (a taken id is not listed again, and a
+listing of a taken id is dropped when it comes up), and two listings of one id that are ready
+together are handed out once. A stale listing that comes up later costs one attempt, which finds the
+message gone (delivered) or tries it early.
 """
 
 from __future__ import annotations
@@ -9,15 +22,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import math
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mailwatchd.spool.queueid import is_queue_id
 from mailwatchd.spool.store import Location
 
+_LOCATIONS = (Location.QUEUE, Location.DEFERRED, Location.FAILED)  # a listing's directory, by its code
+_CODE = {location: code for code, location in enumerate(_LOCATIONS)}
+_WHERE_BITS = 2
+_DUE_SHIFT = 80 + _WHERE_BITS  # a due heap entry: due ms << _DUE_SHIFT | id << _WHERE_BITS | directory
+_LISTING_MASK = (1 << _DUE_SHIFT) - 1
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, slots=True)
 class WorkItem:
     """A message to attempt now, and the directory it is in."""
 
@@ -25,21 +45,34 @@ class WorkItem:
     location: Location
 
 
+def _key(queue_id: str) -> int:
+    if not is_queue_id(queue_id):
+        raise ValueError(f"not a queue id: {queue_id!r}")
+    return int(queue_id, 16)
+
+
+def _listing(queue_id: str, location: Location) -> int:
+    return _key(queue_id) << _WHERE_BITS | _CODE[location]
+
+
+def _item(listing: int) -> WorkItem:
+    return WorkItem(f"{listing >> _WHERE_BITS:020X}", _LOCATIONS[listing & 3])
+
+
 class Scheduler:
-    """Ready queue plus due heap. Each queue id is held at most once (ready, due or taken)."""
+    """Ready heap (oldest id first) plus due heap (earliest due first), and the ids in workers' hands."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        self._ready: deque[WorkItem] = deque()
-        self._due: list[tuple[float, str]] = []
-        self._due_at: dict[str, float] = {}  # queue id → its live heap entry (lazy deletion)
-        self._not_deferred: dict[str, Location] = {}  # a retry of a message that never left that directory
-        self._held: set[str] = set()  # ids ready or taken
+        self._ready: list[int] = []  # heap of listings: id << 2 | directory
+        self._due: list[int] = []  # heap of due ms << _DUE_SHIFT | listing
+        self._taken: set[int] = set()  # ids in a worker's hands
+        self._oldest_due: int | None = None  # the smallest id on the due heap; None: work it out when asked
         self._wake = asyncio.Event()
         self.closed = False
 
     def __len__(self) -> int:
-        return len(self._ready) + len(self._due_at)
+        return len(self._ready) + len(self._due)
 
     @property
     def ready_count(self) -> int:
@@ -47,81 +80,116 @@ class Scheduler:
 
     @property
     def deferred_count(self) -> int:
-        return len(self._due_at)
+        return len(self._due)
 
     def knows(self, queue_id: str) -> bool:
-        return queue_id in self._held or queue_id in self._due_at
+        """Whether the id is ready, deferred or taken. A scan (O(n)): for tests and diagnostics."""
+        if not is_queue_id(queue_id):
+            return False
+        key = int(queue_id, 16)
+        return (key in self._taken or any(listing >> _WHERE_BITS == key for listing in self._ready)
+                or any((entry & _LISTING_MASK) >> _WHERE_BITS == key for entry in self._due))
+
+    def oldest_id(self) -> str | None:
+        """The smallest (oldest) queue id ready, deferred or taken; None when there is none.
+
+        O(1) but after the oldest deferred message came due, when the due heap is scanned once."""
+        candidates = [min(self._taken)] if self._taken else []
+        if self._ready:
+            candidates.append(self._ready[0] >> _WHERE_BITS)
+        if self._due:
+            if self._oldest_due is None:
+                self._oldest_due = min(entry & _LISTING_MASK for entry in self._due) >> _WHERE_BITS
+            candidates.append(self._oldest_due)
+        return f"{min(candidates):020X}" if candidates else None
 
     def add_ready(self, item: WorkItem, *, front: bool = False) -> None:
-        """Make a message ready now (a due entry for it is dropped)."""
-        if item.queue_id in self._held:
+        """Make a message ready now (ignored while a worker has it: its attempt settles it).
+
+        `front` is kept for callers: the oldest message goes first, so a message given back is first
+        in line again unless an older one came meanwhile."""
+        listing = _listing(item.queue_id, item.location)
+        if listing >> _WHERE_BITS in self._taken:
             return
-        self._due_at.pop(item.queue_id, None)
-        self._held.add(item.queue_id)
-        if front:
-            self._ready.appendleft(item)
-        else:
-            self._ready.append(item)
+        heapq.heappush(self._ready, listing)
         self._wake.set()
 
     def add_deferred(self, due: float, queue_id: str, location: Location = Location.DEFERRED) -> None:
         """Schedule a message for `due` (epoch seconds); it is in deferred/ unless `location` says otherwise."""
-        if queue_id in self._held:
+        listing = _listing(queue_id, location)
+        key = listing >> _WHERE_BITS
+        if key in self._taken:
             return
-        if location is Location.DEFERRED:
-            self._not_deferred.pop(queue_id, None)
-        else:
-            self._not_deferred[queue_id] = location
-        self._due_at[queue_id] = due
-        heapq.heappush(self._due, (due, queue_id))
+        heapq.heappush(self._due, math.ceil(due * 1000) << _DUE_SHIFT | listing)
+        if len(self._due) == 1 or (self._oldest_due is not None and key < self._oldest_due):
+            self._oldest_due = key
         self._wake.set()
 
     def done(self, queue_id: str) -> None:
         """A taken message left the worker's hands (delivered, deferred, failed or returned)."""
-        self._held.discard(queue_id)
+        self._taken.discard(_key(queue_id))
 
     def release(self, item: WorkItem) -> None:
-        """Give a taken message back, first in line (no relay could take it now)."""
-        self._held.discard(item.queue_id)
+        """Give a taken message back (no relay could take it now)."""
+        self._taken.discard(_key(item.queue_id))
         self.add_ready(item, front=True)
 
     def flush(self) -> int:
-        """Make every deferred message due now; returns how many."""
-        count = 0
-        for queue_id in list(self._due_at):
-            self._due_at[queue_id] = 0.0
-            heapq.heappush(self._due, (0.0, queue_id))
-            count += 1
+        """Make every deferred message ready now; returns how many listings moved."""
+        due, self._due, self._oldest_due = self._due, [], None
+        for entry in due:
+            listing = entry & _LISTING_MASK
+            if listing >> _WHERE_BITS not in self._taken:
+                self._ready.append(listing)
+        heapq.heapify(self._ready)
         self._wake.set()
-        return count
+        return len(due)
 
     def _promote_due(self) -> float | None:
-        """Move due messages to the ready queue; return the next due time, if any."""
-        now = self._clock()
-        while self._due:
-            due, queue_id = self._due[0]
-            if self._due_at.get(queue_id) != due:
-                heapq.heappop(self._due)  # stale entry
+        """Move due messages to the ready heap; return the next due time, if any."""
+        due = self._due
+        if not due:
+            return None
+        now_ms = self._clock() * 1000
+        while due:
+            entry = due[0]
+            at = entry >> _DUE_SHIFT
+            if at > now_ms:
+                return at / 1000
+            heapq.heappop(due)
+            listing = entry & _LISTING_MASK
+            key = listing >> _WHERE_BITS
+            if key == self._oldest_due:
+                self._oldest_due = None
+            if key not in self._taken:
+                heapq.heappush(self._ready, listing)
+        return None
+
+    def _pop_ready(self) -> WorkItem | None:
+        ready, taken = self._ready, self._taken
+        while ready:
+            listing = heapq.heappop(ready)
+            key = listing >> _WHERE_BITS
+            while ready and ready[0] >> _WHERE_BITS == key:
+                heapq.heappop(ready)  # listed twice: handed out once
+            if key in taken:
                 continue
-            if due > now:
-                return due
-            heapq.heappop(self._due)
-            del self._due_at[queue_id]
-            self._held.add(queue_id)
-            self._ready.append(WorkItem(queue_id, self._not_deferred.pop(queue_id, Location.DEFERRED)))
+            taken.add(key)
+            return _item(listing)
         return None
 
     def take_nowait(self) -> WorkItem | None:
         self._promote_due()
-        return self._ready.popleft() if self._ready else None
+        return self._pop_ready()
 
     async def take(self, timeout: float | None = None) -> WorkItem | None:
         """The next ready message, waiting up to `timeout` seconds (None if none came)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.closed:
             next_due = self._promote_due()
-            if self._ready:
-                return self._ready.popleft()
+            item = self._pop_ready()
+            if item is not None:
+                return item
             wait = None if next_due is None else max(0.0, next_due - self._clock())
             if deadline is not None:
                 remaining = deadline - time.monotonic()

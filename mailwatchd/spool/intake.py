@@ -32,6 +32,7 @@ PENDING_RETRY_S = 0.02
 if getattr(inotify_simple, "_libc", None) is None:
     inotify_simple._libc = ctypes.CDLL(None, use_errno=True)
 PENDING_TRIES = 250  # then the periodic rescan takes over
+CLAIM_BATCH = 256  # drops claimed between two turns of the event loop while a backlog in new/ is taken
 
 
 class Intake:
@@ -59,7 +60,8 @@ class Intake:
         self._inotify = INotify()
         self._inotify.add_watch(str(self.spool.new), WATCH_MASK)
         loop.add_reader(self._inotify.fileno(), self._on_events)
-        self.rescan()  # after the watch is set, so nothing falls between the two
+        # The first scan runs after the watch is set, so nothing falls between the two; in batches, so a large
+        # new/ neither stalls the event loop nor is held in memory as a list.
         self._rescan_task = asyncio.create_task(self._rescan_forever(), name="rescan")
 
     def stop(self) -> None:
@@ -85,9 +87,10 @@ class Intake:
             self.rescan()
 
     async def _rescan_forever(self) -> None:
+        await self.claim_waiting()
         while True:
             await asyncio.sleep(self.live.settings.rescan_interval)
-            self.rescan()
+            await self.claim_waiting()
             removed = self.spool.clean_tmp()
             if removed:
                 log.info("tmp_cleaned", removed=removed)
@@ -101,6 +104,18 @@ class Intake:
         if self.paused:
             return 0
         return sum(1 for name in self.spool.drops() if self.claim(name))
+
+    async def claim_waiting(self) -> int:
+        """Claim everything waiting in new/ as one directory scan lists it, CLAIM_BATCH per turn of the event
+        loop; returns how many were claimed."""
+        claimed = 0
+        for seen, name in enumerate(self.spool.waiting(), 1):
+            if self.paused or self.stop_requested.is_set():
+                break
+            claimed += self.claim(name)
+            if seen % CLAIM_BATCH == 0:
+                await asyncio.sleep(0)
+        return claimed
 
     def claim(self, name: str, tries: int = 0) -> bool:
         if self.stop_requested.is_set() or self.paused:

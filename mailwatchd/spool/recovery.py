@@ -2,6 +2,13 @@
 
 Every state change writes meta/<id>.json before the file moves (see store.py), so the meta
 file says where an interrupted message was going; recovery completes that move.
+
+Each directory is scanned once and no state is read twice. A settled file in deferred/ or failed/
+(store.py) is where its state says, and a deferred one's mtime is its next attempt, so its state is not
+read; a file in queue/ has its state read only when it has one (a claimed message has none before its
+first attempt); every other file has its state read as always, and is settled once it is where its
+state says. The directories are scanned against the direction messages move (failed/, deferred/,
+then queue/), so a message recovery moves is not met again.
 """
 
 from __future__ import annotations
@@ -9,61 +16,191 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mailwatchd.spool.messagestate import State
-from mailwatchd.spool.store import LOCATION_OF, TMP_PREFIX, Location, Spool, scandir
+from mailwatchd.spool.queueid import is_queue_id
+from mailwatchd.spool.store import (
+    LOCATION_OF,
+    TMP_PREFIX,
+    Location,
+    Spool,
+    is_entry_name,
+    scandir,
+    settled_time,
+)
+
+Ready = Callable[[str], None]
+Deferred = Callable[[float, str], None]
+PROGRESS_EVERY = 10_000  # entries between two calls of recover()'s `progress`
+_SCAN_ORDER = (Location.FAILED, Location.DEFERRED, Location.QUEUE)
+_PLACES = (Location.DEFERRED, Location.FAILED, Location.QUEUE)  # where a meta file's message is looked for
+# Up to this many meta files are listed into memory first (a few MiB at most): then a file with no state costs no
+# system call, nor does a meta file whose message recovery met. Beyond it, each is looked up on disk.
+META_NAMES_LIMIT = 20_000
 
 
 @dataclass
 class Recovery:
-    """What start-up found: messages ready now, deferred ones with their due time."""
+    """What start-up found: messages ready now, deferred ones with their due time (both sorted by id
+    and time, unless recover() handed them out as it went), and what else it did and saw."""
 
     ready: list[str] = field(default_factory=list)
     deferred: list[tuple[float, str]] = field(default_factory=list)
     completed_moves: int = 0
     orphans_removed: int = 0
+    ready_count: int = 0
+    deferred_count: int = 0
+    failed: int = 0  # entries in failed/ afterwards
+    strays: list[str] = field(default_factory=list)  # names in queue/ or deferred/ that are no queue id: left alone
 
 
-def recover(spool: Spool, now: float | None = None) -> Recovery:
-    """Finish moves a crash interrupted and list what is ready and what is deferred."""
+def recover(spool: Spool, now: float | None = None, *, ready: Ready | None = None,
+            deferred: Deferred | None = None, progress: Callable[[int], None] | None = None) -> Recovery:
+    """Finish moves a crash interrupted and list what is ready and what is deferred.
+
+    With `ready` and `deferred`, each message is handed to them as it is found (the daemon feeds its
+    scheduler so, holding no list of a large spool) and the lists stay empty. `progress` is called with
+    the number of entries seen so far every PROGRESS_EVERY entries."""
     now = time.time() if now is None else now
     recovery = Recovery()
-    for directory in (spool.meta, *(spool.dir(loc) for loc in Location)):
-        for entry in scandir(directory):
-            if entry.name.startswith(TMP_PREFIX):
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
-    present: set[str] = set(spool.drops())  # a requeued message keeps its history in new/
-    # Listed before any move, so a message moved to a later directory is not seen twice.
-    listed = {location: spool.names(location) for location in Location}
-    for location, names in listed.items():
-        for name in names:
-            present.add(name)
-            state = spool.load_state(name)
-            wanted = LOCATION_OF[state.state] if state else location
-            if state is not None and state.state is State.QUEUED and location is not Location.QUEUE:
-                # An interrupted `requeue`: it was on its way back to new/.
-                with contextlib.suppress(FileExistsError):  # new/<id> taken: leave it be
-                    if spool.move(spool.dir(location) / name, spool.new / name):
-                        recovery.completed_moves += 1
+    collect = ready is None and deferred is None
+    on_ready = recovery.ready.append if ready is None else ready
+    on_deferred: Deferred = (lambda due, name: recovery.deferred.append((due, name))) if deferred is None \
+        else deferred
+
+    def found_ready(name: str) -> None:
+        if is_queue_id(name):
+            recovery.ready_count += 1
+            on_ready(name)
+        else:
+            recovery.strays.append(name)
+
+    def found_deferred(due: float, name: str) -> None:
+        if is_queue_id(name):
+            recovery.deferred_count += 1
+            on_deferred(due, name)
+        else:
+            recovery.strays.append(name)
+
+    metas = _meta_names(spool)
+    seen = 0
+    for location in _SCAN_ORDER:
+        for entry in scandir(spool.dir(location)):
+            seen += 1
+            if progress is not None and seen % PROGRESS_EVERY == 0:
+                progress(seen)
+            name = entry.name
+            if name.startswith("."):
+                if name.startswith(TMP_PREFIX):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
                 continue
-            where = location
-            if wanted is not location and not os.path.lexists(spool.dir(wanted) / name):
-                spool.move(spool.dir(location) / name, spool.dir(wanted) / name)
-                recovery.completed_moves += 1
-                where = wanted
-            if where is Location.QUEUE:
-                recovery.ready.append(name)
-            elif where is Location.DEFERRED:
-                due = state.next_attempt_at if state and state.next_attempt_at is not None else now
-                recovery.deferred.append((due, name))
+            if metas is not None:
+                if name not in metas:
+                    _recover_stateless(location, name, now, recovery, found_ready, found_deferred)
+                    continue
+                metas.discard(name)
+            if location is not Location.QUEUE:
+                try:
+                    when = settled_time(entry.stat(follow_symlinks=False).st_mtime_ns)
+                except OSError:
+                    when = None
+                if when is not None:  # where its state says: nothing to read
+                    if location is Location.DEFERRED:
+                        found_deferred(when, name)
+                    else:
+                        recovery.failed += 1
+                    continue
+            _recover_one(spool, location, name, now, recovery, found_ready, found_deferred)
+    _remove_orphans(spool, recovery, metas)
+    if collect:
+        recovery.ready.sort()
+        recovery.deferred.sort()
+    return recovery
+
+
+def _meta_names(spool: Spool) -> set[str] | None:
+    """The ids meta/ holds a state for, removing temporaries; None when there are more than META_NAMES_LIMIT."""
+    names: set[str] = set()
     for entry in scandir(spool.meta):
-        queue_id = entry.name.removesuffix(".json")
-        if entry.name.endswith(".json") and queue_id not in present:
+        name = entry.name
+        if name.startswith(TMP_PREFIX):
             with contextlib.suppress(OSError):
                 os.unlink(entry.path)
+        elif name.endswith(".json"):
+            names.add(name.removesuffix(".json"))
+            if len(names) > META_NAMES_LIMIT:
+                return None
+    return names
+
+
+def _recover_stateless(location: Location, name: str, now: float, recovery: Recovery, found_ready: Ready,
+                       found_deferred: Deferred) -> None:
+    """A message with no state is where it is: ready in queue/, due now in deferred/."""
+    if location is Location.QUEUE:
+        found_ready(name)
+    elif location is Location.DEFERRED:
+        found_deferred(now, name)
+    else:
+        recovery.failed += 1
+
+
+def _recover_one(spool: Spool, location: Location, name: str, now: float, recovery: Recovery,
+                 found_ready: Ready, found_deferred: Deferred) -> None:
+    """Read one message's state and finish the move it names, if one was interrupted."""
+    state = spool.load_state(name)
+    wanted = LOCATION_OF[state.state] if state else location
+    if state is not None and state.state is State.QUEUED and location is not Location.QUEUE:
+        # An interrupted `requeue`: it was on its way back to new/.
+        with contextlib.suppress(FileExistsError):  # new/<id> taken: leave it be
+            if spool.move(spool.dir(location) / name, spool.new / name):
+                recovery.completed_moves += 1
+                return
+        recovery.failed += location is Location.FAILED
+        return
+    where = location
+    if wanted is not location and not os.path.lexists(spool.dir(wanted) / name):
+        spool.move(spool.dir(location) / name, spool.dir(wanted) / name)
+        recovery.completed_moves += 1
+        where = wanted
+    if where is Location.QUEUE:
+        found_ready(name)
+    elif where is Location.DEFERRED:
+        due = state.next_attempt_at if state and state.next_attempt_at is not None else now
+        found_deferred(due, name)
+        if state is not None and state.state is State.DEFERRED:
+            spool.settled(name, where, due)  # the next start reads no state for it
+    else:
+        recovery.failed += 1
+        if state is not None and state.state is State.FAILED:
+            spool.settled(name, where, now)
+
+
+def _remove_orphans(spool: Spool, recovery: Recovery, unmet: set[str] | None) -> None:
+    """Remove meta files whose message is nowhere (and temporaries left in meta/). `unmet`: the ids with a meta
+    file whose message recovery did not meet (they may be in new/), or None to look at every meta file."""
+    places = [str(spool.dir(location)) for location in _PLACES] + [str(spool.new)]
+    if unmet is not None:
+        for queue_id in unmet:
+            if is_entry_name(queue_id) and any(os.path.lexists(f"{place}/{queue_id}") for place in places):
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(f"{spool.meta}/{queue_id}.json")
                 recovery.orphans_removed += 1
-    recovery.ready.sort()
-    recovery.deferred.sort()
-    return recovery
+        return
+    for entry in scandir(spool.meta):
+        name = entry.name
+        if name.startswith(TMP_PREFIX):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+            continue
+        if not name.endswith(".json"):
+            continue
+        queue_id = name.removesuffix(".json")
+        if is_entry_name(queue_id) and any(os.path.lexists(f"{place}/{queue_id}") for place in places):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(entry.path)
+            recovery.orphans_removed += 1

@@ -15,6 +15,10 @@ Invariants:
   it names where the message is going, so recovery can finish an interrupted move.
 - A message file is unlinked only after the relay accepted it (the reply after DATA).
 - Entries in new/ are untrusted: never followed through a symlink, never opened blocking.
+- A file in deferred/ or failed/ may be "settled" (see SETTLED_NS): its mtime, set after its state
+  was written and it reached that directory, carries a mark (and in deferred/ its next attempt's
+  time), so start-up knows it without reading meta/. write_state unsettles the message's file
+  first: a crash before the file is settled again leaves a file whose state recovery reads.
 - Operator commands (requeue, delete, ack) may run while the daemon runs. A message moves
   forward only (new → queue → deferred → failed) except by `requeue` (back to new/, its state
   written first as "queued"), so a command looking in that order finds a message the daemon
@@ -29,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import math
 import os
 import shutil
 import stat
@@ -47,6 +52,10 @@ STALE_TMP_SECONDS = 36 * 3600  # the Maildir convention for abandoned tmp/ files
 TMP_PREFIX = ".tmp-"
 ACKNOWLEDGED = ".acknowledged"  # in failed/: a dot name, so never taken for a message
 NEW = "new"  # what a message in the drop is called where a Location is named
+# A settled file's mtime ends in these nanoseconds (modulo one millisecond); in deferred/ the rest is the next
+# attempt's time, to the millisecond, rounded down. A file system without sub-millisecond times keeps no mark, and
+# then recovery reads every state, as it would for a file the daemon has not settled.
+SETTLED_NS = 271_828
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _SYMLINK = "is a symbolic link"
 
@@ -113,6 +122,13 @@ class Requeue(StrEnum):
 
     REQUEUED = "requeued"
     ALREADY_WAITING = "already waiting"  # in new/ or queue/: nothing to do
+
+
+def settled_time(mtime_ns: int) -> float | None:
+    """The time a settled file's mtime carries (in deferred/: its next attempt), or None if it is not settled."""
+    if mtime_ns % 1_000_000 != SETTLED_NS:
+        return None
+    return (mtime_ns - SETTLED_NS) // 1_000_000 / 1000
 
 
 def is_entry_name(name: str) -> bool:
@@ -198,6 +214,12 @@ class Spool:
             return sorted(name for name in os.listdir(self.new) if not name.startswith("."))
         except FileNotFoundError:
             return []
+
+    def waiting(self) -> Iterator[str]:
+        """Names in new/ as one directory scan meets them (no order, no list held)."""
+        for entry in scandir(self.new):
+            if not entry.name.startswith("."):
+                yield entry.name
 
     def _fresh_id(self, preferred: str | None = None) -> str:
         # A submitter's name is kept only if it is id-shaped and free: a drop must never be
@@ -294,17 +316,22 @@ class Spool:
                 raise RefusedSpoolEntry(refusal(_SYMLINK)) from None
             raise
         try:
-            reason = self._refusal(os.fstat(fd))
+            st = os.fstat(fd)
+            reason = self._refusal(st)
             if reason is not None:
                 raise RefusedSpoolEntry(reason)
             chunks = []
             remaining = self.max_message_size + 1
             while remaining > 0:
-                chunk = os.read(fd, min(remaining, 1 << 20))
+                # More than fstat saw: a first read that returns exactly st_size is the end of the file,
+                # with no second read(2) to confirm it (a file that grew meanwhile is read on).
+                chunk = os.read(fd, min(remaining, max(st.st_size + 1, 1 << 20)))
                 if not chunk:
                     break
                 chunks.append(chunk)
                 remaining -= len(chunk)
+                if len(chunks) == 1 and len(chunk) == st.st_size:
+                    break
             if remaining <= 0:
                 raise RefusedSpoolEntry(refusal("grew past the size limit"))
             return b"".join(chunks)
@@ -329,7 +356,9 @@ class Spool:
             return None
 
     def write_state(self, state: MessageState) -> None:
-        """Replace meta/<id>.json atomically and durably."""
+        """Replace meta/<id>.json atomically and durably; a settled file of the message is unsettled first."""
+        for location in (Location.DEFERRED, Location.FAILED):
+            self._unsettle(f"{self._dirs[location]}/{state.queue_id}")
         final = self.meta_path(state.queue_id)
         temporary = self.meta / f"{TMP_PREFIX}{state.queue_id}"
         with contextlib.suppress(FileNotFoundError):
@@ -355,6 +384,27 @@ class Spool:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise
+
+    def settled(self, queue_id: str, location: Location, when: float) -> None:
+        """Mark a message file whose state is written and which is where that state says as settled, at
+        `when` (deferred/: its next attempt). Only a regular file with one link; one that cannot be marked
+        (not the owner, gone) stays unsettled: recovery then reads its state."""
+        path = f"{self._dirs[location]}/{queue_id}"
+        ns = math.floor(when * 1000) * 1_000_000 + SETTLED_NS
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                os.utime(path, ns=(ns, ns), follow_symlinks=False)
+
+    def _unsettle(self, path: str) -> None:
+        """Take the settled mark off a file before its state changes (its mtime becomes now, unmarked)."""
+        try:
+            if settled_time(os.lstat(path).st_mtime_ns) is None:
+                return
+            now = time.time_ns() // 1_000_000 * 1_000_000
+            os.utime(path, ns=(now, now), follow_symlinks=False)
+        except FileNotFoundError:
+            return
 
     def move(self, source: Path, target: Path) -> bool:
         """rename(2) then fsync both directories; False when the source vanished."""
@@ -400,6 +450,8 @@ class Spool:
         Looked for again if it moves meanwhile (an operator's requeue): the attempt's outcome stands."""
         queue_id = state.queue_id
         destination = f"{self._dirs[target]}/{queue_id}"
+        when = state.next_attempt_at if target is Location.DEFERRED and state.next_attempt_at is not None \
+            else time.time()
         for _ in range(3):
             source = self._whereabouts(queue_id, location)
             if source is None:
@@ -407,9 +459,11 @@ class Spool:
             self.write_state(state)
             if source == destination:
                 if os.path.lexists(destination):
+                    self.settled(queue_id, target, when)
                     return True
                 continue
             if self.move(Path(source), Path(destination)):
+                self.settled(queue_id, target, when)
                 return True
         if not self.exists(queue_id) and not os.path.lexists(f"{self._new}/{queue_id}"):
             with contextlib.suppress(FileNotFoundError):  # no message left for this state to describe
@@ -432,6 +486,9 @@ class Spool:
         self.write_state(state)
         directory = self.dir(location)
         install_durably(directory / f"{TMP_PREFIX}{state.queue_id}", directory / state.queue_id, data)
+        if location is not Location.QUEUE:
+            due = state.next_attempt_at if location is Location.DEFERRED else None
+            self.settled(state.queue_id, location, time.time() if due is None else due)
 
     def accept(self, data: bytes) -> str:
         """Store a message the daemon received itself (its SMTP listener) durably in queue/; its id.
