@@ -56,6 +56,37 @@ def test_blackholed_587_fails_over_to_465_and_check_says_so(
     assert elapsed < 15, f"check took {elapsed:.1f}s: a black hole must cost one connect timeout"
 
 
+def test_a_blackholed_primary_costs_a_fraction_of_a_second_not_a_connect_timeout(
+        smtp_server_factory: Any, spool_dir: Path, clean_env: dict[str, str], daemons: Any) -> None:
+    fallback = smtp_server_factory(starttls=False)
+    with BlackHole() as hole:
+        env = relay_env(clean_env, spool_dir, LOOPBACK, hole.port, MAILWATCHD_CONNECT_TIMEOUT="5s",
+                        MAILWATCHD_CONCURRENCY="2", MAILWATCHD_RELAYS=f"smtp://{LOOPBACK}:{fallback.port}?name=fallback")
+        daemon = daemons(env)
+        started = time.monotonic()
+        drop(spool_dir, message(0), "m0")
+        fallback.handler.wait_for(1)
+        first_after = time.monotonic() - started
+        for index in range(1, 200):
+            drop(spool_dir, message(index), f"m{index}")
+        received = fallback.handler.wait_for(200, timeout=30)
+        down = daemon.wait_event("relay_down", lambda e: str(hole.port) in e["endpoint"])[0]
+        wait_until(lambda: not any(spool_names(spool_dir, "new", "queue", "deferred").values()),
+                   message="an empty spool")
+        assert daemon.stop() == 0
+    # The hedge delay, not the 5 s connect timeout (generous bound for a loaded machine: speed is
+    # measured in benchmarks/failover.py).
+    assert first_after < 2.5, f"the first message reached the fallback {first_after:.1f}s after it was dropped"
+    ids = sorted(int(item.data.split(b"Message-ID: <msg-")[1].split(b"@")[0]) for item in received)
+    assert ids == list(range(200)), "every message arrived exactly once"
+    assert len(fallback.handler.messages) == 200
+    assert down["cause"] == "connect_timeout"
+    assert len([e for e in daemon.named("relay_down") if str(hole.port) in e["endpoint"]]) == 1
+    assert not [e for e in daemon.named("relay_up") if str(hole.port) in e["endpoint"]]
+    assert len(daemon.named("relay_hedged")) <= 2, "at most each worker's first message waited for the hedge"
+    assert not daemon.named("message_failed")
+
+
 def test_primary_auth_failure_falls_back_to_the_second_provider(
         smtp_server_factory: Any, spool_dir: Path, ca_file: Path, clean_env: dict[str, str], daemons: Any) -> None:
     primary = smtp_server_factory(users={"app": "right-password"})

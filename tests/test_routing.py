@@ -315,3 +315,31 @@ def test_reset_forgets_failures_so_the_next_breaker_is_short_again(router: Route
     router.reset()
     router.report(RELAY_A, A587, REFUSED)
     assert router.relays[0].endpoints[0].open_until == clock.now + BREAKER_MIN_S
+
+
+def test_an_endpoint_still_connecting_past_the_hedge_delay_comes_after_the_others(router: Router) -> None:
+    router.connect_slow(RELAY_A, A587)
+    assert names(router) == [("a", 465), ("b", 587), ("b", 2525), ("a", 587)]
+    router.connect_slow(RELAY_A, A587)  # a second worker's connect to it hangs too
+    router.connect_ended(RELAY_A, A587)
+    assert names(router)[-1] == ("a", 587), "one slow connect is still under way"
+    router.connect_ended(RELAY_A, A587)
+    assert names(router) == ALL
+    router.connect_ended(RELAY_A, A587)  # an unmatched end changes nothing
+    assert names(router) == ALL
+    assert router.relays[0].endpoints[0].up is None, "slowness alone is no verdict on the endpoint"
+
+
+def test_a_slow_endpoint_whose_connect_failed_stays_out_until_its_breaker_half_opens(
+        router: Router, clock: Clock) -> None:
+    router.connect_slow(RELAY_A, A587)
+    timeout = DeliveryResult(Outcome.RELAY_FAULT, Cause.CONNECT_TIMEOUT, Phase.CONNECT, detail="no answer")
+    assert router.report(RELAY_A, A587, timeout) is not None
+    router.connect_ended(RELAY_A, A587)
+    assert names(router) == ALL[1:]
+    assert router.report(RELAY_A, A587, timeout) is None, "already down: one transition, one relay_down"
+    clock.now += 2 * BREAKER_MIN_S
+    assert names(router) == ALL
+    router.connect_slow(RELAY_B, B587)
+    router.connect_slow(RELAY_A, A587)
+    assert names(router) == [("a", 465), ("b", 2525), ("a", 587), ("b", 587)], "slow ones keep their own order"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,7 @@ from mailwatchd.message import envelope
 from mailwatchd.message.addressing import Addressing
 from mailwatchd.service.backoff import JITTER
 from mailwatchd.service.counters import Counters, Tally
+from mailwatchd.service.hedge import HEDGE_DELAY_S
 from mailwatchd.service.live import Live
 from mailwatchd.service.scheduler import Scheduler, WorkItem
 from mailwatchd.service.worker import IDLE_LOOP_S, Followup, Retry, Worker
@@ -30,7 +31,7 @@ from mailwatchd.submission.submit import parse_sendmail_args, prepare
 from mailwatchd.transports.outcome import Cause, Outcome
 from tests.conftest import LOOPBACK, SmtpServer, wait_until
 from tests.probe_servers import closed_port
-from tests.rawservers import BlackHole
+from tests.rawservers import BlackHole, ScriptedServer
 from tests.test_delivery import AuditHandler
 
 ServerFactory = Callable[..., SmtpServer]
@@ -631,3 +632,100 @@ def test_spool_write_failure_retries_the_message_where_it_is(smtp_server_factory
 
     asyncio.run(scenario())
     assert handler.mails == [SENDER, SENDER]
+
+
+# -- hedged failover ------------------------------------------------------------------------------
+
+
+class SlowGreeting(ScriptedServer):
+    """A relay that accepts at once but greets only after `delay` seconds, then follows its script."""
+
+    def __init__(self, replies: list[str], delay: float) -> None:
+        super().__init__(replies)
+        self.delay = delay
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(self.delay)
+        await super().serve(reader, writer)
+
+
+def events(logs: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
+    return [entry for entry in logs if entry["event"] == name]
+
+
+def test_a_blackholed_primary_is_hedged_past_and_then_opens_its_breaker_once(
+        smtp_server_factory: ServerFactory, spool_dir: Path) -> None:
+    fallback = smtp_server_factory(AuditHandler(), starttls=False)
+    with BlackHole() as hole, structlog.testing.capture_logs() as logs:
+        rig = make_rig(spool_dir, hole.port, fallback.port, connect_timeout=1.5)
+        first, second = rig.put(message_to(RECIPIENT), "m1"), rig.put(message_to("bob@example.test"), "m2")
+        router = rig.live.router
+
+        async def run() -> None:
+            try:
+                assert await rig.worker.attempt(WorkItem(first, Location.QUEUE)) == Followup()
+                # Delivered while the connect to the black hole is still under way (no timeout waited),
+                # and the router lists the black hole last until that connect ends.
+                [opening] = rig.worker._openings.values()
+                assert opening.endpoint.port == hole.port and not opening.done
+                assert [endpoint.port for _, endpoint in router.candidates()] == [fallback.port, hole.port]
+                assert await rig.worker.attempt(WorkItem(second, Location.QUEUE)) == Followup()
+                await eventually(lambda: not rig.worker._openings, timeout=5, message="the connect timeout")
+            finally:
+                await rig.worker.close_sessions()
+
+        asyncio.run(run())
+
+    assert [got.rcpt_tos for got in fallback.handler.wait_for(2)] == [[RECIPIENT], ["bob@example.test"]]
+    [hedged] = events(logs, "relay_hedged")  # the second message went straight to the fallback
+    assert (hedged["relay"], hedged["next_relay"]) == ("relay0", "relay1")
+    assert hedged["waited_ms"] >= HEDGE_DELAY_S * 1000
+    assert [entry["relay"] for entry in events(logs, "message_delivered")] == ["relay1", "relay1"]
+    [down] = events(logs, "relay_down")
+    assert (down["relay"], down["cause"]) == ("relay0", Cause.CONNECT_TIMEOUT.value)
+    assert [endpoint.port for _, endpoint in router.candidates()] == [fallback.port], "the breaker is open"
+    assert router.relays[0].endpoints[0].slow_connects == 0
+    assert rig.counters.totals == Tally(delivered=2)
+
+
+def test_a_primary_that_greets_late_loses_the_race_and_keeps_its_connection(
+        smtp_server_factory: ServerFactory, spool_dir: Path) -> None:
+    fallback = smtp_server_factory(AuditHandler(), starttls=False)
+    script = ["220 late ESMTP", "250 late", "250 sender ok", "250 recipient ok", "354 go ahead", "250 queued",
+              "221 bye"]
+    with SlowGreeting(script, delay=HEDGE_DELAY_S + 0.35) as primary, \
+            structlog.testing.capture_logs() as logs:
+        rig = make_rig(spool_dir, primary.port, fallback.port)
+        first, second = rig.put(message_to(RECIPIENT), "m1"), rig.put(message_to("bob@example.test"), "m2")
+
+        async def run() -> None:
+            try:
+                assert await rig.worker.attempt(WorkItem(first, Location.QUEUE)) == Followup()
+                await eventually(lambda: not rig.worker._openings, message="the late greeting")
+                assert primary.received == [b"EHLO worker.test"], "the first message went to one relay only"
+                assert await rig.worker.attempt(WorkItem(second, Location.QUEUE)) == Followup()
+            finally:
+                await rig.worker.close_sessions()
+
+        asyncio.run(run())
+        wait_until(lambda: len(primary.received) >= 5, message="QUIT at the primary")
+
+    [got] = fallback.handler.wait_for(1)
+    assert got.rcpt_tos == [RECIPIENT]
+    assert primary.connections == 1, "the loser's connection was kept and used"
+    assert primary.received[1:4] == [b"MAIL FROM:<app@example.test>", b"RCPT TO:<bob@example.test>", b"DATA"]
+    assert [entry["relay"] for entry in events(logs, "message_delivered")] == ["relay1", "relay0"]
+    assert events(logs, "relay_down") == [] and events(logs, "relay_failover") == []
+    assert rig.live.router.relays[0].endpoints[0].up is True
+
+
+def test_a_refused_primary_fails_over_at_once_without_waiting_for_the_hedge(
+        smtp_server_factory: ServerFactory, spool_dir: Path) -> None:
+    fallback = smtp_server_factory(AuditHandler(), starttls=False)
+    with closed_port() as dead, structlog.testing.capture_logs() as logs:
+        rig = make_rig(spool_dir, dead, fallback.port)
+        assert rig.attempt(rig.put()) == Followup()
+    fallback.handler.wait_for(1)
+    assert events(logs, "relay_hedged") == [], "a refusal is an answer: nothing to hedge"
+    [failover] = events(logs, "relay_failover")
+    assert failover["cause"] == Cause.CONNECTION_REFUSED.value

@@ -5,6 +5,11 @@ Relays are tried in configured order, and each relay's endpoints in order (587 â
 2525...). An endpoint that failed (a relay fault) is skipped until its breaker half-opens, so
 later messages do not pay its timeout again; a success or a good probe closes it. A quota
 reply, or a budget used up, skips the whole relay for a while: mail spills to the next one.
+
+A worker races the openings of consecutive endpoints (hedged failover, service/hedge.py); when
+one worker found an endpoint still connecting after the hedge delay, it says so here, and until
+that connect ends the endpoint comes after the others, so the other workers do not each wait
+the delay for it before its connect timeout opens the breaker.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class EndpointHealth:
     detail: str = ""
     failures: int = 0
     open_until: float = 0.0  # breaker open (skip) until this monotonic time
+    slow_connects: int = 0  # connects to it still under way past the hedge delay: tried after the others
     last_change: float = 0.0
     last_probe: float | None = None  # epoch seconds
     probe_timings_ms: dict[str, float] = field(default_factory=dict)
@@ -108,14 +114,21 @@ class Router:
         return free_at
 
     def candidates(self) -> list[tuple[RelayConfig, Endpoint]]:
-        """Endpoints to try now, in failover order."""
+        """Endpoints to try now, in failover order; those with a slow connect under way come last."""
         now = self._clock()
         result: list[tuple[RelayConfig, Endpoint]] = []
+        slow: list[tuple[RelayConfig, Endpoint]] = []
         for relay in self.relays:
             if relay.paused_until > now or self._budget_free_at(relay, now) > now:
                 continue
-            result.extend((relay.config, ep.endpoint) for ep in relay.endpoints if ep.open_until <= now)
-        return result
+            for ep in relay.endpoints:
+                if ep.open_until > now:
+                    continue
+                if ep.slow_connects:
+                    slow.append((relay.config, ep.endpoint))
+                else:
+                    result.append((relay.config, ep.endpoint))
+        return result + slow if slow else result
 
     def next_chance(self) -> float | None:
         """Seconds until some endpoint may be usable again (None: one is usable now)."""
@@ -154,6 +167,19 @@ class Router:
             state.sent_day.append(now)
             state.last_delivery = time.time()
         return self._mark(health, True, Cause.OK.value, "", now)
+
+    def connect_slow(self, relay: RelayConfig, endpoint: Endpoint) -> None:
+        """A connect to the endpoint is still under way past the hedge delay: list it after the others
+        until `connect_ended`."""
+        found = self._find(relay.name, endpoint)
+        if found is not None:
+            found[1].slow_connects += 1
+
+    def connect_ended(self, relay: RelayConfig, endpoint: Endpoint) -> None:
+        """A connect `connect_slow` reported has ended (either way; its outcome is reported apart)."""
+        found = self._find(relay.name, endpoint)
+        if found is not None and found[1].slow_connects > 0:
+            found[1].slow_connects -= 1
 
     def report_probe(self, relay_name: str, endpoint: Endpoint, ok: bool, cause: str, detail: str,
                      timings_ms: dict[str, float], cert_days_left: int | None) -> Transition | None:

@@ -17,7 +17,7 @@ from mailwatchd.settings.relays import Endpoint, RelayConfig
 from mailwatchd.transports.delivery import SmtpSession
 from mailwatchd.transports.outbox import OutboxSession
 from mailwatchd.transports.tlsconfig import client_context
-from mailwatchd.transports.transport import Session
+from mailwatchd.transports.transport import RelaySession, Session
 
 SessionFactory = Callable[[Settings, RelayConfig | None, Endpoint | None], Session]
 log = get_logger()
@@ -73,3 +73,11 @@ class Live:
             except (OSError, ValueError):
                 context = None  # the session reports the unreadable TLS files as a relay fault
         return SmtpSession(relay, endpoint, self.settings, context)
+
+    def make_relay_session(self, relay: RelayConfig, endpoint: Endpoint) -> RelaySession:
+        """An SMTP session to one relay endpoint, whose opening a worker can race with others'."""
+        session = self.make_session(relay, endpoint)
+        if not isinstance(session, RelaySession):
+            raise TypeError(f"the session factory made a {type(session).__name__} for relay {relay.name}: "
+                            "a relay needs a session that can be opened before a message (RelaySession)")
+        return session

@@ -10,6 +10,7 @@ the relay accepted it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,6 +21,7 @@ from mailwatchd.message import envelope
 from mailwatchd.message.envelope import OutgoingMessage
 from mailwatchd.service.backoff import retry_delay
 from mailwatchd.service.counters import Counters, FailedMail
+from mailwatchd.service.hedge import Opening, Race, start_opening
 from mailwatchd.service.live import Live
 from mailwatchd.service.logs import get_logger
 from mailwatchd.service.notices import NOTICE_SOURCE
@@ -29,7 +31,7 @@ from mailwatchd.spool.messagestate import Attempt, MessageState
 from mailwatchd.spool.queueid import queue_id_time
 from mailwatchd.spool.store import Location, Spool
 from mailwatchd.transports.outcome import Cause, DeliveryResult, Outcome, RefusedRecipient
-from mailwatchd.transports.transport import Session
+from mailwatchd.transports.transport import RelaySession, Session
 
 log = get_logger()
 # An idle worker goes round its loop at least this often (waiting for work or for a relay);
@@ -67,7 +69,9 @@ class Worker:
         self.retired = False  # a reload lowered the concurrency: finish the current message, then end
         self.busy_until: float | None = None  # monotonic deadline of the delivery call in flight
         self.last_iteration = time.monotonic()  # the watchdog wants proof the loop goes round
-        self._sessions: dict[tuple[str, Endpoint | None], Session] = {}
+        self._sessions: dict[tuple[str, Endpoint], RelaySession] = {}
+        self._openings: dict[tuple[str, Endpoint], Opening] = {}  # under way; they may outlive a message
+        self._outbox: Session | None = None
         self._generation = live.generation
 
     def stuck(self, now: float, margin: float) -> str | None:
@@ -140,30 +144,69 @@ class Worker:
             for waiter in waiters:
                 waiter.cancel()
 
+    def _idle_sessions(self) -> list[tuple[tuple[str, Endpoint] | None, Session]]:
+        """The sessions the idle timeout applies to (keyed; None: the outbox): not those being opened."""
+        found: list[tuple[tuple[str, Endpoint] | None, Session]] = [
+            (key, session) for key, session in self._sessions.items() if key not in self._openings]
+        if self._outbox is not None:
+            found.append((None, self._outbox))
+        return found
+
     def _idle_wait(self) -> float:
         """How long to wait for work: until the next open session's idle timeout, at most IDLE_LOOP_S."""
         idle_timeout = self.live.settings.idle_timeout
-        remaining = [idle_timeout - session.idle_for for session in self._sessions.values()]
+        remaining = [idle_timeout - session.idle_for for _, session in self._idle_sessions()]
         return max(0.0, min([IDLE_LOOP_S, *remaining]))
 
     async def _close_idle(self) -> None:
         idle_timeout = self.live.settings.idle_timeout
-        for key, session in list(self._sessions.items()):
+        for key, session in self._idle_sessions():
             if session.idle_for >= idle_timeout:
-                del self._sessions[key]
+                if key is None:
+                    self._outbox = None
+                else:
+                    del self._sessions[key]
                 await session.close()
 
     async def close_sessions(self) -> None:
-        sessions, self._sessions = list(self._sessions.values()), {}
+        openings, self._openings = list(self._openings.values()), {}
+        for opening in openings:
+            if opening.task is not None:
+                opening.task.cancel()
+        for opening in openings:
+            if opening.task is not None:
+                with contextlib.suppress(BaseException):
+                    await opening.task
+        sessions: list[Session] = list(self._sessions.values())
+        if self._outbox is not None:
+            sessions.append(self._outbox)
+        self._sessions, self._outbox = {}, None
         for session in sessions:
             await session.close()
 
-    def _session(self, relay: RelayConfig | None, endpoint: Endpoint | None) -> Session:
-        key = (relay.name if relay else "outbox", endpoint)
+    def _outbox_session(self) -> Session:
+        if self._outbox is None:
+            self._outbox = self.live.make_session(None, None)
+        return self._outbox
+
+    def _opening(self, relay: RelayConfig, endpoint: Endpoint) -> Opening:
+        """The endpoint's session: its opening under way, the open session, or a new opening."""
+        key = (relay.name, endpoint)
+        opening = self._openings.get(key)
+        if opening is not None:
+            return opening
         session = self._sessions.get(key)
         if session is None:
-            session = self._sessions[key] = self.live.make_session(relay, endpoint)
-        return session
+            session = self._sessions[key] = self.live.make_relay_session(relay, endpoint)
+        opening = start_opening(relay, endpoint, session, self.live.router, self._opening_ended)
+        if opening.task is not None:
+            self._openings[key] = opening
+        return opening
+
+    def _opening_ended(self, opening: Opening) -> None:
+        key = (opening.relay.name, opening.endpoint)
+        if self._openings.get(key) is opening:
+            del self._openings[key]
 
     # -- one attempt --------------------------------------------------------------------------
 
@@ -194,20 +237,33 @@ class Worker:
         return self._settle(state, location, raw, message, result, has_state=loaded is not None)
 
     async def _deliver(self, message: OutgoingMessage) -> DeliveryResult | None:
-        """One attempt, failing over across endpoints and relays; None if none can take it now."""
+        """One attempt, failing over across endpoints and relays (their sessions' openings hedged,
+        hedge.py); None if none can take it now."""
         live = self.live
         if live.settings.uses_outbox:
-            return await self._deliver_through(self._session(None, None), message)
+            return await self._deliver_through(self._outbox_session(), message)
         router = live.router
         candidates = router.candidates()
+        if not candidates:
+            return None
+        race = Race(candidates, self._opening)
+        bound = live.settings.command_timeout + live.settings.transaction_timeout  # one opening, at most
         last: DeliveryResult | None = None
-        for index, (relay, endpoint) in enumerate(candidates):
-            result = await self._deliver_through(self._session(relay, endpoint), message)
-            router.report(relay, endpoint, result)
-            if result.outcome is not Outcome.RELAY_FAULT:
-                return result
-            if index + 1 < len(candidates):  # only when there is somewhere else to go
-                next_relay, next_endpoint = candidates[index + 1]
+        while True:
+            self.busy_until = time.monotonic() + bound
+            opening = await race.next()
+            if opening is None:
+                break
+            relay, endpoint = opening.relay, opening.endpoint
+            result = opening.failure  # reported to the router by the opening itself
+            if result is None:
+                result = await self._deliver_through(opening.session, message)
+                router.report(relay, endpoint, result)
+                if result.outcome is not Outcome.RELAY_FAULT:
+                    return result
+            upcoming = race.upcoming()
+            if upcoming is not None:  # only when there is somewhere else to go
+                next_relay, next_endpoint = upcoming
                 log.warning("relay_failover", queue_id=message.queue_id, relay=relay.name, endpoint=str(endpoint),
                             cause=result.cause.value, detail=result.summary, next_relay=next_relay.name,
                             next_endpoint=str(next_endpoint))

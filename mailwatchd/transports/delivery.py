@@ -37,6 +37,7 @@ from mailwatchd.transports.smtpclient import (
     Connection,
     Resolver,
     SetupFailed,
+    Step,
     StepSink,
     Timeouts,
     open_session,
@@ -93,6 +94,7 @@ class SmtpSession:
         self._resolve = resolve
         self._on_step = on_step
         self._wire: Wire | None = None
+        self._greeted = False
         self._extensions: dict[str, str] = {}
         self._phase = Phase.CONNECT
         self._last_used = time.monotonic()
@@ -107,6 +109,11 @@ class SmtpSession:
     def idle_for(self) -> float:
         """Seconds since the session was last used (monotonic)."""
         return time.monotonic() - self._last_used
+
+    @property
+    def greeted(self) -> bool:
+        """True once the server of the connection being opened (or open) sent its greeting."""
+        return self._greeted
 
     @property
     def pipelining(self) -> bool:
@@ -155,8 +162,36 @@ class SmtpSession:
         if wire is not None:
             wire.abort()
 
+    async def open(self) -> DeliveryResult | None:
+        """Open the connection unless one is open, before a message is handed to it (a worker races
+        the openings of several endpoints): None when ready for MAIL FROM, else the failure."""
+        try:
+            wire = self._wire
+            if wire is not None and (wire.closed or wire.pending):
+                self._abort()
+            if self._wire is None:
+                await self._open()
+            return None
+        except _Fail as fail:
+            return fail.result
+        except asyncio.CancelledError:
+            self._abort()
+            raise
+        except Exception as exc:  # a last guard: the promise is "never raises"
+            self._abort()
+            return self._from_exception(self._phase, exc)
+        finally:
+            self._last_used = time.monotonic()
+
+    def _stepped(self, step: Step) -> None:
+        if step.name == "banner" and step.ok:
+            self._greeted = True
+        if self._on_step is not None:
+            self._on_step(step)
+
     async def _open(self) -> None:
         self._phase = Phase.CONNECT
+        self._greeted = False
         if self._tls_context is None and self.endpoint.tls is not TlsMode.NONE:
             try:
                 self._tls_context = client_context(self.relay)
@@ -167,7 +202,7 @@ class SmtpSession:
         try:
             connection = await open_session(self.relay, self.endpoint, timeouts=session_timeouts(self._settings),
                                             helo_name=self._settings.ehlo_name, tls_context=self._tls_context,
-                                            resolve=self._resolve, on_step=self._on_step, secrets=self._secrets)
+                                            resolve=self._resolve, on_step=self._stepped, secrets=self._secrets)
         except SetupFailed as failed:
             self._phase = failed.phase
             raise _Fail(self._result(failed.verdict, code=failed.code, detail=failed.detail)) from None
