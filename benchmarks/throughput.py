@@ -620,6 +620,73 @@ def run_mailwatchd(sink: Sink, workdir: Path, args: argparse.Namespace) -> dict[
         notify.close()
 
 
+def prefill_deferred(spool: Path, total: int, size: int, due_in: float) -> None:
+    """A fresh spool with `total` deferred messages, none due for `due_in` seconds, stored by the spool's
+    own code (Spool.add: state first, then the message). fsync is skipped while filling (a single
+    os.sync() at the end): 200,000 fsyncs would take minutes and measure nothing the run needs."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from mailwatchd.spool.messagestate import MessageState
+    from mailwatchd.spool.store import Location, Spool
+
+    store = Spool(spool)
+    store.create_layout()
+    date = email.utils.formatdate()
+    token = secrets.token_hex(6)
+    due = time.time() + due_in
+    real_fsync = os.fsync
+    os.fsync = lambda fd: None  # this process only, while filling
+    try:
+        for index in range(total):
+            queue_id = store.new_id()
+            state = MessageState(queue_id, time.time(), attempts=1, next_attempt_at=due + index * 1e-3,
+                                 first_failure_at=time.time())
+            store.add(make_message(index, total, size, date, token), state, Location.DEFERRED)
+    finally:
+        os.fsync = real_fsync
+    os.sync()
+
+
+def run_idle(sink: Sink, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The daemon on a spool of N deferred messages not due: its CPU over `--idle-window` s after READY."""
+    spool = workdir / "spool-idle"
+    filled = time.perf_counter()
+    prefill_deferred(spool, args.idle, args.size, due_in=3600.0)
+    command = shlex.split(args.daemon_cmd) if args.daemon_cmd else [sys.executable, "-m", "mailwatchd", "run"]
+    log_path = workdir / "mailwatchd-idle.log"
+    result: dict[str, Any] = {"ok": False, "deferred": args.idle, "window_s": args.idle_window,
+                              "prefill_s": round(time.perf_counter() - filled, 1)}
+    notify = NotifyListener()
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        env = daemon_environment(spool, sink, args, notify.address)
+        with open(log_path, "wb") as log:
+            started = time.perf_counter()
+            proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = started + args.timeout
+        while notify.ready_at is None and not has_exited(proc) and time.perf_counter() < deadline:
+            time.sleep(POLL)
+        if notify.ready_at is None:
+            result["error"] = f"no READY=1 within {args.timeout:g}s: {tail(log_path, 3) or 'no output'}"
+            return result
+        result["ready_s"] = round(notify.ready_at - started, 3)
+        datagrams_at_ready = notify.datagrams
+        cpu_at_ready = cpu_seconds(proc.pid)
+        time.sleep(args.idle_window)
+        cpu_after = cpu_seconds(proc.pid)
+        if cpu_at_ready is None or cpu_after is None or has_exited(proc):
+            result["error"] = f"the daemon exited while idle: {tail(log_path, 3) or 'no output'}"
+            return result
+        result["idle_cpu_s"] = round(cpu_after - cpu_at_ready, 3)
+        result["notify_datagrams"] = notify.datagrams - datagrams_at_ready
+        result["peak_rss_mib"] = round((vm_hwm_kib(proc.pid) or 0) / 1024, 1)
+        result["ok"] = True
+        return result
+    finally:
+        stop(proc, grace=args.shutdown_timeout)
+        notify.close()
+
+
 def vm_hwm_kib(pid: int) -> int | None:
     """The process's peak resident set size since its exec(), from /proc/PID/status."""
     try:
@@ -779,6 +846,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the work directory (spools, logs)")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
                         help=f"where the postfix package is kept (default {DEFAULT_CACHE})")
+    parser.add_argument("--idle", type=int, default=None, metavar="N",
+                        help="instead of the drain: N deferred messages not due; the daemon's CPU while idle")
+    parser.add_argument("--idle-window", type=float, default=30.0,
+                        help="seconds of idle CPU measured after READY=1 (default 30)")
     parser.add_argument("--serve-aiosmtpd", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.messages < 1 or args.size < 256 or args.concurrency < 1:
@@ -827,6 +898,12 @@ def main(argv: list[str] | None = None) -> int:
             report["sink"] = {"kind": sink.kind, "version": sink.version, "port": sink.port,
                               "extensions": sink.extensions, "note": sink.note}
             note(f"sink {sink.kind} on {HOST}:{sink.port}; EHLO: {', '.join(sink.extensions)}", quiet=quiet)
+            if args.idle is not None:
+                note(f"idle: {args.idle} deferred messages, CPU over {args.idle_window:g}s after READY", quiet=quiet)
+                report["idle"] = run_idle(sink, workdir, args)
+                print(json.dumps(report["idle"]) if args.json else
+                      "\n".join(f"{key:18} {value}" for key, value in report["idle"].items()))
+                return 0 if report["idle"]["ok"] else 1
             if postfix is not None and not args.no_smtp_source:
                 for reuse, key in ((False, "smtp_source"), (True, "smtp_source_reuse")):
                     note(f"smtp-source{' -d' if reuse else ''}: {args.messages} messages", quiet=quiet)
