@@ -591,11 +591,13 @@ def cron_log(shared: Service) -> str:
 
 
 def cron_jobs_done(shared: Service) -> str | None:
-    """cron's log once the three jobs ran and each one's PAM session closed, which cron does after it mailed the
-    output and logged the mailer's status."""
+    """cron's log once the three jobs ran (their CMD lines are in) and each one's PAM session closed, which cron
+    does after it mailed the output and logged the mailer's status. cron's children log through syslog's
+    datagram socket: a CMD line may reach the journal after the session lines another child sent."""
     log = cron_log(shared)
     opened, closed = (log.count(f"pam_unix(cron:session): session {what}") for what in ("opened", "closed"))
-    return log if opened >= 3 and closed == opened else None
+    commands = all(f"CMD (echo {job})" in log for job in (CRON_ROOT_JOB, CRON_MAILTO_JOB, CRON_USER_JOB))
+    return log if opened >= 3 and closed == opened and commands else None
 
 
 @pytest.mark.timeout(240)  # up to two minute boundaries, and the shared machine's set-up when run alone
