@@ -11,12 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-TYPE_CHECKING = False  # mypy takes it as true; `sendmail` does without typing (tests/test_imports.py)
-if TYPE_CHECKING:
-    from typing import NoReturn
-
-# The names (argv[0]) under which the program is sendmail.py's: as cli.SENDMAIL_PROGRAMS.
-SENDMAIL_PROGRAMS = frozenset({"sendmail", "sendmail.mailwatchd", "mailq", "newaliases"})
+from mailwatchd.programs import SENDMAIL_PROGRAMS, exit_now
 
 
 def main() -> int:
@@ -36,7 +31,7 @@ def main() -> int:
                 status = sendmail.run(request, sys.stdin.buffer)
             except (Exception, KeyboardInterrupt) as exc:
                 status = _as_cli_reports(exc)
-            _exit_now(status)
+            exit_now(status)
     from mailwatchd.cli import main as cli_main
 
     return cli_main()
@@ -50,17 +45,6 @@ def _as_cli_reports(error: BaseException) -> int:
         raise error
 
     return _guarded(fail)
-
-
-def _exit_now(status: int) -> NoReturn:
-    """As cli._exit_now: end the process without the interpreter's teardown, which frees every module
-    one by one. The message is fsynced by now; only stdout and stderr may hold output still."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe: as Python's own exit does
-            status = status or 120
-    os._exit(status)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,12 @@ import sys
 
 from mailwatchd import __version__, exitcodes
 from mailwatchd.errors import ConfigError, NotQueued
+from mailwatchd.programs import SENDMAIL_PROGRAMS, exit_now
 
 TYPE_CHECKING = False  # mypy takes it as true; `sendmail -t` does without typing (tests/test_imports.py)
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable, Sequence
-    from typing import NoReturn
 
     from mailwatchd.service import verdict
     from mailwatchd.service.statusfile import Status
@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 # The commands that are monitoring plugins (exit 0-3, bad options included).
 PLUGIN_COMMANDS = frozenset({"check", "status"})
 DEFAULT_CHECK_TIMEOUT_S = 8.0
-# The names (argv[0]) under which the program is sendmail.py's: sendmail, mailq (-bp), newaliases (-bi).
-SENDMAIL_PROGRAMS = frozenset({"sendmail", "sendmail.mailwatchd", "mailq", "newaliases"})
 
 
 def _fail(message: str, code: int) -> int:
@@ -486,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         name, rest = (program, argv) if program in SENDMAIL_PROGRAMS else ("sendmail", argv[1:])
         status = _guarded(lambda: _run_sendmail(name, rest))
         if standalone:
-            _exit_now(status)
+            exit_now(status)
         return status
     plugin = _command_word(argv) in PLUGIN_COMMANDS
     try:
@@ -516,18 +514,6 @@ def _command_word(argv: Sequence[str]) -> str | None:
         elif not word.startswith("-"):
             return word
     return None
-
-
-def _exit_now(status: int) -> NoReturn:
-    """End the process without the interpreter's teardown, which frees every module one by one:
-    a sixth of a `sendmail -t` run. The message is fsynced by now; only stdout and stderr may
-    hold output still, and they are flushed first."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe (`mailq | head -1`): as Python's own exit does
-            status = status or 120
-    os._exit(status)
 
 
 def _guarded(command: Callable[[], int]) -> int:

@@ -91,7 +91,8 @@ REPO_ROOT = PACKAGE.parent
 # Every mailwatchd module a submission loads. A module added to this path costs every message its
 # import: add it here only knowing that (benchmarks/submit.py measures the whole run).
 SUBMISSION_MODULES = frozenset({
-    "mailwatchd", "mailwatchd.__main__", "mailwatchd.exitcodes", "mailwatchd.errors", "mailwatchd.records",
+    "mailwatchd", "mailwatchd.__main__", "mailwatchd.programs", "mailwatchd.exitcodes", "mailwatchd.errors",
+    "mailwatchd.records",
     "mailwatchd.settings", "mailwatchd.settings.environment",
     "mailwatchd.message", "mailwatchd.message.envelope", "mailwatchd.message.maildomain",
     "mailwatchd.spool", "mailwatchd.spool.durable", "mailwatchd.spool.queueid",
@@ -141,12 +142,6 @@ def test_sendmail_t_imports_its_budget_and_nothing_else(tmp_path: Path, clean_en
     assert {name for name in imported if name.startswith("mailwatchd")} == SUBMISSION_MODULES
     assert not set(NEVER_ON_THE_SUBMISSION_PATH) & imported, sorted(set(NEVER_ON_THE_SUBMISSION_PATH) & imported)
     assert imported - SUBMISSION_MODULES <= allowed_stdlib, "the standard library beyond os and errno"
-
-
-def test_the_fast_path_knows_the_sendmail_names_cli_knows() -> None:
-    from mailwatchd import __main__, cli
-
-    assert __main__.SENDMAIL_PROGRAMS == cli.SENDMAIL_PROGRAMS
 
 
 # -- the stand-ins that keep typing, re and pathlib off that path -------------------------------------------

@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from mailwatchd.errors import MalformedMessage
 from mailwatchd.message.envelope import OutgoingMessage, check_address
@@ -46,6 +48,8 @@ from mailwatchd.transports.smtpclient import (
 )
 from mailwatchd.transports.smtpwire import Disconnected, MalformedReply, Reply, Wire, describe, scrub, wire_body
 from mailwatchd.transports.tlsconfig import client_context
+
+_T = TypeVar("_T")
 
 UPLOAD_FLOOR_BYTES_PER_S = 16 * 1024  # a transaction may take as long as the body needs at this rate
 FINAL_REPLY_TIMEOUT_S = 600.0  # RFC 5321 §4.5.3.2.6: "DATA Termination: 10 minutes"
@@ -126,13 +130,8 @@ class SmtpSession:
 
     async def deliver(self, message: OutgoingMessage) -> DeliveryResult:
         """Send one message; every failure is a DeliveryResult, never an exception."""
-        try:
-            wire = self._wire
-            if wire is not None and (wire.closed or wire.pending):
-                self._abort()  # closed while idle, or a reply nobody asked for: start afresh
-            reused = self._wire is not None
-            if not reused:
-                await self._open()
+        async def send() -> DeliveryResult:
+            reused = await self._ensure_open()
             try:
                 return await self._transaction(message, reused)
             except _Retry:
@@ -140,12 +139,35 @@ class SmtpSession:
                 self._abort()
                 await self._open()
                 return await self._transaction(message, False)
+        return await self._guarded(send)
+
+    async def open(self) -> DeliveryResult | None:
+        """Open the connection unless one is open, before a message is handed to it (a worker races
+        the openings of several endpoints): None when ready for MAIL FROM, else the failure."""
+        async def ready() -> None:
+            await self._ensure_open()
+        return await self._guarded(ready)
+
+    async def _ensure_open(self) -> bool:
+        """Open the connection unless a usable one is; True when it was already open (reused)."""
+        wire = self._wire
+        if wire is not None and (wire.closed or wire.pending):
+            self._abort()  # closed while idle, or a reply nobody asked for: start afresh
+        reused = self._wire is not None
+        if not reused:
+            await self._open()
+        return reused
+
+    async def _guarded(self, work: Callable[[], Awaitable[_T]]) -> _T | DeliveryResult:
+        """Run `work`; a failure becomes its DeliveryResult (the promise is "never raises")."""
+        try:
+            return await work()
         except _Fail as fail:
             return fail.result
         except asyncio.CancelledError:
             self._abort()
             raise
-        except Exception as exc:  # a last guard: the promise is "never raises"
+        except Exception as exc:  # a last guard
             self._abort()
             return self._from_exception(self._phase, exc)
         finally:
@@ -161,27 +183,6 @@ class SmtpSession:
         wire, self._wire = self._wire, None
         if wire is not None:
             wire.abort()
-
-    async def open(self) -> DeliveryResult | None:
-        """Open the connection unless one is open, before a message is handed to it (a worker races
-        the openings of several endpoints): None when ready for MAIL FROM, else the failure."""
-        try:
-            wire = self._wire
-            if wire is not None and (wire.closed or wire.pending):
-                self._abort()
-            if self._wire is None:
-                await self._open()
-            return None
-        except _Fail as fail:
-            return fail.result
-        except asyncio.CancelledError:
-            self._abort()
-            raise
-        except Exception as exc:  # a last guard: the promise is "never raises"
-            self._abort()
-            return self._from_exception(self._phase, exc)
-        finally:
-            self._last_used = time.monotonic()
 
     def _stepped(self, step: Step) -> None:
         if step.name == "banner" and step.ok:
