@@ -57,9 +57,17 @@ def credential_source(name: str, credentials_directory: Path) -> Path:
 
 def read_secret_file(key: str, raw: str, environ: Mapping[str, str]) -> Secret:
     """Read a secret file; a relative name is looked up in systemd's $CREDENTIALS_DIRECTORY."""
+    path = credential_path(key, raw, environ)
+    if Path(raw).is_absolute():
+        return _read(key, path, source=path, name=None)
+    return _read(key, path, source=credential_source(raw, path.parent), name=raw)
+
+
+def credential_path(key: str, raw: str, environ: Mapping[str, str]) -> Path:
+    """Where the file named `raw` is: itself if absolute, else the credential in $CREDENTIALS_DIRECTORY."""
     path = Path(raw)
     if path.is_absolute():
-        return _read(key, path, source=path, name=None)
+        return path
     cred_dir = environ.get("CREDENTIALS_DIRECTORY")
     if not cred_dir:
         raise ConfigError(key, f"{raw!r} is a credential name and $CREDENTIALS_DIRECTORY is not set "
@@ -67,7 +75,7 @@ def read_secret_file(key: str, raw: str, environ: Mapping[str, str]) -> Secret:
                           f"the service reads it with {load_credential_line(raw)} (add that line with "
                           f"`systemctl edit {UNIT}`); by hand, set CREDENTIALS_DIRECTORY={CREDENTIAL_SOURCES}; "
                           "or give an absolute path")
-    return _read(key, Path(cred_dir) / path, source=credential_source(raw, Path(cred_dir)), name=raw)
+    return Path(cred_dir) / path
 
 
 def _read(key: str, path: Path, *, source: Path, name: str | None) -> Secret:

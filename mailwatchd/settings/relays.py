@@ -15,6 +15,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from mailwatchd.errors import ConfigError
 from mailwatchd.settings.credentials import Secret as Secret  # re-exported: relays carry it
 from mailwatchd.settings.credentials import read_secret_file
+from mailwatchd.settings.oauth import OAUTH_OPTIONS, parse_oauth
+from mailwatchd.settings.oauth import AuthMethod as AuthMethod  # re-exported: relays carry them
+from mailwatchd.settings.oauth import OAuthConfig as OAuthConfig
+from mailwatchd.settings.oauth import TokenGrant as TokenGrant
 from mailwatchd.settings.parsing import parse_bool, parse_int, parse_port
 
 
@@ -52,6 +56,12 @@ class RelayConfig:
     keyfile: Path | None = None
     max_per_minute: int | None = None
     max_per_day: int | None = None
+    auth: AuthMethod = AuthMethod.PASSWORD
+    oauth: OAuthConfig | None = None  # set exactly when auth is XOAUTH2 or OAUTHBEARER; username is the mailbox
+
+    @property
+    def uses_oauth(self) -> bool:
+        return self.oauth is not None
 
     @property
     def primary(self) -> Endpoint:
@@ -117,8 +127,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def _refuse_plaintext_credentials(relay: RelayConfig, key: str, fallback_key: str) -> None:
-    """A password is never sent over an unencrypted connection to another machine."""
-    if relay.password is None:
+    """A password or a bearer token is never sent over an unencrypted connection to another machine."""
+    if relay.password is None and relay.oauth is None:
         return
     for index, endpoint in enumerate(relay.endpoints):
         if endpoint.tls is TlsMode.NONE and not _is_loopback(endpoint.host):
@@ -131,7 +141,7 @@ def _email_relay(get: Callable[[str], str | None], env: Mapping[str, str]) -> li
     """The Django-style single relay from EMAIL_*; none when EMAIL_HOST is unset."""
     host = get("EMAIL_HOST")
     if host is None:
-        for key in ("EMAIL_HOST_USER", "EMAIL_HOST_PASSWORD", "EMAIL_HOST_PASSWORD_FILE"):
+        for key in ("EMAIL_HOST_USER", "EMAIL_HOST_PASSWORD", "EMAIL_HOST_PASSWORD_FILE", *OAUTH_OPTIONS.values()):
             if get(key) is not None:
                 raise ConfigError(key, "is set but EMAIL_HOST is not",
                                   "set EMAIL_HOST to your relay, or remove the credentials")
@@ -159,9 +169,19 @@ def _email_relay(get: Callable[[str], str | None], env: Mapping[str, str]) -> li
     verify = parse_bool("EMAIL_SSL_VERIFY", get("EMAIL_SSL_VERIFY") or "true")
     per_minute, per_day = _limits("MAILWATCHD_MAX_PER_MINUTE", get("MAILWATCHD_MAX_PER_MINUTE"),
                      "MAILWATCHD_MAX_PER_DAY", get("MAILWATCHD_MAX_PER_DAY"))
+    oauth_options = {option: value for option, email_key in OAUTH_OPTIONS.items()
+                     if (value := get(email_key)) is not None}
+    auth, oauth = parse_oauth(oauth_options, key=OAUTH_OPTIONS.__getitem__, host=host, username=username, env=env)
+    _refuse_password_with_oauth(oauth, password, "EMAIL_HOST_PASSWORD_FILE")
     return [RelayConfig(name=host, endpoints=endpoints, username=username, password=password, verify=verify,
                         cafile=cafile, certfile=certfile, keyfile=keyfile,
-                        max_per_minute=per_minute, max_per_day=per_day)]
+                        max_per_minute=per_minute, max_per_day=per_day, auth=auth, oauth=oauth)]
+
+
+def _refuse_password_with_oauth(oauth: OAuthConfig | None, password: Secret | None, key: str) -> None:
+    if oauth is not None and password is not None:
+        raise ConfigError(key, "a password is set for a relay that logs in with an OAuth2 token",
+                          "remove the password (the token source replaces it), or log in with auth=password")
 
 
 def _password(key: str, inline: str | None, file_key: str, file_raw: str | None,
@@ -196,7 +216,8 @@ def parse_relay_url(key: str, url: str, env: Mapping[str, str], *, index: int = 
 
     Schemes: smtp (no TLS), smtp+tls / submission (STARTTLS, required), smtp+ssl / smtps
     (implicit TLS). Query keys: name, ports, password_file (relative names are looked up in
-    $CREDENTIALS_DIRECTORY), cafile, certfile, keyfile, verify, max_per_minute, max_per_day.
+    $CREDENTIALS_DIRECTORY), cafile, certfile, keyfile, verify, max_per_minute, max_per_day, and
+    the OAuth2 keys of settings/oauth.py (auth=xoauth2, tenant, client_id, client_secret_file, ...).
     """
     shown = re.sub(r"//([^:@/?#]*):.*@", r"//\1:***@", url)  # to the last @: a password may hold one
     parts = urlsplit(url)
@@ -213,7 +234,7 @@ def parse_relay_url(key: str, url: str, env: Mapping[str, str], *, index: int = 
         raise ConfigError(key, f"{shown!r} has a bad port", "use a port from 1 to 65535") from None
     query = {name: values[-1] for name, values in parse_qs(parts.query, keep_blank_values=True).items()}
     allowed = {"name", "ports", "password_file", "cafile", "certfile", "keyfile", "verify",
-               "max_per_minute", "max_per_day"}
+               "max_per_minute", "max_per_day", *OAUTH_OPTIONS}
     for name in query:
         if name not in allowed:
             raise ConfigError(key, f"{shown!r} has an unknown option {name!r}",
@@ -231,6 +252,9 @@ def parse_relay_url(key: str, url: str, env: Mapping[str, str], *, index: int = 
     verify = parse_bool(key, query.get("verify", "true"))
     per_minute, per_day = _limits(key, query.get("max_per_minute"), key, query.get("max_per_day"))
     name = query.get("name") or (host if index == 0 else f"{host}#{index}")
+    auth, oauth = parse_oauth({option: query[option] for option in OAUTH_OPTIONS if option in query},
+                              key=lambda _option: key, host=host, username=username, env=env)
+    _refuse_password_with_oauth(oauth, password, key)
     return RelayConfig(name=name, endpoints=endpoints, username=username, password=password, verify=verify,
                        cafile=cafile, certfile=certfile, keyfile=keyfile,
-                       max_per_minute=per_minute, max_per_day=per_day)
+                       max_per_minute=per_minute, max_per_day=per_day, auth=auth, oauth=oauth)
