@@ -34,6 +34,7 @@ class Phase(StrEnum):
     EHLO = "ehlo"
     STARTTLS = "starttls"
     TLS = "tls"
+    TOKEN = "token"  # obtaining an OAuth2 access token (token endpoint or token command)
     AUTH = "auth"
     MAIL = "mail"
     RCPT = "rcpt"
@@ -47,7 +48,7 @@ class Phase(StrEnum):
 
 
 _SETUP_PHASES = frozenset({Phase.DNS, Phase.CONNECT, Phase.GREETING, Phase.EHLO, Phase.STARTTLS,
-                           Phase.TLS, Phase.AUTH})
+                           Phase.TLS, Phase.TOKEN, Phase.AUTH})
 
 
 class Cause(StrEnum):
@@ -67,6 +68,9 @@ class Cause(StrEnum):
     STARTTLS_UNAVAILABLE = "starttls_unavailable"
     AUTH_UNAVAILABLE = "auth_unavailable"
     AUTH_FAILED = "auth_failed"
+    BASIC_AUTH_DISABLED = "basic_auth_disabled"  # the provider no longer takes passwords (Microsoft 5.7.139, 5.7.30)
+    TOKEN_FAILED = "token_failed"  # the token endpoint (or command) refused: invalid_client, invalid_grant, ...
+    TOKEN_UNREACHABLE = "token_unreachable"  # no answer from the token endpoint: DNS, connect, TLS, timeout, 5xx
     SENDER_REJECTED = "sender_rejected"
     RECIPIENT_REJECTED = "recipient_rejected"
     MESSAGE_REJECTED = "message_rejected"
@@ -94,8 +98,19 @@ _QUOTA = re.compile(r"\b[45]\.4\.5\b|quota|sending limit|rate limit|too many mes
                     re.IGNORECASE)
 
 
+# Microsoft 365 refusing password logins: "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication
+# is disabled for the Tenant", "..., basic authentication is disabled", "550 5.7.30 Basic authentication is
+# not supported for Client Submission" (and 5.7.139's security-defaults variant).
+_BASIC_AUTH_DISABLED = re.compile(r"\b5\.7\.(139|30)\b|SmtpClientAuthentication is disabled|basic authentication is "
+                                  r"(disabled|not supported)", re.IGNORECASE)
+
+
 def is_quota_reply(text: str) -> bool:
     return bool(_QUOTA.search(text))
+
+
+def is_basic_auth_disabled(text: str) -> bool:
+    return bool(_BASIC_AUTH_DISABLED.search(text))
 
 
 def classify_reply(phase: Phase, code: int, text: str = "") -> Verdict:
@@ -104,6 +119,8 @@ def classify_reply(phase: Phase, code: int, text: str = "") -> Verdict:
         return Verdict(Outcome.DELIVERED, Cause.OK)
     if is_quota_reply(text) and phase in (Phase.MAIL, Phase.RCPT, Phase.DATA, Phase.BODY):
         return Verdict(Outcome.RELAY_FAULT, Cause.QUOTA_EXCEEDED)
+    if code >= 500 and phase in (Phase.AUTH, Phase.MAIL) and is_basic_auth_disabled(text):
+        return Verdict(Outcome.RELAY_FAULT, Cause.BASIC_AUTH_DISABLED)
     if code == 421 or phase == Phase.GREETING:
         # 421: the server is closing the channel (RFC 5321 §3.8): not the message's fault.
         cause = Cause.SERVER_BUSY
@@ -111,6 +128,7 @@ def classify_reply(phase: Phase, code: int, text: str = "") -> Verdict:
     if phase.is_session_setup:
         cause = {
             Phase.AUTH: Cause.AUTH_FAILED,
+            Phase.TOKEN: Cause.TOKEN_FAILED,
             Phase.STARTTLS: Cause.STARTTLS_UNAVAILABLE,
             Phase.TLS: Cause.TLS_HANDSHAKE_FAILED,
         }.get(phase, Cause.PROTOCOL_ERROR)
@@ -131,6 +149,8 @@ def classify_exception(phase: Phase, exc: BaseException) -> Verdict:
     """Classify a failure that came without a usable reply (timeouts, resets, TLS, DNS)."""
     setup = phase.is_session_setup
     fault = Outcome.RELAY_FAULT if setup else Outcome.TEMPORARY
+    if phase == Phase.TOKEN:  # the token endpoint, not the relay: its own cause, for its own fix
+        return Verdict(Outcome.RELAY_FAULT, Cause.TOKEN_UNREACHABLE)
     if isinstance(exc, ssl.SSLCertVerificationError):
         return Verdict(Outcome.RELAY_FAULT, certificate_cause(exc))
     if isinstance(exc, ssl.SSLError):
