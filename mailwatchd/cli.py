@@ -389,7 +389,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if daemon is not None:
             signal.pidfd_send_signal(daemon, signal.SIGHUP)
     relays = [relay.name for relay in settings.relays]
-    secrets = sum(relay.password is not None for relay in settings.relays) + len(settings.listen.users)
+    secrets = len(settings.listen.users) + sum(
+        (relay.password is not None) + (relay.oauth is not None and relay.oauth.client_secret is not None)
+        + (relay.oauth is not None and relay.oauth.refresh_token is not None) for relay in settings.relays)
     delivery = f"{len(relays)} relay{'s' if len(relays) != 1 else ''} ({', '.join(relays)})" if relays \
         else f"no relay: mail goes to the local outbox {settings.outbox}"
     source = settings.config_path or "the environment only"

@@ -174,7 +174,8 @@ def spool_dir(tmp_path: Path) -> Path:
 def clean_env(tmp_path: Path) -> dict[str, str]:
     """An environment for child processes with no EMAIL_*/MAILWATCHD_* leaking in."""
     env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("EMAIL_", "MAILWATCHD_", "NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_STREAM"))}
+           if not key.startswith(("EMAIL_", "MAILWATCHD_", "NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_STREAM"))
+           and key.lower() not in ("http_proxy", "https_proxy", "all_proxy")}  # loopback only, never a proxy
     env["PYTHONUNBUFFERED"] = "1"
     env["HOME"] = str(tmp_path)
     env["MAILWATCHD_LISTEN"] = ""  # no SMTP listener unless a test asks: daemons must not contend for a port

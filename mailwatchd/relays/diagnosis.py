@@ -24,9 +24,10 @@ from mailwatchd.errors import MalformedMessage
 from mailwatchd.message.envelope import check_address
 from mailwatchd.relays.probe import ProbeReport, SendTest, TlsContexts, probe_endpoint
 from mailwatchd.settings.config import Settings
-from mailwatchd.settings.relays import Endpoint, RelayConfig, TlsMode
+from mailwatchd.settings.relays import AuthMethod, Endpoint, RelayConfig, TlsMode
 from mailwatchd.transports.outcome import Cause
 from mailwatchd.transports.smtpclient import Resolver
+from mailwatchd.transports.tokens import Tokens
 
 AltPort = int | tuple[int, TlsMode]
 DEFAULT_ALT_PORTS: tuple[AltPort, ...] = (587, 465, 2525)
@@ -101,6 +102,8 @@ def _problem_and_fix(cause: Cause, endpoint: Endpoint, detail: str, relay: Relay
     """What is wrong, and what to do about it, for one cause code."""
     host, port = endpoint.host, endpoint.port
     gmail = "gmail" in host or "google" in host
+    oauth = relay is not None and relay.oauth is not None
+    mailbox = relay.username if relay is not None and relay.username else "MAILBOX"
     match cause:
         case Cause.OK:
             return "", ""
@@ -167,10 +170,48 @@ def _problem_and_fix(cause: Cause, endpoint: Endpoint, detail: str, relay: Relay
             return (f"{host}:{port} does not offer STARTTLS, and mailwatchd never sends without TLS",
                     "ask the provider which port offers TLS; never disable TLS. A firewall that strips STARTTLS "
                     "causes this too")
+        case Cause.AUTH_UNAVAILABLE if oauth:
+            return (f"{host}:{port} offers no usable AUTH ({detail})",
+                    "Exchange Online offers XOAUTH2 (not OAUTHBEARER) after STARTTLS on 587, Gmail offers both on 587 "
+                    "and 465: use auth=xoauth2 (EMAIL_AUTH=xoauth2) and check EMAIL_PORT and EMAIL_USE_TLS")
         case Cause.AUTH_UNAVAILABLE:
             return (f"{host}:{port} offers no usable AUTH ({detail})",
                     "providers offer AUTH only after STARTTLS on 587, or on 465 with implicit TLS (port 25 is for "
                     "server-to-server mail): check EMAIL_PORT and EMAIL_USE_TLS / EMAIL_USE_SSL")
+        case Cause.BASIC_AUTH_DISABLED if oauth:
+            return (f"Microsoft 365 has SMTP AUTH switched off for this tenant or mailbox ({detail}); that blocks "
+                    "OAuth2 logins too",
+                    f"an Exchange admin turns it on for the mailbox: Set-CASMailbox -Identity {mailbox} "
+                    "-SmtpClientAuthenticationDisabled $false (see https://aka.ms/smtp_auth_disabled)")
+        case Cause.BASIC_AUTH_DISABLED:
+            return (f"Microsoft 365 no longer accepts a password for SMTP AUTH here ({detail})",
+                    "switch this relay to OAuth2: register an app with the SMTP.SendAsApp permission, register its "
+                    "service principal in Exchange, then set EMAIL_AUTH=xoauth2, EMAIL_OAUTH_TENANT, "
+                    "EMAIL_OAUTH_CLIENT_ID and EMAIL_OAUTH_CLIENT_SECRET_FILE (README: Microsoft 365 with OAuth2). "
+                    f"Until then an admin can allow passwords for the mailbox (Set-CASMailbox -Identity {mailbox} "
+                    "-SmtpClientAuthenticationDisabled $false), while Microsoft still permits it")
+        case Cause.TOKEN_FAILED:
+            return f"no OAuth2 token: {detail}", _token_fix(detail)
+        case Cause.TOKEN_UNREACHABLE:
+            return (f"the OAuth2 token endpoint cannot be reached ({detail})",
+                    "this is not the SMTP port: the daemon must reach the token endpoint over HTTPS (443; "
+                    "login.microsoftonline.com, oauth2.googleapis.com). Allow it in the firewall, or set HTTPS_PROXY "
+                    "for the service (`systemctl edit mailwatchd`) if web traffic goes through a proxy")
+        case Cause.AUTH_FAILED if oauth and gmail:
+            return (f"Google refused the OAuth2 token ({detail})",
+                    f"the token must carry the https://mail.google.com/ scope and {mailbox} must be the account that "
+                    "gave consent (or, with domain-wide delegation, the user the service account acts for)")
+        case Cause.AUTH_FAILED if oauth:
+            return (f"the relay refused the OAuth2 token for {mailbox} ({detail})",
+                    "for Microsoft 365 app-only: the app needs the SMTP.SendAsApp application permission with admin "
+                    "consent, its service principal registered in Exchange (New-ServicePrincipal -AppId APP_ID "
+                    f"-ServiceId OBJECT_ID, the object ID from Enterprise applications) and access to {mailbox} "
+                    f"(Add-MailboxPermission -Identity {mailbox} -User OBJECT_ID -AccessRights FullAccess); the "
+                    "mailbox must be the user (EMAIL_HOST_USER)")
+        case Cause.AUTH_FAILED if "5.7.9" in detail:
+            return (f"the relay wants an app password ({detail})",
+                    "Google requires an app password for accounts with 2-step verification (Google account → "
+                    "Security → App passwords), or switch to OAuth2 (EMAIL_AUTH=xoauth2, README: Gmail with OAuth2)")
         case Cause.AUTH_FAILED:
             app = ("Gmail needs an app password (Google account → Security → App passwords), not the account "
                    "password" if gmail else
@@ -179,6 +220,10 @@ def _problem_and_fix(cause: Cause, endpoint: Endpoint, detail: str, relay: Relay
             user = f" ({relay.username})" if relay is not None and relay.username else ""
             return (f"the relay refused the login ({detail})",
                     f"check EMAIL_HOST_USER{user} and the password in EMAIL_HOST_PASSWORD_FILE; {app}")
+        case Cause.SENDER_REJECTED if "5.7.60" in detail or "SendAsDenied" in detail:
+            return (f"the mailbox may not send as this sender ({detail})",
+                    "send from the mailbox's own address, or grant it SendAs on the sender: Add-RecipientPermission "
+                    "-Identity SENDER -Trustee MAILBOX -AccessRights SendAs")
         case Cause.SENDER_REJECTED:
             return (f"the relay refuses the sender address ({detail})",
                     "verify the sender identity with the provider (SendGrid: Sender Identity or domain "
@@ -209,6 +254,25 @@ def _problem_and_fix(cause: Cause, endpoint: Endpoint, detail: str, relay: Relay
                     if "TLS files" in detail else "see the detail")
         case _:
             return detail, "see the detail"
+
+
+def _token_fix(detail: str) -> str:
+    """What to do about a token endpoint's (or token command's) refusal, from its OAuth2 error code."""
+    if "token command" in detail:
+        return "run the command by hand as the daemon's user (sudo -u mailwatchd COMMAND) and fix what it says"
+    if "invalid_client" in detail:
+        return ("check EMAIL_OAUTH_CLIENT_ID and the client secret: the file holds the secret's value (not its ID), "
+                "and Entra ID secrets expire (App registrations → Certificates & secrets); a certificate must be the "
+                "one uploaded to the app registration")
+    if "invalid_grant" in detail:
+        return ("the refresh token was revoked or has expired (Google apps in testing status: after 7 days): obtain "
+                "a new one with the consent step in the README and put it in EMAIL_OAUTH_REFRESH_TOKEN_FILE")
+    if "invalid_scope" in detail:
+        return "for Microsoft 365 app-only the scope is https://outlook.office365.com/.default (EMAIL_OAUTH_SCOPE)"
+    if "unauthorized_client" in detail:
+        return ("the OAuth client may not use this grant or scope: check the app registration's permissions and "
+                "admin consent (Google: the client ID authorized for domain-wide delegation)")
+    return "check the OAuth2 settings (EMAIL_OAUTH_TENANT or EMAIL_OAUTH_TOKEN_URL, EMAIL_OAUTH_CLIENT_ID)"
 
 
 def switch_advice(endpoint: Endpoint, relay: RelayConfig | None, current: Endpoint | None = None) -> str:
@@ -445,11 +509,13 @@ async def run_check(settings: Settings, *, send_test_to: str | None = None, send
     targets = [(relay, endpoint) for relay in settings.relays for endpoint in relay.endpoints]
     alt_targets: list[tuple[RelayConfig, Endpoint]] = []
     for relay in settings.relays:
-        anonymous = replace(relay, username=None, password=None)  # no extra login attempts
+        anonymous = replace(relay, username=None, password=None, auth=AuthMethod.PASSWORD, oauth=None)  # no logins
         for host in dict.fromkeys(endpoint.host for endpoint in relay.endpoints):
             alt_targets += [(anonymous, alt) for alt in alternative_endpoints(host, alt_ports, relay.endpoints)]
     contexts: TlsContexts = {}
-    results = await asyncio.gather(*(probe_endpoint(relay, endpoint, settings, resolve=resolve, contexts=contexts)
+    tokens = Tokens()  # the relays' endpoints share one token fetch each
+    results = await asyncio.gather(*(probe_endpoint(relay, endpoint, settings, resolve=resolve, contexts=contexts,
+                                                    tokens=tokens)
                                      for relay, endpoint in targets + alt_targets))
     reports, alt_reports = list(results[: len(targets)]), results[len(targets):]
     findings: list[Finding] = []
@@ -480,7 +546,7 @@ async def run_check(settings: Settings, *, send_test_to: str | None = None, send
             relay, endpoint = healthy
             test = SendTest(send_test_from or send_test_sender(relay, settings.ehlo_name), send_test_to)
             report = await probe_endpoint(relay, endpoint, settings, resolve=resolve, send_test=test,
-                                          contexts=contexts)
+                                          contexts=contexts, tokens=tokens)
             check.send_test = Finding(report, hint_for(report.cause, endpoint, report.detail, relay=relay))
     check.duration_ms = round((time.perf_counter() - start) * 1000, 1)
     return check

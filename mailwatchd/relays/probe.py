@@ -25,6 +25,7 @@ from mailwatchd.transports.outcome import Cause, Phase
 from mailwatchd.transports.smtpclient import Resolver, SetupFailed, Step, open_session, quit_session, secret_forms
 from mailwatchd.transports.smtpwire import describe
 from mailwatchd.transports.tlsconfig import client_context
+from mailwatchd.transports.tokens import Tokens
 
 # One TLS context serves every probe of a check that uses the same TLS files: building one loads
 # the system CA store (about 30 ms of CPU, before any connect of the batch could start).
@@ -112,11 +113,12 @@ def tls_context(relay: RelayConfig, contexts: TlsContexts | None = None) -> ssl.
 
 async def probe_endpoint(relay: RelayConfig, endpoint: Endpoint, settings: Settings, *,
                          resolve: Resolver | None = None, send_test: SendTest | None = None,
-                         contexts: TlsContexts | None = None) -> ProbeReport:
+                         contexts: TlsContexts | None = None, tokens: Tokens | None = None) -> ProbeReport:
     """Probe one endpoint of `relay`; never raises for a network or protocol failure.
 
     `resolve(host, port)` defaults to the loop's getaddrinfo. `contexts`: TLS contexts to share
-    between the probes of one check (see tls_context).
+    between the probes of one check (see tls_context). `tokens`: the OAuth2 token providers to share
+    with delivery (the daemon's) or between the probes of one check.
     """
     checked_at = datetime.now(UTC)
     steps: list[Step] = []
@@ -133,7 +135,7 @@ async def probe_endpoint(relay: RelayConfig, endpoint: Endpoint, settings: Setti
         try:
             connection = await open_session(relay, endpoint, timeouts=session_timeouts(settings),
                                             helo_name=settings.ehlo_name, tls_context=context, resolve=resolve,
-                                            on_step=steps.append, secrets=secrets)
+                                            on_step=steps.append, secrets=secrets, tokens=tokens)
         except SetupFailed as failed:
             cause, detail = failed.verdict.cause, failed.detail
         else:

@@ -88,7 +88,7 @@ class HealthReporter:
         while True:
             settings, router = self.live.settings, self.live.router
             targets = [(relay, endpoint) for relay in settings.relays for endpoint in relay.endpoints]
-            reports = await asyncio.gather(*(probe_endpoint(relay, endpoint, settings)
+            reports = await asyncio.gather(*(probe_endpoint(relay, endpoint, settings, tokens=self.live.tokens)
                                              for relay, endpoint in targets), return_exceptions=True)
             for (relay, endpoint), report in zip(targets, reports, strict=True):
                 if isinstance(report, BaseException):

@@ -17,6 +17,7 @@ from mailwatchd.settings.relays import Endpoint, RelayConfig
 from mailwatchd.transports.delivery import SmtpSession
 from mailwatchd.transports.outbox import OutboxSession
 from mailwatchd.transports.tlsconfig import client_context
+from mailwatchd.transports.tokens import Tokens
 from mailwatchd.transports.transport import RelaySession, Session
 
 SessionFactory = Callable[[Settings, RelayConfig | None, Endpoint | None], Session]
@@ -44,6 +45,7 @@ class Live:
         self.generation = 0
         self._factory = session_factory
         self._tls_contexts: dict[str, ssl.SSLContext] = {}
+        self.tokens = Tokens()  # OAuth2 tokens, shared by delivery and the probes; kept across reloads
 
     def replace(self, settings: Settings) -> None:
         """Swap in new settings, a fresh router and addressing; wakes whoever waits on the old router."""
@@ -72,7 +74,7 @@ class Live:
                 context = self._tls_contexts[relay.name] = client_context(relay)
             except (OSError, ValueError):
                 context = None  # the session reports the unreadable TLS files as a relay fault
-        return SmtpSession(relay, endpoint, self.settings, context)
+        return SmtpSession(relay, endpoint, self.settings, context, tokens=self.tokens)
 
     def make_relay_session(self, relay: RelayConfig, endpoint: Endpoint) -> RelaySession:
         """An SMTP session to one relay endpoint, whose opening a worker can race with others'."""

@@ -48,6 +48,7 @@ from mailwatchd.transports.smtpclient import (
 )
 from mailwatchd.transports.smtpwire import Disconnected, MalformedReply, Reply, Wire, describe, scrub, wire_body
 from mailwatchd.transports.tlsconfig import client_context
+from mailwatchd.transports.tokens import Tokens
 
 _T = TypeVar("_T")
 
@@ -88,8 +89,9 @@ class SmtpSession:
 
     def __init__(self, relay: RelayConfig, endpoint: Endpoint, settings: Settings,
                  tls_context: ssl.SSLContext | None = None, *, resolve: Resolver | None = None,
-                 on_step: StepSink | None = None) -> None:
+                 on_step: StepSink | None = None, tokens: Tokens | None = None) -> None:
         self.relay = relay
+        self._tokens = tokens
         self.endpoint = endpoint
         self._settings = settings
         self._timeout = settings.command_timeout
@@ -203,7 +205,8 @@ class SmtpSession:
         try:
             connection = await open_session(self.relay, self.endpoint, timeouts=session_timeouts(self._settings),
                                             helo_name=self._settings.ehlo_name, tls_context=self._tls_context,
-                                            resolve=self._resolve, on_step=self._stepped, secrets=self._secrets)
+                                            resolve=self._resolve, on_step=self._stepped, secrets=self._secrets,
+                                            tokens=self._tokens)
         except SetupFailed as failed:
             self._phase = failed.phase
             raise _Fail(self._result(failed.verdict, code=failed.code, detail=failed.detail)) from None

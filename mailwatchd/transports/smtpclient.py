@@ -1,5 +1,5 @@
 """Session set-up, the one implementation: DNS (none for an IP address), connect, TLS, greeting,
-EHLO, STARTTLS, AUTH.
+EHLO, STARTTLS, the OAuth2 token (relays with auth=xoauth2 or oauthbearer), AUTH.
 
 Delivery, the reachability probe and `check --send-test` all open their connections here, so
 they cannot disagree about a relay. Each step runs under its own deadline and is reported
@@ -29,8 +29,17 @@ from typing import Any, TypeVar
 
 from mailwatchd.settings.relays import Endpoint, RelayConfig, TlsMode
 from mailwatchd.transports.outcome import Cause, Outcome, Phase, Verdict, classify_exception, classify_reply
-from mailwatchd.transports.smtpauth import AuthRefused, AuthUnavailable, authenticate, offered_mechanisms
+from mailwatchd.transports.smtpauth import (
+    AuthRefused,
+    AuthUnavailable,
+    authenticate,
+    authenticate_bearer,
+    bearer_secret_forms,
+    offered_mechanisms,
+    token_rejected,
+)
 from mailwatchd.transports.smtpwire import Reply, Wire, describe, scrub
+from mailwatchd.transports.tokens import AccessToken, TokenFailed, TokenProvider, Tokens
 
 Resolver = Callable[[str, int], Awaitable[Sequence[tuple[Any, ...]]]]
 
@@ -86,14 +95,25 @@ class Connection:
 
 
 def secret_forms(relay: RelayConfig) -> tuple[str, ...]:
-    """Every form in which the relay's password could show up in a reply: plain and as AUTH sends it."""
-    if relay.password is None:
-        return ()
-    password = relay.password.reveal()
-    user = relay.username or ""
-    forms = (password, base64.b64encode(password.encode()).decode(),
-             base64.b64encode(f"\0{user}\0{password}".encode()).decode())
+    """Every form in which the relay's secrets could show up in a reply: the password, plain and as AUTH
+    sends it; the OAuth2 client secret and refresh token (access tokens are added as they are fetched)."""
+    forms: tuple[str, ...] = ()
+    if relay.password is not None:
+        password = relay.password.reveal()
+        user = relay.username or ""
+        forms = (password, base64.b64encode(password.encode()).decode(),
+                 base64.b64encode(f"\0{user}\0{password}".encode()).decode())
+    if relay.oauth is not None:
+        forms += tuple(secret.reveal() for secret in (relay.oauth.client_secret, relay.oauth.refresh_token)
+                       if secret is not None)
     return tuple(form for form in forms if form)
+
+
+def token_provider(relay: RelayConfig, tokens: Tokens | None, timeouts: Timeouts) -> TokenProvider | None:
+    """The relay's token provider from the process's `tokens` (a private one without), None without OAuth2."""
+    if relay.oauth is None:
+        return None
+    return (tokens or Tokens()).for_relay(relay.name, relay.oauth, timeout=timeouts.connect + timeouts.command)
 
 
 @dataclass(frozen=True)
@@ -108,8 +128,9 @@ class Timeouts:
 class _Setup:
     def __init__(self, relay: RelayConfig, endpoint: Endpoint, timeouts: Timeouts, helo_name: str,
                  tls_context: ssl.SSLContext | None, resolve: Resolver | None, on_step: StepSink | None,
-                 secrets: tuple[str, ...]) -> None:
+                 secrets: tuple[str, ...], tokens: TokenProvider | None) -> None:
         self.relay = relay
+        self.tokens = tokens
         self.endpoint = endpoint
         self.timeouts = timeouts
         self.helo_name = helo_name
@@ -141,6 +162,10 @@ class _Setup:
             refusal = self.auth_failure(exc)
             self.report(name, phase, False, start, refusal.detail)
             raise refusal from None
+        except TokenFailed as exc:
+            detail = scrub(exc.detail, self.secrets)
+            self.report(name, phase, False, start, detail)
+            raise SetupFailed(Verdict(Outcome.RELAY_FAULT, exc.cause), Phase.TOKEN, detail) from None
         except (OSError, EOFError, ValueError) as exc:  # OSError: also TimeoutError and ssl.SSLError
             endpoint = self.endpoint
             detail = describe(exc, host=endpoint.host, port=endpoint.port, timeout=said_timeout or timeout, step=name)
@@ -297,6 +322,35 @@ class _Setup:
                                               self.relay.password.reveal(), encrypted=wire.tls is not None)
         return f"{mechanism} accepted: {reply}"
 
+    async def fetch_token(self) -> AccessToken:
+        assert self.tokens is not None
+        token = await self.tokens.token()
+        self.secrets += self.tokens.secrets()
+        return token
+
+    async def login_bearer(self, token: AccessToken) -> str:
+        """XOAUTH2 or OAUTHBEARER; a cached token the server calls bad is replaced once, on this connection."""
+        assert self.wire is not None and self.relay.username is not None and self.tokens is not None
+        try:
+            mechanism, reply = await self.bearer(token)
+        except AuthRefused as exc:
+            if token.fetched or not token_rejected(exc):
+                raise
+            self.tokens.invalidate(token)
+            mechanism, reply = await self.bearer(await self.fetch_token())
+            return f"{mechanism} accepted with a new token (the server refused the cached one: {exc.reply.code})"
+        return f"{mechanism} accepted: {reply}"
+
+    async def bearer(self, token: AccessToken) -> tuple[str, Reply]:
+        assert self.wire is not None and self.relay.username is not None
+        wire, timeout, endpoint = self.wire, self.timeouts.command, self.endpoint
+        value = token.value.reveal()
+        self.secrets += bearer_secret_forms(self.relay.auth, self.relay.username, value, host=endpoint.host,
+                                            port=endpoint.port)
+        return await authenticate_bearer(lambda line: wire.command(line, timeout), offered_mechanisms(self.extensions),
+                                         self.relay.auth, self.relay.username, value, host=endpoint.host,
+                                         port=endpoint.port)
+
     async def run(self) -> Connection:
         endpoint, timeouts = self.endpoint, self.timeouts
         literal = literal_address(endpoint.host)
@@ -319,7 +373,14 @@ class _Setup:
             await self.step("starttls", Phase.STARTTLS, timeouts.command, self.starttls, str)
             await self.step("tls", Phase.TLS, timeouts.command, self.handshake, str)
             await self.step("ehlo_tls", Phase.EHLO, timeouts.command, self.ehlo, str)  # RFC 3207 §4.2
-        if self.relay.username is not None and self.relay.password is not None:
+        if self.tokens is not None:
+            # The provider keeps its own deadline (connect + command) and says what timed out; this one is a backstop.
+            token = await self.step("token", Phase.TOKEN, timeouts.connect + timeouts.command + 1.0, self.fetch_token,
+                                    lambda token: token.detail)
+            # A refused cached token costs a second fetch and exchange: the deadline allows both.
+            await self.step("auth", Phase.AUTH, 2 * (timeouts.connect + 2 * timeouts.command),
+                            lambda: self.login_bearer(token), str)
+        elif self.relay.username is not None and self.relay.password is not None:
             # LOGIN takes three round trips: the step's deadline allows each its own.
             await self.step("auth", Phase.AUTH, 3 * timeouts.command, self.login, str)
         assert self.wire is not None
@@ -338,11 +399,16 @@ def literal_address(host: str) -> tuple[int, str] | None:
 
 async def open_session(relay: RelayConfig, endpoint: Endpoint, *, timeouts: Timeouts, helo_name: str,
                        tls_context: ssl.SSLContext | None, resolve: Resolver | None = None,
-                       on_step: StepSink | None = None, secrets: tuple[str, ...] = ()) -> Connection:
-    """Open an SMTP session to `endpoint`, ready for MAIL FROM; SetupFailed says where and why not."""
+                       on_step: StepSink | None = None, secrets: tuple[str, ...] = (),
+                       tokens: Tokens | None = None) -> Connection:
+    """Open an SMTP session to `endpoint`, ready for MAIL FROM; SetupFailed says where and why not.
+
+    `tokens`: the process's OAuth2 token providers, so sessions share cached tokens (a relay with
+    auth=xoauth2 or oauthbearer gets a private provider without)."""
     if endpoint.tls is not TlsMode.NONE and tls_context is None:
         raise ValueError("a TLS endpoint needs a TLS context")
-    setup = _Setup(relay, endpoint, timeouts, helo_name, tls_context, resolve, on_step, secrets)
+    setup = _Setup(relay, endpoint, timeouts, helo_name, tls_context, resolve, on_step, secrets,
+                   token_provider(relay, tokens, timeouts))
     try:
         async with asyncio.timeout(timeouts.total):
             return await setup.run()
