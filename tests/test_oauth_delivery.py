@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import ssl
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,14 +16,15 @@ import pytest
 import trustme
 
 from mailwatchd.message.envelope import OutgoingMessage
+from mailwatchd.relays.diagnosis import hint_for
 from mailwatchd.settings.credentials import Secret
 from mailwatchd.settings.relays import AuthMethod, Endpoint, OAuthConfig, RelayConfig, TlsMode, TokenGrant
 from mailwatchd.transports.delivery import SmtpSession
-from mailwatchd.transports.outcome import Cause, Outcome
+from mailwatchd.transports.outcome import Cause, Outcome, Phase, Verdict, classify_reply
 from mailwatchd.transports.smtpclient import Step
 from mailwatchd.transports.tlsconfig import client_context
 from mailwatchd.transports.tokens import Tokens
-from tests.conftest import SmtpServer
+from tests.conftest import LOOPBACK, SmtpServer
 from tests.daemonproc import drop, message, relay_env, run_cli
 from tests.oauth_endpoint import OAuthEndpoint
 from tests.oauth_relay import BASIC_AUTH_NOT_SUPPORTED, OAuthRelay, start_oauth_relay
@@ -78,10 +81,11 @@ def outgoing(index: int) -> OutgoingMessage:
 
 def oauth_env(clean_env: dict[str, str], spool: Path, relay: OAuthRelay, endpoint: OAuthEndpoint, ca_file: Path,
               secret_file: Path, **extra: str) -> dict[str, str]:
-    return relay_env(clean_env, spool, relay.host, relay.port, EMAIL_USE_TLS="true", EMAIL_SSL_CAFILE=str(ca_file),
-                     EMAIL_HOST_USER=MAILBOX, EMAIL_AUTH="xoauth2", EMAIL_OAUTH_TOKEN_URL=endpoint.microsoft_url(),
-                     EMAIL_OAUTH_CLIENT_ID=CLIENT_ID, EMAIL_OAUTH_CLIENT_SECRET_FILE=str(secret_file),
-                     EMAIL_OAUTH_SCOPE=OUTLOOK, EMAIL_OAUTH_CAFILE=str(endpoint.ca_file), **extra)
+    settings = {"EMAIL_USE_TLS": "true", "EMAIL_SSL_CAFILE": str(ca_file), "EMAIL_HOST_USER": MAILBOX,
+                "EMAIL_AUTH": "xoauth2", "EMAIL_OAUTH_TOKEN_URL": endpoint.microsoft_url(),
+                "EMAIL_OAUTH_CLIENT_ID": CLIENT_ID, "EMAIL_OAUTH_CLIENT_SECRET_FILE": str(secret_file),
+                "EMAIL_OAUTH_SCOPE": OUTLOOK, "EMAIL_OAUTH_CAFILE": str(endpoint.ca_file)}
+    return relay_env(clean_env, spool, relay.host, relay.port, **{**settings, **extra})
 
 
 def assert_no_secret(text: str, endpoint: OAuthEndpoint) -> None:
@@ -238,7 +242,9 @@ def test_daemon_delivers_with_oauth_fails_over_when_the_token_endpoint_is_down_a
     first = daemons(env)
     drop(spool_dir, message(0, sender=MAILBOX), "m0")
     assert exchange.handler.wait_for(1)[0].authenticated_as == MAILBOX
+    first.wait_event("relay_up", lambda e: str(exchange.port) in str(e.get("endpoint")))  # the probe logged in too
     assert first.stop() == 0
+    assert len(endpoint.requests) == 1, "delivery and the probe share one token"
     endpoint.expire_all()
     endpoint.fail_with_status(503)
     second = daemons(env)  # a new process: no cached token
@@ -249,3 +255,98 @@ def test_daemon_delivers_with_oauth_fails_over_when_the_token_endpoint_is_down_a
     assert second.stop() == 0
     status = (spool_dir / "status.json").read_text()
     assert_no_secret("\n".join(first.raw_lines + second.raw_lines) + status, endpoint)
+
+
+class ConnectProxy:
+    """An HTTP CONNECT proxy on loopback that tunnels to loopback targets only, and records them."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server((LOOPBACK, 0))
+        self.port = self.server.getsockname()[1]
+        self.targets: list[str] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._tunnel, args=(client,), daemon=True).start()
+
+    def _tunnel(self, client: socket.socket) -> None:
+        with client:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = client.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            method, target, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
+            host, port = target.rsplit(":", 1)
+            if method != "CONNECT" or host != LOOPBACK:
+                client.sendall(b"HTTP/1.1 403 Forbidden\r\n\r\n")
+                return
+            self.targets.append(target)
+            with socket.create_connection((host, int(port))) as upstream:
+                client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                pipe = threading.Thread(target=_copy, args=(upstream, client), daemon=True)
+                pipe.start()
+                _copy(client, upstream)
+                pipe.join(5)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def _copy(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+        sink.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+def test_the_token_endpoint_is_reached_through_https_proxy(endpoint: OAuthEndpoint,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy = ConnectProxy()
+    monkeypatch.setenv("HTTPS_PROXY", f"http://{LOOPBACK}:{proxy.port}")
+    oauth = OAuthConfig(grant=TokenGrant.CLIENT_CREDENTIALS, token_url=endpoint.microsoft_url(), client_id=CLIENT_ID,
+                        client_secret=Secret(SECRET), scope=OUTLOOK, cafile=endpoint.ca_file)
+    try:
+        token = asyncio.run(Tokens().for_relay("m365", oauth, timeout=10.0).token())
+    finally:
+        proxy.close()
+    assert endpoint.is_valid(token.value.reveal())
+    assert proxy.targets == [endpoint.address]
+
+
+def test_smtp_auth_switched_off_for_an_oauth_mailbox_says_how_to_turn_it_on(
+        exchange: OAuthRelay, endpoint: OAuthEndpoint, ca_file: Path) -> None:
+    relay = oauth_relay(exchange, endpoint, ca_file)
+    detail = ("535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox. "
+              "Visit https://aka.ms/smtp_auth_disabled for more information.")
+    verdict = classify_reply(Phase.AUTH, 535, detail)
+    assert verdict == Verdict(Outcome.RELAY_FAULT, Cause.BASIC_AUTH_DISABLED)
+    hint = hint_for(verdict.cause, relay.primary, detail, relay=relay)
+    assert f"Set-CASMailbox -Identity {MAILBOX} -SmtpClientAuthenticationDisabled $false" in hint
+    assert "blocks OAuth2 logins too" in hint
+
+
+def test_google_refusing_a_token_and_a_mechanism_not_offered_get_their_own_hints(
+        server_tls_context: ssl.SSLContext, endpoint: OAuthEndpoint, ca_file: Path, secret_file: Path,
+        spool_dir: Path, clean_env: dict[str, str]) -> None:
+    with start_oauth_relay(server_tls_context, validate=endpoint.is_valid, mailboxes={"someone@else.example"},
+                           style="google") as gmail:
+        env = oauth_env(clean_env, spool_dir, gmail, endpoint, ca_file, secret_file)
+        refused = run_cli(env, "check", "--json")
+    (entry,) = [e for e in json.loads(refused.stdout)["endpoints"] if e["port"] == gmail.port]
+    assert entry["cause"] == "auth_failed" and "5.7.8" in entry["detail"]
+    assert "https://mail.google.com/ scope" in entry["hint"]
+    with start_oauth_relay(server_tls_context, validate=endpoint.is_valid, mailboxes={MAILBOX}) as exchange:
+        env = oauth_env(clean_env, spool_dir, exchange, endpoint, ca_file, secret_file, EMAIL_AUTH="oauthbearer")
+        unavailable = run_cli(env, "check", "--json")
+    (entry,) = [e for e in json.loads(unavailable.stdout)["endpoints"] if e["port"] == exchange.port]
+    assert entry["cause"] == "auth_unavailable" and "OAUTHBEARER" in entry["detail"]
+    assert "use auth=xoauth2" in entry["hint"]

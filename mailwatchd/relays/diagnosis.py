@@ -101,7 +101,7 @@ def _problem_and_fix(cause: Cause, endpoint: Endpoint, detail: str, relay: Relay
                      tried: Tried) -> tuple[str, str]:
     """What is wrong, and what to do about it, for one cause code."""
     host, port = endpoint.host, endpoint.port
-    gmail = "gmail" in host or "google" in host
+    gmail = "gmail" in host or "google" in host or "support.google.com" in detail
     oauth = relay is not None and relay.oauth is not None
     mailbox = relay.username if relay is not None and relay.username else "MAILBOX"
     match cause:

@@ -39,7 +39,7 @@ from mailwatchd.transports.smtpauth import (
     token_rejected,
 )
 from mailwatchd.transports.smtpwire import Reply, Wire, describe, scrub
-from mailwatchd.transports.tokens import AccessToken, TokenFailed, TokenProvider, Tokens
+from mailwatchd.transports.tokens import AccessToken, TokenFailed, TokenProvider, Tokens, load_http_client
 
 Resolver = Callable[[str, int], Awaitable[Sequence[tuple[Any, ...]]]]
 
@@ -374,6 +374,7 @@ class _Setup:
             await self.step("tls", Phase.TLS, timeouts.command, self.handshake, str)
             await self.step("ehlo_tls", Phase.EHLO, timeouts.command, self.ehlo, str)  # RFC 3207 §4.2
         if self.tokens is not None:
+            load_http_client(self.tokens.config)
             # The provider keeps its own deadline (connect + command) and says what timed out; this one is a backstop.
             token = await self.step("token", Phase.TOKEN, timeouts.connect + timeouts.command + 1.0, self.fetch_token,
                                     lambda token: token.detail)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -325,6 +326,14 @@ class _Authlib:
     error: type[Exception]  # AuthlibBaseError
 
 
+def load_http_client(config: OAuthConfig) -> None:
+    """Import what fetching for `config` needs (Authlib and httpx: about 250 ms once), so that a timed
+    token step measures the endpoint, not the import."""
+    if config.grant is not TokenGrant.COMMAND:
+        _authlib()
+
+
+@functools.cache
 def _authlib() -> _Authlib:
     """Authlib's httpx client and what goes with it, imported on the first fetch only."""
     import warnings

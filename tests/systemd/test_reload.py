@@ -52,7 +52,10 @@ TRY_IT_OFFLINE = (
     (".venv/bin/pip install -q -e .", f".venv/bin/pip install -q --no-index --find-links {WHEELS} mailwatchd"),
 )
 # Where the README's relay block sends mail: names the machine resolves from /etc/hosts, never through DNS.
-HOSTS = "127.0.0.1 localhost\n::1 localhost\n127.0.0.1 smtp.gmail.com smtp.sendgrid.net\n"
+HOSTS = ("127.0.0.1 localhost\n::1 localhost\n127.0.0.1 smtp.gmail.com smtp.sendgrid.net smtp.office365.com "
+         "login.microsoftonline.com\n")
+MICROSOFT_BLOCK = "**Microsoft 365 (app-only).**"
+OAUTH_SECRET = "/etc/mailwatchd/oauth-client-secret"
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +207,29 @@ def test_the_readme_relay_block_with_a_second_credential_leaves_the_service_runn
     finally:
         machine.run(["rm", "-rf", PASSWORD, "/etc/mailwatchd/sendgrid", DROP_INS])
         machine.systemctl("daemon-reload")
+
+
+def test_the_readme_microsoft_365_block_validates_and_the_unit_loads_its_secret(installed: Service) -> None:
+    machine = installed.machine
+    installed.reset({})
+    machine.write_file("/etc/hosts", HOSTS)
+    block = "\n".join(readme_sh_block(MICROSOFT_BLOCK))
+    try:
+        pasted = machine.run(["sh", "-c", f"set -e\ncd /root\n{block}"], timeout=60)
+        assert pasted.stdout == f"configuration OK: 1 relay (smtp.office365.com), 1 secret read; from {ENV_FILE}\n"
+        assert machine.run(["stat", "-c", "%a %U", OAUTH_SECRET]).stdout == "600 root\n"
+        machine.systemctl("restart", UNIT)
+        state = machine.show(UNIT, "ActiveState", "SubState")
+        assert (state["ActiveState"], state["SubState"]) == ("active", "running")
+        assert machine.prop(UNIT, "LimitCORE") == "0"  # no core dump holds a token
+        assert installed.events("EVENT=config_invalid") == []
+        status = status_file(installed)
+        assert [relay["name"] for relay in status["relays"]] == ["smtp.office365.com"]
+        assert "the-client-secret-value" not in json.dumps(status) + installed.journal()
+        assert reload(installed).returncode == 0  # the reload's check reads the credential as the daemon does
+    finally:
+        machine.run(["rm", "-f", OAUTH_SECRET])
+        installed.reset({})
 
 
 def try_it_as_root(machine: Machine) -> None:
