@@ -275,6 +275,47 @@ def _token_fix(detail: str) -> str:
     return "check the OAuth2 settings (EMAIL_OAUTH_TENANT or EMAIL_OAUTH_TOKEN_URL, EMAIL_OAUTH_CLIENT_ID)"
 
 
+def smtp_blocked_note(relays: Sequence[RelayConfig], reports: Sequence[ProbeReport],
+                      alternatives: Sequence[ProbeReport]) -> str:
+    """One finding when every SMTP port probed on every SMTP relay host fails before a byte of SMTP (the
+    host's outbound SMTP is blocked, as on many cloud hosts): where mail flows instead, or how to make it."""
+    api = {relay.name for relay in relays if relay.api is not None}
+    smtp = [r for r in [*reports, *alternatives] if r.relay not in api]
+    if not smtp or any(r.ok or r.cause not in TCP_CAUSES for r in smtp):
+        return ""
+    ports = sorted({r.port for r in smtp})
+    named = ", ".join(map(str, ports[:-1])) + f" and {ports[-1]}" if len(ports) > 1 else str(ports[0])
+    working = [r for r in reports if r.relay in api and r.ok]
+    if working:
+        flows = ", ".join(f"{r.relay} ({r.host}:{r.port})" for r in working)
+        return f"SMTP ports {named} are blocked here; mail flows through the HTTPS relay {flows}"
+    fix = ("make an HTTPS API relay work" if api else
+           "configure an HTTPS API relay, which uses port 443, e.g. MAILWATCHD_RELAYS=sendgrid://?password_file="
+           "sendgrid-key (also mailgun://, ses://, postmark://; README: HTTPS API relays)")
+    return (f"SMTP ports {named} are blocked here (outbound SMTP looks blocked by policy, as on many cloud hosts); "
+            f"{fix}")
+
+
+def _api_problem(cause: Cause, relay: RelayConfig, detail: str) -> tuple[str, str] | None:
+    """What to fix for an HTTPS API relay's own failures; None where the generic advice fits."""
+    assert relay.api is not None
+    provider = relay.api.kind.value
+    match cause:
+        case Cause.AUTH_FAILED:
+            return (f"{provider} refused the API key ({detail})",
+                    "put a valid key with permission to send in the relay's password_file credential (Mailgun: the "
+                    "primary or the domain's sending key; SES: the IAM user's secret access key, allowed "
+                    "ses:SendEmail; SendGrid: a key with Mail Send; Postmark: the server API token)")
+        case Cause.SENDER_REJECTED:
+            return (f"the {provider} account or domain cannot send ({detail})",
+                    "verify the sending domain or sender with the provider, move the account out of the sandbox, "
+                    "or resolve the suspension in the provider's console")
+        case Cause.PROTOCOL_ERROR:
+            return (f"the {provider} API does not know this account here ({detail})",
+                    "check the relay URL's host or region= (EU accounts live on the EU endpoint) and domain=")
+    return None
+
+
 def switch_advice(endpoint: Endpoint, relay: RelayConfig | None, current: Endpoint | None = None) -> str:
     """How to configure `endpoint` instead of `current`: EMAIL_* for the Django-style relay, a URL otherwise."""
     implicit = endpoint.tls is TlsMode.IMPLICIT
@@ -308,7 +349,8 @@ def hint_for(cause: Cause, endpoint: Endpoint, detail: str, *, relay: RelayConfi
     """
     if tried is None:
         tried = Tried.of(endpoint, alternatives, other_ports_probed=any(a.port != endpoint.port for a in alternatives))
-    problem, fix = _problem_and_fix(cause, endpoint, detail, relay, tried)
+    api_advice = _api_problem(cause, relay, detail) if relay is not None and relay.api is not None else None
+    problem, fix = api_advice or _problem_and_fix(cause, endpoint, detail, relay, tried)
     if not problem:
         return ""
     working = [alt for alt in alternatives if alt.ok]
@@ -509,6 +551,8 @@ async def run_check(settings: Settings, *, send_test_to: str | None = None, send
     targets = [(relay, endpoint) for relay in settings.relays for endpoint in relay.endpoints]
     alt_targets: list[tuple[RelayConfig, Endpoint]] = []
     for relay in settings.relays:
+        if relay.api is not None:
+            continue  # an HTTPS API has one port and one mode
         anonymous = replace(relay, username=None, password=None, auth=AuthMethod.PASSWORD, oauth=None)  # no logins
         for host in dict.fromkeys(endpoint.host for endpoint in relay.endpoints):
             alt_targets += [(anonymous, alt) for alt in alternative_endpoints(host, alt_ports, relay.endpoints)]
@@ -537,6 +581,9 @@ async def run_check(settings: Settings, *, send_test_to: str | None = None, send
                                 alternatives=finding.alternatives, fallback=fallback, tried=tried)
     check = CheckReport(endpoints=findings, relays=[relay.name for relay in settings.relays], duration_ms=0.0,
                         checked_at=checked_at, send_test_to=send_test_to)
+    blocked = smtp_blocked_note(settings.relays, reports, list(alt_reports))
+    if blocked:
+        check.notes.append(blocked)
     if send_test_to is not None:
         healthy = next(((relay, r.endpoint) for relay in settings.relays for r in reports
                         if r.relay == relay.name and r.ok), None)

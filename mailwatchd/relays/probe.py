@@ -21,8 +21,16 @@ from mailwatchd.message.envelope import OutgoingMessage, check_address
 from mailwatchd.settings.config import Settings
 from mailwatchd.settings.relays import Endpoint, RelayConfig, TlsMode
 from mailwatchd.transports.delivery import SmtpSession, session_timeouts
-from mailwatchd.transports.outcome import Cause, Phase
-from mailwatchd.transports.smtpclient import Resolver, SetupFailed, Step, open_session, quit_session, secret_forms
+from mailwatchd.transports.outcome import Cause, DeliveryResult, Phase, classify_http
+from mailwatchd.transports.smtpclient import (
+    Resolver,
+    SetupFailed,
+    Step,
+    open_session,
+    quit_session,
+    reach_tls,
+    secret_forms,
+)
 from mailwatchd.transports.smtpwire import describe
 from mailwatchd.transports.tlsconfig import client_context
 from mailwatchd.transports.tokens import Tokens
@@ -132,6 +140,13 @@ async def probe_endpoint(relay: RelayConfig, endpoint: Endpoint, settings: Setti
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         cause, detail = Cause.LOCAL_ERROR, f"cannot load the TLS files: {describe(exc)}"
     else:
+        if relay.api is not None:
+            assert context is not None
+            cause, detail, cert_days_left, tls_version = await _probe_api(relay, endpoint, settings, context, resolve,
+                                                                          steps, send_test)
+            return ProbeReport(relay=relay.name, host=endpoint.host, port=endpoint.port, tls=endpoint.tls,
+                               ok=cause is Cause.OK, cause=cause, detail=detail, steps=steps, extensions=[],
+                               cert_days_left=cert_days_left, tls_version=tls_version, checked_at=checked_at)
         try:
             connection = await open_session(relay, endpoint, timeouts=session_timeouts(settings),
                                             helo_name=settings.ehlo_name, tls_context=context, resolve=resolve,
@@ -162,3 +177,44 @@ async def probe_endpoint(relay: RelayConfig, endpoint: Endpoint, settings: Setti
     return ProbeReport(relay=relay.name, host=endpoint.host, port=endpoint.port, tls=endpoint.tls, ok=cause is Cause.OK,
                        cause=cause, detail=detail, steps=steps, extensions=extensions, cert_days_left=cert_days_left,
                        tls_version=tls_version, checked_at=checked_at)
+
+
+async def _probe_api(relay: RelayConfig, endpoint: Endpoint, settings: Settings, context: ssl.SSLContext,
+                     resolve: Resolver | None, steps: list[Step],
+                     send_test: SendTest | None) -> tuple[Cause, str, int | None, str | None]:
+    """An HTTPS API relay: DNS, connect and TLS as any session's set-up, then the provider's read-only
+    authenticated call (no mail), or the test message with `send_test`."""
+    from mailwatchd.transports.api.session import ApiSession
+
+    try:
+        reached = await reach_tls(relay, endpoint, timeouts=session_timeouts(settings), tls_context=context,
+                                  resolve=resolve, on_step=steps.append)
+    except SetupFailed as failed:
+        return failed.verdict.cause, failed.detail, None, None
+    session = ApiSession(relay, endpoint, settings, context)
+    started = time.perf_counter()
+    try:
+        if send_test is not None:
+            result = await session.deliver(send_test.render(relay, endpoint, settings.ehlo_name))
+            ok = result.cause is Cause.OK
+            steps.append(Step("send", result.phase, ok, _ms(started), result.summary))
+            detail = (f"test message from {send_test.sender} to {send_test.recipient} accepted: {result.detail}"
+                      if ok else result.summary)
+            return result.cause, detail, reached.cert_days_left, reached.tls_version
+        reply, reading = await session.probe()
+    finally:
+        await session.close()
+    if isinstance(reply, DeliveryResult):
+        steps.append(Step("api", reply.phase, False, _ms(started), reply.summary))
+        return reply.cause, reply.summary, reached.cert_days_left, reached.tls_version
+    assert reading is not None
+    verdict = classify_http(reading.problem)
+    ok = verdict.cause is Cause.OK
+    said = f"HTTP {reply.status}: {reading.detail}" if reading.detail else f"HTTP {reply.status}"
+    steps.append(Step("api", Phase.HTTP, ok, _ms(started), said))
+    detail = f"{endpoint} works: {session.provider.name} {reading.detail}".rstrip() if ok else said
+    return verdict.cause, detail, reached.cert_days_left, reached.tls_version
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)

@@ -158,9 +158,12 @@ class Router:
         now = self._clock()
         if result.outcome is Outcome.RELAY_FAULT:
             if result.cause is Cause.QUOTA_EXCEEDED:
-                state.paused_until = now + QUOTA_PAUSE_S
+                pause = QUOTA_PAUSE_S if result.retry_after is None else min(result.retry_after, DAY_S)
+                state.paused_until = now + pause
                 state.pause_cause = result.summary
                 return None  # the endpoint itself works
+            if result.cause is Cause.UNEXPRESSIBLE:
+                return None  # the relay works; it cannot carry this one message
             return self._mark(health, False, result.cause.value, result.summary, now)
         if result.outcome is Outcome.DELIVERED:
             state.sent_minute.append(now)

@@ -14,6 +14,7 @@ from mailwatchd.relays.routing import Router, Transition
 from mailwatchd.service.logs import get_logger
 from mailwatchd.settings.config import Settings
 from mailwatchd.settings.relays import Endpoint, RelayConfig
+from mailwatchd.transports.api.session import ApiSession
 from mailwatchd.transports.delivery import SmtpSession
 from mailwatchd.transports.outbox import OutboxSession
 from mailwatchd.transports.tlsconfig import client_context
@@ -74,6 +75,8 @@ class Live:
                 context = self._tls_contexts[relay.name] = client_context(relay)
             except (OSError, ValueError):
                 context = None  # the session reports the unreadable TLS files as a relay fault
+        if relay.api is not None:
+            return ApiSession(relay, endpoint, self.settings, context)
         return SmtpSession(relay, endpoint, self.settings, context, tokens=self.tokens)
 
     def make_relay_session(self, relay: RelayConfig, endpoint: Endpoint) -> RelaySession:

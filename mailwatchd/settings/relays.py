@@ -13,6 +13,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from mailwatchd.errors import ConfigError
+from mailwatchd.settings.apirelays import API_OPTIONS, ApiKind, api_config, api_host
+from mailwatchd.settings.apirelays import ApiConfig as ApiConfig  # re-exported: relays carry it
 from mailwatchd.settings.credentials import Secret as Secret  # re-exported: relays carry it
 from mailwatchd.settings.credentials import read_secret_file
 from mailwatchd.settings.oauth import OAUTH_OPTIONS, parse_oauth
@@ -28,6 +30,7 @@ class TlsMode(StrEnum):
     STARTTLS = "starttls"
     IMPLICIT = "ssl"
     NONE = "none"
+    HTTPS = "https"  # an HTTPS API relay (apirelays.py): TLS, always verified
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class RelayConfig:
     max_per_day: int | None = None
     auth: AuthMethod = AuthMethod.PASSWORD
     oauth: OAuthConfig | None = None  # set exactly when auth is XOAUTH2 or OAUTHBEARER; username is the mailbox
+    api: ApiConfig | None = None  # an HTTPS API relay (Mailgun, SES, SendGrid, Postmark): one HTTPS endpoint
 
     @property
     def uses_oauth(self) -> bool:
@@ -221,10 +225,13 @@ def parse_relay_url(key: str, url: str, env: Mapping[str, str], *, index: int = 
     """
     shown = re.sub(r"//([^:@/?#]*):.*@", r"//\1:***@", url)  # to the last @: a password may hold one
     parts = urlsplit(url)
+    if parts.scheme.lower() in ApiKind.__members__.values():
+        return _api_relay(key, url, shown, env, index=index)
     mode = _SCHEMES.get(parts.scheme.lower())
     if mode is None:
         raise ConfigError(key, f"{shown!r} has an unknown scheme",
-                          "start each relay with smtp+tls://, smtp+ssl:// or smtp://")
+                          "start each relay with smtp+tls://, smtp+ssl:// or smtp://, or an HTTPS API's "
+                          "mailgun://, ses://, sendgrid:// or postmark://")
     host = parts.hostname
     if not host:
         raise ConfigError(key, f"{shown!r} has no host", "write smtp+tls://user@host:587")
@@ -258,3 +265,31 @@ def parse_relay_url(key: str, url: str, env: Mapping[str, str], *, index: int = 
     return RelayConfig(name=name, endpoints=endpoints, username=username, password=password, verify=verify,
                        cafile=cafile, certfile=certfile, keyfile=keyfile,
                        max_per_minute=per_minute, max_per_day=per_day, auth=auth, oauth=oauth)
+
+
+def _api_relay(key: str, url: str, shown: str, env: Mapping[str, str], *, index: int) -> RelayConfig:
+    """An HTTPS API relay from `mailgun://`, `ses://`, `sendgrid://` or `postmark://` (settings/apirelays.py)."""
+    parts = urlsplit(url)
+    kind = ApiKind(parts.scheme.lower())
+    query = {name: values[-1] for name, values in parse_qs(parts.query, keep_blank_values=True).items()}
+    for name in query:
+        if name not in API_OPTIONS:
+            raise ConfigError(key, f"{shown!r} has an unknown option {name!r}",
+                              f"use only {', '.join(sorted(API_OPTIONS))}")
+    try:
+        port = parts.port or 443
+    except ValueError:
+        raise ConfigError(key, f"{shown!r} has a bad port", "use a port from 1 to 65535") from None
+    region = query.get("region") or None
+    host = api_host(key, kind, parts.hostname, region, shown)
+    inline = unquote(parts.password) if parts.password is not None else None
+    secret = _password(key, inline, key, query.get("password_file"), env)
+    config = api_config(key, kind, host=host, port=port, secret=secret,
+                        key_id=unquote(parts.username) if parts.username else None, region=region,
+                        domain=query.get("domain") or None, message_stream=query.get("message_stream") or None,
+                        shown=shown)
+    cafile, _, _ = _tls_files(key, query.get("cafile"), key, None, key, None)
+    per_minute, per_day = _limits(key, query.get("max_per_minute"), key, query.get("max_per_day"))
+    name = query.get("name") or (kind.value if index == 0 else f"{kind.value}#{index}")
+    return RelayConfig(name=name, endpoints=(Endpoint(host, port, TlsMode.HTTPS),), cafile=cafile,
+                       max_per_minute=per_minute, max_per_day=per_day, api=config)

@@ -40,6 +40,7 @@ class Phase(StrEnum):
     RCPT = "rcpt"
     DATA = "data"
     BODY = "body"  # the reply after the final dot
+    HTTP = "http"  # an HTTPS API relay's request and reply
     LOCAL = "local"  # outbox delivery or reading the spool
 
     @property
@@ -82,6 +83,22 @@ class Cause(StrEnum):
     LOCAL_ERROR = "local_error"
     EXPIRED = "expired"  # the message's lifetime ran out while it kept failing temporarily
     MALFORMED = "malformed"  # the spool file is not a sendable message (no sender, no recipient, unreadable)
+    UNEXPRESSIBLE = "unexpressible"  # an HTTPS API relay cannot carry this message as written: try the next relay
+
+
+class HttpProblem(StrEnum):
+    """What an HTTPS API relay's reply means, as each provider module reads its status and error code."""
+
+    NONE = "none"  # accepted (2xx with the provider's message id)
+    AUTH = "auth"  # the key is wrong, revoked or lacks the send permission (401/403)
+    ACCOUNT = "account"  # the account or domain cannot send now (suspended, paused, unverified domain)
+    QUOTA = "quota"  # 429 or a quota reply: skip the relay until Retry-After
+    UNAVAILABLE = "unavailable"  # 5xx: the provider has a problem
+    MISCONFIGURED = "misconfigured"  # the URL, region or domain names nothing (404, a wrong base URL)
+    SENDER = "sender"  # this message's sender is refused (an unverified sender identity)
+    RECIPIENT = "recipient"  # this message's recipient is refused (an invalid address)
+    MESSAGE = "message"  # this message is refused (too large, content, a field the provider rejects)
+    UNEXPRESSIBLE = "unexpressible"  # the API cannot carry this message as written: the next relay may
 
 
 @dataclass(frozen=True)
@@ -143,6 +160,27 @@ def classify_reply(phase: Phase, code: int, text: str = "") -> Verdict:
             phase, Cause.MESSAGE_REJECTED)
         return Verdict(Outcome.PERMANENT, cause)
     return Verdict(Outcome.TEMPORARY, Cause.PROTOCOL_ERROR)
+
+
+_HTTP_VERDICTS = {
+    HttpProblem.NONE: (Outcome.DELIVERED, Cause.OK),
+    HttpProblem.AUTH: (Outcome.RELAY_FAULT, Cause.AUTH_FAILED),
+    HttpProblem.ACCOUNT: (Outcome.RELAY_FAULT, Cause.SENDER_REJECTED),
+    HttpProblem.QUOTA: (Outcome.RELAY_FAULT, Cause.QUOTA_EXCEEDED),
+    HttpProblem.UNAVAILABLE: (Outcome.RELAY_FAULT, Cause.SERVER_BUSY),
+    HttpProblem.MISCONFIGURED: (Outcome.RELAY_FAULT, Cause.PROTOCOL_ERROR),
+    HttpProblem.SENDER: (Outcome.PERMANENT, Cause.SENDER_REJECTED),
+    HttpProblem.RECIPIENT: (Outcome.PERMANENT, Cause.RECIPIENT_REJECTED),
+    HttpProblem.MESSAGE: (Outcome.PERMANENT, Cause.MESSAGE_REJECTED),
+    HttpProblem.UNEXPRESSIBLE: (Outcome.RELAY_FAULT, Cause.UNEXPRESSIBLE),
+}
+
+
+def classify_http(problem: HttpProblem) -> Verdict:
+    """An HTTPS API relay's reply in the closed set: the provider's problems (its key, account, quota,
+    a 5xx) are relay faults that fail over; only what is wrong with this message is permanent."""
+    outcome, cause = _HTTP_VERDICTS[problem]
+    return Verdict(outcome, cause)
 
 
 def classify_exception(phase: Phase, exc: BaseException) -> Verdict:
@@ -216,6 +254,7 @@ class DeliveryResult:
     relay: str | None = None
     endpoint: str | None = None
     refused: tuple[RefusedRecipient, ...] = field(default=())
+    retry_after: float | None = None  # seconds the relay asked to be left alone (HTTP Retry-After, a quota reset)
 
     @property
     def summary(self) -> str:

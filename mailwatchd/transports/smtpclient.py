@@ -351,7 +351,8 @@ class _Setup:
                                          self.relay.auth, self.relay.username, value, host=endpoint.host,
                                          port=endpoint.port)
 
-    async def run(self) -> Connection:
+    async def reach(self) -> str:
+        """DNS, connect and, for implicit TLS and HTTPS, the TLS handshake; the address connected to."""
         endpoint, timeouts = self.endpoint, self.timeouts
         literal = literal_address(endpoint.host)
         # An IP address needs no lookup: no "dns" step (getaddrinfo would cost a thread hand-off).
@@ -362,10 +363,15 @@ class _Setup:
         connect_deadline = timeouts.connect + CONNECT_STAGGER_S * (len(found) - 1) + 0.05
         address = await self.step("connect", Phase.CONNECT, connect_deadline, lambda: self.connect(found),
                                   lambda ip: f"connected to {ip}:{endpoint.port}", said_timeout=timeouts.connect)
-        if endpoint.tls is TlsMode.IMPLICIT:
+        if endpoint.tls in (TlsMode.IMPLICIT, TlsMode.HTTPS):
             await self.step("tls", Phase.TLS, timeouts.command, self.handshake, str)
         else:
             await self.attach(None)
+        return address
+
+    async def run(self) -> Connection:
+        endpoint, timeouts = self.endpoint, self.timeouts
+        address = await self.reach()
         await self.step("banner", Phase.GREETING, timeouts.command,
                         lambda: self.expect(Phase.GREETING, None, (220,)), str)
         await self.step("ehlo", Phase.EHLO, timeouts.command, self.ehlo, str)
@@ -422,6 +428,26 @@ async def open_session(relay: RelayConfig, endpoint: Endpoint, *, timeouts: Time
             raise SetupFailed(classify_exception(setup.phase, exc), setup.phase,
                               f"the session set-up took longer than {timeouts.total:g}s") from None
         raise
+
+
+async def reach_tls(relay: RelayConfig, endpoint: Endpoint, *, timeouts: Timeouts, tls_context: ssl.SSLContext,
+                    resolve: Resolver | None = None, on_step: StepSink | None = None) -> Connection:
+    """DNS, connect and TLS to an HTTPS endpoint, timed as a session's set-up; then the connection is dropped
+    (the probe of an HTTPS API relay: its API call goes through the relay's own HTTP client)."""
+    setup = _Setup(relay, endpoint, timeouts, "", tls_context, resolve, on_step, (), None)
+    try:
+        async with asyncio.timeout(timeouts.total):
+            address = await setup.reach()
+    except TimeoutError:
+        raise SetupFailed(classify_exception(setup.phase, TimeoutError()), setup.phase,
+                          f"reaching {endpoint} took longer than {timeouts.total:g}s") from None
+    finally:
+        if setup.sock is not None:
+            setup.sock.close()
+        if setup.wire is not None:
+            setup.wire.abort()
+    assert setup.wire is not None
+    return Connection(setup.wire, address, tls_version=setup.tls_version, cert_not_after=setup.cert_not_after)
 
 
 async def quit_session(wire: Wire, timeout: float = QUIT_TIMEOUT_S) -> Reply | None:

@@ -1,0 +1,1 @@
+"""HTTPS API relays: one module per provider, the session that sends their requests."""
