@@ -23,8 +23,8 @@ class ApiRequest:
 
     method: str
     url: str  # absolute: the relay's base URL and the provider's path
-    headers: dict[str, str] = field(default_factory=dict)
-    content: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # holds the key: never printed
+    content: bytes = field(default=b"", repr=False)
 
 
 @dataclass(frozen=True)
