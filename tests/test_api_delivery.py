@@ -166,7 +166,8 @@ def rich_message() -> EmailMessage:
     mail["X-Campaign"] = "q3"
     mail.set_content("Bonjour,\nle rapport est joint.\n")
     mail.add_alternative('<p>Bonjour, <img src="cid:logo@example.com"> le rapport est joint.</p>', subtype="html")
-    html = mail.get_payload()[1]
+    html = mail.get_body(("html",))
+    assert isinstance(html, EmailMessage)
     html.add_related(b"\x89PNG\r\n\x1a\nfake-png", maintype="image", subtype="png", cid="<logo@example.com>",
                      filename="logo.png")
     mail.add_attachment(b"%PDF-1.4 fake pdf \x00\x01\x02", maintype="application", subtype="pdf",
