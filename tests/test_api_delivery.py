@@ -282,3 +282,19 @@ def test_raw_providers_carry_the_message_as_written_with_bcc_in_the_envelope_onl
     assert [part.get_payload(decode=True) for part in stored.walk() if not part.is_multipart()] == \
         [part.get_payload(decode=True) for part in sent.walk() if not part.is_multipart()]
     assert secret not in "\n".join(daemon.raw_lines)
+
+
+def test_a_message_no_relay_can_carry_goes_to_the_failed_store_with_the_reason(
+        sendgrid: FakeSendGrid, key_file: Path, ca_file: Path, spool_dir: Path, clean_env: dict[str, str],
+        daemons: Any) -> None:
+    env = relay_env(clean_env, spool_dir, "127.0.0.1", 1, MAILWATCHD_RELAYS=sendgrid_url(sendgrid, key_file, ca_file))
+    env.pop("EMAIL_HOST")
+    env.pop("EMAIL_PORT")
+    daemon = daemons(env)
+    drop(spool_dir, message(0, extra_headers="DKIM-Signature: v=1; a=rsa-sha256; d=example.com; b=abc\r\n"), "m0")
+    failed = daemon.wait_event("message_failed")[0]
+    assert failed["cause"] == "unexpressible" and "no relay can carry this message as written" in failed["reason"]
+    assert "DKIM-Signature" in failed["reason"]
+    assert spool_names(spool_dir, "failed")["failed"]
+    assert all(request.path != "/v3/mail/send" for request in sendgrid.requests)
+    assert daemon.stop() == 0

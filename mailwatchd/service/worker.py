@@ -249,6 +249,7 @@ class Worker:
         race = Race(candidates, self._opening)
         bound = live.settings.command_timeout + live.settings.transaction_timeout  # one opening, at most
         last: DeliveryResult | None = None
+        unexpressible: set[str] = set()  # relays whose API cannot carry this message as written
         while True:
             self.busy_until = time.monotonic() + bound
             opening = await race.next()
@@ -261,6 +262,8 @@ class Worker:
                 router.report(relay, endpoint, result)
                 if result.outcome is not Outcome.RELAY_FAULT:
                     return result
+            if result.cause is Cause.UNEXPRESSIBLE:
+                unexpressible.add(relay.name)
             upcoming = race.upcoming()
             if upcoming is not None:  # only when there is somewhere else to go
                 next_relay, next_endpoint = upcoming
@@ -268,6 +271,12 @@ class Worker:
                             cause=result.cause.value, detail=result.summary, next_relay=next_relay.name,
                             next_endpoint=str(next_endpoint))
             last = result
+        if last is not None and unexpressible:
+            # Waiting would retry at once (the relay is up): back off, or fail when no relay can ever carry it.
+            never = unexpressible >= {relay.name for relay in live.settings.relays}
+            return replace(last, outcome=Outcome.PERMANENT if never else Outcome.TEMPORARY,
+                           cause=Cause.UNEXPRESSIBLE, detail=f"no relay can carry this message as written: "
+                           f"{last.detail}" if never else last.detail)
         if last is not None:
             log.info("delivery_waiting", queue_id=message.queue_id, reason="no relay can take mail now",
                      last_cause=last.cause.value, detail=last.summary)
