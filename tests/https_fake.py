@@ -32,6 +32,7 @@ class Request:
     path: str  # with the query string
     headers: dict[str, str]
     body: bytes
+    peer: tuple[str, int] = ("", 0)  # the client's address: one per connection
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -182,7 +183,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         body = self.rfile.read(length)
         headers = {name.lower(): value for name, value in self.headers.items()}
-        response = self.server.api.answer(Request(self.command, self.path, headers, body))
+        response = self.server.api.answer(Request(self.command, self.path, headers, body, self.client_address[:2]))
         self.send_response(response.status)
         self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(response.body)))

@@ -298,3 +298,60 @@ def test_a_message_no_relay_can_carry_goes_to_the_failed_store_with_the_reason(
     assert spool_names(spool_dir, "failed")["failed"]
     assert all(request.path != "/v3/mail/send" for request in sendgrid.requests)
     assert daemon.stop() == 0
+
+
+def test_check_send_test_goes_through_the_https_relay(
+        sendgrid: FakeSendGrid, key_file: Path, ca_file: Path, spool_dir: Path, clean_env: dict[str, str]) -> None:
+    env = relay_env(clean_env, spool_dir, "127.0.0.1", 1, MAILWATCHD_RELAYS=sendgrid_url(sendgrid, key_file, ca_file))
+    env.pop("EMAIL_HOST")
+    env.pop("EMAIL_PORT")
+    result = run_cli(env, "check", "--json", "--send-test", "you@example.org", "--from", "app@example.com")
+    report = json.loads(result.stdout)
+    assert result.returncode == 0, report
+    test = report["send_test"]
+    assert test["ok"] is True and test["tls"] == "https" and "accepted" in test["detail"]
+    (accepted,) = sendgrid.accepted
+    assert [to["email"] for to in accepted.payload["personalizations"][0]["to"]] == ["you@example.org"]
+    assert accepted.message_id in test["detail"]
+
+
+def test_one_worker_reuses_its_connection_and_honours_https_proxy(
+        sendgrid: FakeSendGrid, key_file: Path, ca_file: Path, spool_dir: Path, clean_env: dict[str, str],
+        daemons: Any) -> None:
+    from tests.test_oauth_delivery import ConnectProxy
+
+    proxy = ConnectProxy()
+    env = relay_env(clean_env, spool_dir, "127.0.0.1", 1, MAILWATCHD_CONCURRENCY="1", MAILWATCHD_IDLE_TIMEOUT="30s",
+                    MAILWATCHD_RELAYS=sendgrid_url(sendgrid, key_file, ca_file),
+                    HTTPS_PROXY=f"http://127.0.0.1:{proxy.port}")
+    env.pop("EMAIL_HOST")
+    env.pop("EMAIL_PORT")
+    try:
+        daemon = daemons(env)
+        for index in range(3):
+            drop(spool_dir, message(index), f"m{index}")
+        wait_until(lambda: len(sendgrid.accepted) == 3, message="three messages at SendGrid")
+        assert daemon.stop() == 0
+    finally:
+        proxy.close()
+    sends = [request for request in sendgrid.requests if request.path == "/v3/mail/send"]
+    assert len({request.peer for request in sends}) == 1, "one keep-alive connection for the worker's messages"
+    assert f"127.0.0.1:{sendgrid.port}" in proxy.targets
+
+
+def test_http_readings_map_into_the_closed_set() -> None:
+    from mailwatchd.transports.outcome import Cause, HttpProblem, Outcome, classify_http
+
+    expected = {
+        HttpProblem.NONE: (Outcome.DELIVERED, Cause.OK),
+        HttpProblem.AUTH: (Outcome.RELAY_FAULT, Cause.AUTH_FAILED),
+        HttpProblem.ACCOUNT: (Outcome.RELAY_FAULT, Cause.SENDER_REJECTED),
+        HttpProblem.QUOTA: (Outcome.RELAY_FAULT, Cause.QUOTA_EXCEEDED),
+        HttpProblem.UNAVAILABLE: (Outcome.RELAY_FAULT, Cause.SERVER_BUSY),
+        HttpProblem.MISCONFIGURED: (Outcome.RELAY_FAULT, Cause.PROTOCOL_ERROR),
+        HttpProblem.SENDER: (Outcome.PERMANENT, Cause.SENDER_REJECTED),
+        HttpProblem.RECIPIENT: (Outcome.PERMANENT, Cause.RECIPIENT_REJECTED),
+        HttpProblem.MESSAGE: (Outcome.PERMANENT, Cause.MESSAGE_REJECTED),
+        HttpProblem.UNEXPRESSIBLE: (Outcome.RELAY_FAULT, Cause.UNEXPRESSIBLE),
+    }
+    assert {problem: (v.outcome, v.cause) for problem in HttpProblem for v in [classify_http(problem)]} == expected
