@@ -60,12 +60,22 @@ def test_every_smtp_port_blocked_mail_flows_through_the_https_relay_and_check_sa
     for hole in holes:
         hole.__enter__()
     try:
+        metrics = spool_dir / "mailwatchd.prom"
         env = relay_env(clean_env, spool_dir, BLOCKED_HOST, 587, EMAIL_USE_TLS="true",
                         MAILWATCHD_FALLBACK_PORTS="465/ssl,2525/tls", MAILWATCHD_CONNECT_TIMEOUT="1s",
-                        MAILWATCHD_RELAYS=sendgrid_url(sendgrid, key_file, ca_file))
+                        MAILWATCHD_RELAYS=sendgrid_url(sendgrid, key_file, ca_file),
+                        MAILWATCHD_METRICS_FILE=str(metrics))
         daemon = daemons(env)
         drop(spool_dir, message(0), "m0")
         wait_until(lambda: sendgrid.accepted, message="the message at the HTTPS relay")
+        labels = f'endpoint="127.0.0.1:{sendgrid.port}/https",relay="sendgrid"'
+
+        def exported() -> bool:
+            text = metrics.read_text() if metrics.exists() else ""
+            return (f"mailwatchd_relay_up{{{labels}}} 1.0" in text
+                    and f'mailwatchd_probe_step_seconds{{{labels},step="api"}}' in text)
+
+        wait_until(exported, timeout=30, message="the HTTPS relay in the metrics, as one more endpoint")
         delivered = daemon.wait_event("message_delivered")[0]
         assert delivered["relay"] == "sendgrid" and sendgrid.accepted[0].message_id in delivered["reply"]
         result = run_cli(env, "check", "--json")
