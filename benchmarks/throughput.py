@@ -581,6 +581,7 @@ def run_mailwatchd(sink: Sink, workdir: Path, args: argparse.Namespace) -> dict[
         if usage is not None:
             cpu_total = usage.ru_utime + usage.ru_stime
             result["cpu_s_total"] = round(cpu_total, 3)
+            result["cpu_s_user"], result["cpu_s_system"] = round(usage.ru_utime, 3), round(usage.ru_stime, 3)
             result["cpu_ms_per_msg"] = round(cpu_total * 1000 / args.messages, 3)
             # KiB on Linux. It counts the RSS the child had before exec(), a copy of this
             # benchmark's, so it is a floor of ~25 MiB; VmHWM (the daemon's own mm) is not.

@@ -8,9 +8,15 @@ interpreter builds a class that behaves as collections.namedtuple's: a tuple sub
 annotated fields (read-only), their defaults, `_fields`, `_field_defaults`, `_make`, `_replace`,
 `_asdict`, its repr, equality, hashing and pickling, plus the class body's docstring, methods and
 properties. tests/test_imports.py holds it to typing.NamedTuple.
+
+The daemon reads these fields for every message: where the C accessor operator.itemgetter is already
+loaded (the daemon has imported collections long before), the fields use it, as namedtuple's do; a
+`sendmail` run, which must not import it, gets one Python function per field.
 """
 
 from __future__ import annotations
+
+import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -20,7 +26,9 @@ else:
     _NOT_COPIED = frozenset({"__module__", "__name__", "__annotations__"})
 
     def _field(index):
-        return property(lambda record: record[index], doc=f"Alias for field number {index}")
+        _operator = sys.modules.get("_operator")
+        getter = _operator.itemgetter(index) if _operator is not None else lambda record: record[index]
+        return property(getter, doc=f"Alias for field number {index}")
 
     def _record_class(typename, namespace):
         """collections.namedtuple(typename, the annotated fields, defaults=...) and the class body's own members."""
@@ -34,6 +42,8 @@ else:
         defaults = tuple(namespace[name] for name in with_default)
 
         def __new__(cls, *args, **kwargs):
+            if not kwargs and len(args) == len(fields):
+                return tuple.__new__(cls, args)
             if len(args) > len(fields):
                 raise TypeError(f"{typename}() takes {len(fields)} positional arguments but {len(args)} were given")
             values = list(args)
@@ -55,7 +65,7 @@ else:
             return result
 
         def _replace(self, /, **changes):
-            result = self._make(map(changes.pop, fields, self))
+            result = tuple.__new__(type(self), map(changes.pop, fields, self))
             if changes:
                 raise ValueError(f"Got unexpected field names: {list(changes)!r}")
             return result

@@ -94,6 +94,25 @@ def test_maildir_writer_message_is_delivered_and_leaves_the_spool(smtp_server: S
     wait_until(lambda: spool_is_empty(spool_dir), message="empty spool")
 
 
+def test_delivered_files_are_gone_by_the_time_the_daemon_has_stopped(smtp_server: SmtpServer, spool_dir: Path,
+                                                                     clean_env: dict[str, str]) -> None:
+    count = 40  # more than one of the reaper's batches, and some left over for the flush
+    for index in range(count):
+        drop(spool_dir, message(index), f"drop{index:03d}")
+    daemon = DaemonProcess(relay_env(clean_env, spool_dir, smtp_server.host, smtp_server.port)).start()
+    try:
+        daemon.wait_ready(timeout=30)
+        daemon.wait_event("message_delivered", count=count, timeout=60)
+        assert all(name not in spool_names(spool_dir, "queue")["queue"]
+                   for name in (event["queue_id"] for event in daemon.named("message_delivered")))
+    finally:
+        assert daemon.stop() == 0
+    assert len(smtp_server.handler.messages) == count
+    # Dot files included: no delivered message's file (.sent-*) is left once the daemon has exited.
+    assert {name: os.listdir(spool_dir / name) for name in ("new", "queue", "deferred", "meta")} == \
+        {"new": [], "queue": [], "deferred": [], "meta": []}
+
+
 def test_bcc_recipients_get_the_message_without_the_bcc_header(smtp_server: SmtpServer, spool_dir: Path,
                                                                 clean_env: dict[str, str], daemons: Any) -> None:
     daemons(relay_env(clean_env, spool_dir, smtp_server.host, smtp_server.port))

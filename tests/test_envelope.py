@@ -10,6 +10,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from mailwatchd.errors import MalformedMessage
+from mailwatchd.message import envelope
 from mailwatchd.message.envelope import (
     ENVELOPE_FROM,
     ENVELOPE_TO,
@@ -451,3 +452,20 @@ def test_split_header_keeps_folded_fields_whole() -> None:
     fields, rest = split_header(b"A: 1\r\nB: 2\r\n  3\r\nC:4\r\n\r\nbody")
     assert [(f.name, f.raw) for f in fields] == [(b"a", b"A: 1\r\n"), (b"b", b"B: 2\r\n  3\r\n"), (b"c", b"C:4\r\n")]
     assert rest == b"\r\nbody"
+
+
+def _header_length_as_written_before(raw: bytes) -> int:
+    """The header's end as the first version computed it: the earliest of both blank-line forms."""
+    breaks = [at for at in (raw.find(b"\n\n"), raw.find(b"\n\r\n")) if at != -1]
+    return min(breaks) + 1 if breaks else len(raw)
+
+
+@given(st.lists(st.sampled_from([b"a", b":", b"\n", b"\r", b"\r\n", b" "]), max_size=40).map(b"".join))
+def test_the_header_ends_at_the_first_blank_line_of_either_form(raw: bytes) -> None:
+    assert envelope._header_length(raw) == _header_length_as_written_before(raw)
+
+
+@pytest.mark.parametrize("raw", [b"A: b\r\n\r\nbody\n\nmore", b"A: b\n\nbody\r\n\r\n", b"A: b\r\n\n\nx",
+                                 b"A: b\n\r\n\nx", b"A: b", b"A: b\n", b"\n\n", b"\n\r\n"])
+def test_the_header_end_of_mixed_line_endings(raw: bytes) -> None:
+    assert envelope._header_length(raw) == _header_length_as_written_before(raw)

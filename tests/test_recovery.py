@@ -117,3 +117,64 @@ def test_a_backlog_in_new_is_claimed_after_ready(smtp_server: SmtpServer, spool_
     finally:
         daemon.stop()
     assert sorted(os.listdir(spool_dir / "new")) == []
+
+
+def test_delivered_files_a_kill_left_are_removed(spool: Spool) -> None:
+    queue_id = claimed(spool)
+    sent = spool.dir(Location.QUEUE) / f".sent-{queue_id}"
+    os.rename(spool.dir(Location.QUEUE) / queue_id, sent)  # delivered, then killed before the reaper's unlink
+    recovery = recover(spool, now=100.0)
+    assert (recovery.ready, recovery.strays) == ([], [])
+    assert not sent.exists()
+
+
+@pytest.mark.parametrize("limit", [20_000, 1])  # meta/ listed in memory, or each meta file looked up
+def test_the_orphan_sweep_can_run_later_in_steps(spool: Spool, monkeypatch: pytest.MonkeyPatch, limit: int) -> None:
+    monkeypatch.setattr(recovery_module, "META_NAMES_LIMIT", limit)
+    kept = claimed(spool)
+    spool.write_state(MessageState(kept, 1.0))
+    orphans = sorted(new_queue_id() for _ in range(5))
+    for orphan in orphans:
+        spool.write_state(MessageState(orphan, 1.0))
+    old_temporary = spool.meta / ".tmp-0123456789ABCDEF0123"
+    old_temporary.write_bytes(b"half")
+    os.utime(old_temporary, (1.0, 1.0))
+    recovery = recover(spool, now=100.0, sweep=False)
+    assert recovery.orphans_removed == 0 and recovery.sweep is not None
+    states = sorted(name for name in os.listdir(spool.meta) if name.endswith(".json"))
+    assert states == sorted(f"{queue_id}.json" for queue_id in [kept, *orphans])  # nothing swept yet
+    young_temporary = spool.meta / ".tmp-tmp-being-written"  # a command's write begun after recovery started
+    young_temporary.write_bytes(b"half")
+    steps = sum(1 for _ in recovery.sweep.steps(chunk=2))
+    assert steps >= 2  # it gave way between chunks
+    assert recovery.sweep.removed == 5
+    assert sorted(os.listdir(spool.meta)) == sorted([f"{kept}.json", young_temporary.name])
+
+
+def test_a_sweep_meets_a_message_that_moved_since_recovery(spool: Spool) -> None:
+    queue_id = claimed(spool)
+    spool.write_state(MessageState(queue_id, 1.0))
+    recovery = recover(spool, now=100.0, sweep=False)
+    assert recovery.sweep is not None
+    assert spool.defer(MessageState(queue_id, 1.0, next_attempt_at=5000.0), Location.QUEUE)  # the daemon went on
+    assert recovery.sweep.run() == 0
+    assert spool.load_state(queue_id) is not None
+
+
+def test_states_whose_message_is_gone_are_removed_after_ready(smtp_server: SmtpServer, spool_dir: Path,
+                                                             clean_env: dict[str, str]) -> None:
+    spool = Spool(spool_dir)
+    spool.create_layout()
+    orphans = [new_queue_id() for _ in range(3)]
+    for orphan in orphans:
+        spool.write_state(MessageState(orphan, 1.0))
+    daemon = DaemonProcess(relay_env(clean_env, spool_dir, smtp_server.host, smtp_server.port)).start()
+    try:
+        daemon.wait_ready(timeout=30)
+        swept = daemon.wait_event("spool_orphans_removed")[0]
+        assert swept["count"] == 3
+        assert os.listdir(spool.meta) == []
+        order = [event.get("event") for event in daemon.events]
+        assert order.index("daemon_ready") < order.index("spool_orphans_removed")  # READY=1 did not wait for it
+    finally:
+        assert daemon.stop() == 0

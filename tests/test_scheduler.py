@@ -329,3 +329,35 @@ def test_wake_lets_a_taker_look_again_without_inventing_work() -> None:
     item, elapsed = asyncio.run(scenario())
     assert item is None
     assert 0.1 <= elapsed < 2.0
+
+
+def test_a_stateless_listing_comes_back_as_it_went_in() -> None:
+    scheduler = Scheduler(Clock())
+    fresh = WorkItem(qid("a"), Location.QUEUE, stateless=True)
+    scheduler.add_ready(fresh)
+    scheduler.add_ready(q("b"))
+    assert drain(scheduler) == [fresh, q("b")]
+    scheduler.done(qid("a"))
+    scheduler.release(fresh)  # given back (no relay now): still known to have no state
+    assert drain(scheduler) == [fresh]
+
+
+def test_of_two_listings_of_one_id_the_one_that_may_have_a_state_is_handed_out() -> None:
+    scheduler = Scheduler(Clock())
+    scheduler.add_ready(WorkItem(qid("a"), Location.QUEUE, stateless=True))
+    scheduler.add_ready(q("a"))  # e.g. an operator's requeue, which wrote a state
+    assert drain(scheduler) == [q("a")]
+
+
+def test_only_a_message_in_queue_is_listed_as_stateless() -> None:
+    scheduler = Scheduler(Clock())
+    scheduler.add_ready(WorkItem(qid("a"), Location.DEFERRED, stateless=True))
+    assert drain(scheduler) == [d("a")]
+
+
+def test_add_deferred_refuses_what_is_no_queue_id() -> None:
+    scheduler = Scheduler(Clock())
+    for bad in ("", "not-an-id", "0123456789abcdef0123", qid("a") + "0", " " + qid("a")[1:], "0x" + qid("a")[2:]):
+        with pytest.raises(ValueError, match="not a queue id"):
+            scheduler.add_deferred(1.0, bad)
+    assert len(scheduler) == 0

@@ -452,6 +452,73 @@ def test_delivered_removes_file_and_state(spool: Spool) -> None:
     spool.delivered(queue_id, Location.DEFERRED)  # twice is harmless
 
 
+def test_with_the_reaper_running_a_delivered_message_is_renamed_at_once_and_unlinked_in_its_thread(
+        spool: Spool) -> None:
+    queue_id = claimed_id(spool)
+    spool.defer(state_for(queue_id), Location.QUEUE)
+    plain = claimed_id(spool)
+    spool.start_reaper()
+    try:
+        spool.delivered(queue_id, Location.DEFERRED)
+        spool.delivered(plain, Location.QUEUE, has_state=False)
+        # No longer a message the moment delivered() returns: a listing or a restart cannot send it again.
+        assert spool.names(Location.DEFERRED) == spool.names(Location.QUEUE) == []
+        assert spool.exists(queue_id) is False and spool.locate(plain) is None
+        assert spool.reaper.pending == 3  # two files and a state, handed over in batches
+    finally:
+        assert spool.stop_reaper(10.0)  # flushes
+    assert spool.reaper.pending == 0 and spool.reaper.failures == 0
+    assert all(entries == [] for entries in listing(spool).values())
+
+
+def test_with_the_reaper_running_a_message_requeued_during_its_attempt_is_not_sent_again(spool: Spool) -> None:
+    queue_id = claimed_id(spool)
+    spool.defer(state_for(queue_id), Location.QUEUE)
+    spool.start_reaper()
+    try:
+        assert spool.requeue(queue_id) is Requeue.REQUEUED  # while its attempt was in flight
+        spool.delivered(queue_id, Location.DEFERRED)
+    finally:
+        assert spool.stop_reaper(10.0)
+    assert all(entries == [] for entries in listing(spool).values())
+
+
+def test_the_reaper_batches_and_flushes(spool: Spool) -> None:
+    from mailwatchd.spool.reaper import BATCH
+
+    ids = [claimed_id(spool) for _ in range(BATCH + 3)]
+    spool.start_reaper()
+    try:
+        for queue_id in ids:
+            spool.delivered(queue_id, Location.QUEUE, has_state=False)
+        # A full batch went to the thread at once; the rest waits for flush().
+        deadline = time.monotonic() + 10
+        while spool.reaper.pending > 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert spool.reaper.pending == 3
+        assert len(os.listdir(spool.dir(Location.QUEUE))) == 3
+        spool.reaper.flush()
+        while spool.reaper.pending and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert spool.reaper.pending == 0 and os.listdir(spool.dir(Location.QUEUE)) == []
+    finally:
+        assert spool.stop_reaper(10.0)
+
+
+def test_a_failed_unlink_is_counted_and_left_for_the_next_start(spool: Spool) -> None:
+    queue_id = claimed_id(spool)
+    spool.start_reaper()
+    try:
+        sent = spool.dir(Location.QUEUE) / f".sent-{queue_id}"
+        spool.delivered(queue_id, Location.QUEUE, has_state=False)
+        sent.unlink()
+        sent.mkdir()  # unlink(2) of a directory fails (EISDIR)
+    finally:
+        assert spool.stop_reaper(10.0)
+    assert spool.reaper.failures == 1
+    sent.rmdir()
+
+
 @pytest.mark.parametrize(("location", "state"), [(Location.QUEUE, State.QUEUED),
                                                  (Location.DEFERRED, State.DEFERRED),
                                                  (Location.FAILED, State.FAILED)])

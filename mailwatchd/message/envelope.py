@@ -41,6 +41,7 @@ _DROPPED_FIELDS_FROM = ENVELOPE_FROM.lower().encode()
 _DROPPED_FIELDS_TO = ENVELOPE_TO.lower().encode()
 _DROPPED_FIELDS = frozenset({b"bcc", _DROPPED_FIELDS_FROM, _DROPPED_FIELDS_TO})
 _ENVELOPE_SOURCES = frozenset({b"from", b"sender", b"to", b"cc", b"bcc", _DROPPED_FIELDS_FROM, _DROPPED_FIELDS_TO})
+_NEEDS_FULL_PARSER = frozenset('"(\\;:')  # quoted names, comments, groups in an address list
 
 
 class OutgoingMessage(NamedTuple):
@@ -60,8 +61,12 @@ class HeaderField(NamedTuple):
 
 def _header_length(raw: bytes) -> int:
     """Where the header ends: just after the line break that an empty line follows, else len(raw)."""
-    breaks = [at for at in (raw.find(b"\n\n"), raw.find(b"\n\r\n")) if at != -1]
-    return min(breaks) + 1 if breaks else len(raw)
+    lf = raw.find(b"\n\n")
+    # A CRLF blank line counts only before the first LF one (it cannot start at lf or lf - 1): not through the body.
+    crlf = raw.find(b"\n\r\n", 0, len(raw) if lf == -1 else lf + 2)
+    if crlf != -1:
+        return crlf + 1
+    return lf + 1 if lf != -1 else len(raw)
 
 
 def _field_name(line: bytes) -> bytes | None:
@@ -94,9 +99,16 @@ def split_header(raw: bytes) -> tuple[list[HeaderField], bytes]:
 
 
 def _split(raw: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
-    """split_header's (lower-cased name, whole field) pairs as plain tuples: what the daemon parses per message."""
+    """split_header's (lower-cased name, whole field) pairs as plain tuples."""
+    fields, head_end = _fields(raw)
+    return fields, raw[head_end:]
+
+
+def _fields(raw: bytes) -> tuple[list[tuple[bytes, bytes]], int]:
+    """(lower-cased name, whole field) pairs, and where the rest (blank line and body) starts: what the daemon
+    parses per message, so _field_name's rule is written out here (no call per line)."""
     head_end = _header_length(raw)
-    head, rest = raw[:head_end], raw[head_end:]
+    head = raw[:head_end]
     if head.startswith(b"From ") and b"\n" in head and _field_name(head) is None:
         head = head[head.index(b"\n") + 1 :]  # an mbox "From " separator line is not a field
     fields: list[tuple[bytes, bytes]] = []
@@ -105,15 +117,16 @@ def _split(raw: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
             folded_name, field = fields[-1]
             fields[-1] = (folded_name, field + line)
             continue
-        name = _field_name(line)
-        if name is None:
+        colon = line.find(b":")
+        name = line[:colon].rstrip(b" \t")
+        if colon == -1 or not name or name.translate(None, _FIELD_NAME_BYTES):  # _field_name(line) is None
             if not line.strip():
                 continue
             raise MalformedMessage("not an RFC 5322 message: a header line has no field name")
         fields.append((name.lower(), line))
     if not fields:
         raise MalformedMessage("not an RFC 5322 message: no header fields")
-    return fields, rest
+    return fields, head_end
 
 
 def _value(field: bytes) -> str:
@@ -128,7 +141,7 @@ def _addresses(values: Sequence[str]) -> list[str]:
     """Addresses in address-list header values (RFC 5322 §3.4)."""
     found: list[str] = []
     for value in values:
-        if any(ch in value for ch in '"(\\;:'):
+        if not _NEEDS_FULL_PARSER.isdisjoint(value):
             # Quoted names, comments, groups: the full parser, imported only for them (email.utils
             # would cost each `sendmail` run more than all the rest of its imports).
             from email.utils import getaddresses
@@ -157,6 +170,11 @@ def check_address(address: str, role: str, *, local: bool = False) -> str:
 
     With `local`, a bare local user name passes too (the spool holds it; the daemon completes it).
     """
+    if address.isascii():  # the common case: nothing that UTF-8 cannot encode
+        if _is_address(address) or (local and _is_local_name(address)):
+            return address
+        form = "a user@domain form or a local user name" if local else "a user@domain form"
+        raise MalformedMessage(f"{role} address {address!r} is not usable (it needs {form})")
     try:
         address.encode("utf-8")
     except UnicodeEncodeError:
@@ -173,10 +191,16 @@ def check_address(address: str, role: str, *, local: bool = False) -> str:
 
 
 def _collect(fields: list[tuple[bytes, bytes]]) -> dict[bytes, list[str]]:
+    """The values of the fields an envelope comes from, by name (every dropped field is one of them)."""
     by_name: dict[bytes, list[str]] = {}
     for name, field in fields:
         if name in _ENVELOPE_SOURCES:
-            by_name.setdefault(name, []).append(_value(field))
+            value = field.decode("utf-8", errors="surrogateescape").split(":", 1)[1]  # _value(field), unrolled
+            found = by_name.get(name)
+            if found is None:
+                by_name[name] = [" ".join(value.split())]
+            else:
+                found.append(" ".join(value.split()))
     return by_name
 
 
@@ -202,7 +226,7 @@ def parse(queue_id: str, raw: bytes) -> OutgoingMessage:
 
     Bare local names stay as they are: `addressing.Addressing.complete` qualifies them.
     """
-    fields, rest = _split(raw)
+    fields, head_end = _fields(raw)
     by_name = _collect(fields)
 
     sender = _sender(by_name)
@@ -215,14 +239,15 @@ def parse(queue_id: str, raw: bytes) -> OutgoingMessage:
     seen: set[str] = set()
     for address in wanted:
         address = check_address(address, "recipient", local=True)
-        if address.lower() not in seen:
-            seen.add(address.lower())
+        folded = address.lower()
+        if folded not in seen:
+            seen.add(folded)
             recipients.append(address)
     if not recipients:
         raise MalformedMessage("no recipient: the message has no To, Cc or Bcc address")
 
-    if raw.startswith(b"From ") or any(name in _DROPPED_FIELDS for name, _ in fields):
-        data = b"".join(field for name, field in fields if name not in _DROPPED_FIELDS) + rest
+    if raw.startswith(b"From ") or not _DROPPED_FIELDS.isdisjoint(by_name):
+        data = b"".join(field for name, field in fields if name not in _DROPPED_FIELDS) + raw[head_end:]
     else:
         data = raw
     return OutgoingMessage(queue_id, sender, tuple(recipients), data, len(raw))

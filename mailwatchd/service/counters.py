@@ -12,11 +12,39 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
+
+import structlog
+from structlog.typing import FilteringBoundLogger
 
 from mailwatchd.service.logs import get_logger
 
 log = get_logger()
+
+
+class HotLogger:
+    """The process's logger for lines logged per message: bound once per logging configuration.
+
+    The module-level logger (get_logger) assembles a new bound logger at every call, about 7 µs; this
+    one is assembled again only when structlog is configured anew (its processors list, wrapper class,
+    logger factory or context class changed: capture_logs changes the list's contents, which the
+    bound logger sees)."""
+
+    def __init__(self) -> None:
+        self._config: dict[str, Any] = {}
+        self._logger: FilteringBoundLogger | None = None
+
+    def get(self) -> FilteringBoundLogger:
+        config = structlog.get_config()
+        then = self._config
+        logger = self._logger
+        if (logger is None or config["processors"] is not then["processors"]
+                or config["wrapper_class"] is not then["wrapper_class"]
+                or config["logger_factory"] is not then["logger_factory"]
+                or config["context_class"] is not then["context_class"]):
+            logger = self._logger = get_logger().bind()
+            self._config = config
+        return logger
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import signal
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dotenv import dotenv_values
 
@@ -36,10 +37,12 @@ from mailwatchd.service.scheduler import Scheduler, WorkItem
 from mailwatchd.service.worker import Worker
 from mailwatchd.settings.config import Settings, load_settings
 from mailwatchd.spool.intake import Intake
-from mailwatchd.spool.recovery import recover
+from mailwatchd.spool.recovery import OrphanSweep, recover
 from mailwatchd.spool.store import Location, Spool
-from mailwatchd.submission.listener import Listener, inherited_sockets
-from mailwatchd.submission.smtpserver import Queued, ServerFactory
+
+if TYPE_CHECKING:
+    from mailwatchd.submission.listener import Listener
+    from mailwatchd.submission.smtpserver import Queued
 
 log = get_logger()
 # A worker past the bound of its delivery call, or an idle worker that has not gone round its
@@ -48,7 +51,11 @@ STUCK_MARGIN_S = 10.0
 MAIN_LOOP_PERIOD_S = 5.0
 RECOVERY_EXTEND_ABOVE = 10_000  # = recovery.PROGRESS_EVERY: from the first progress report on
 RECOVERY_EXTEND_S = 30.0  # asked for at each report (10,000 entries): state reads took 0.1 ms each (ext4)
+# What systemd sets when it passes sockets (listener.LISTEN_ENVIRONMENT): without them and without
+# MAILWATCHD_LISTEN the listener and its SMTP server (aiosmtpd) are not even imported.
+SOCKET_ACTIVATION_ENVIRONMENT = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 LISTEN_COMMAND_TIMEOUT_S = 300.0  # RFC 5321 §4.5.3.2.7: a server should wait 5 minutes for the next command
+REAPER_FLUSH_S = 30.0  # at shutdown, for the unlinks of delivered messages still waiting (reaper.py)
 
 
 class Daemon:
@@ -74,6 +81,8 @@ class Daemon:
         self._attention = asyncio.Event()
         self._stop_requested = 0
         self._file_values_at_start = _file_values(settings.config_path)
+        self._sweep: OrphanSweep | None = None  # recovery's orphan sweep, run after READY=1
+        self._sweep_task: asyncio.Task[None] | None = None
         self.listener: Listener | None = None
         # Room on the spool's filesystem: while it is short, new work waits in new/ and deliveries go on.
         self.space = SpoolSpace(self.spool, min_free=lambda: self.live.settings.min_free_bytes,
@@ -113,14 +122,21 @@ class Daemon:
         if problem is not None:
             raise PermissionError(problem)
         self.space.check()
-        # Straight into the scheduler, one directory scan each; drops in new/ are claimed after READY=1.
+        # Straight into the scheduler, one directory scan each; drops in new/ are claimed, and states whose
+        # message is gone removed, after READY=1.
         scheduler = self.scheduler
-        recovery = recover(self.spool, ready=lambda queue_id: scheduler.add_ready(WorkItem(queue_id, Location.QUEUE)),
-                           deferred=scheduler.add_deferred, progress=self._recovery_progress)
+
+        def ready(queue_id: str) -> None:
+            scheduler.add_ready(WorkItem(queue_id, Location.QUEUE))
+
+        recovery = recover(self.spool, ready=ready, deferred=scheduler.add_deferred,
+                           progress=self._recovery_progress, sweep=False)
+        self.spool.reaper.flush()  # what a kill left of delivered messages (run() started the reaper)
+        self._sweep = recovery.sweep
         self.counters.failed_in_store = recovery.failed
-        if recovery.ready_count or recovery.deferred_count or recovery.completed_moves or recovery.orphans_removed:
+        if recovery.ready_count or recovery.deferred_count or recovery.completed_moves:
             log.info("spool_recovered", ready=recovery.ready_count, deferred=recovery.deferred_count,
-                     completed_moves=recovery.completed_moves, orphans_removed=recovery.orphans_removed)
+                     completed_moves=recovery.completed_moves)
         if recovery.strays:
             log.warning("spool_strays_left", names=recovery.strays[:10], count=len(recovery.strays),
                         hint="files in queue/ or deferred/ whose names are no queue id: mailwatchd did not put "
@@ -139,8 +155,12 @@ class Daemon:
     async def run(self) -> int:
         """Run until stopped; returns the process exit status."""
         loop = asyncio.get_running_loop()
+        # Delivered messages are unlinked in its thread (reaper.py), and what a kill left of them at start-up.
+        self.spool.start_reaper()
+        started = False
         try:
             self.startup()
+            started = True
         except SpoolLocked as exc:
             log.error("spool_locked", detail=str(exc))
             return exitcodes.TEMPFAIL
@@ -155,6 +175,9 @@ class Daemon:
         except Exception:
             log.exception("startup_failed")
             return exitcodes.SOFTWARE
+        finally:
+            if not started:
+                self.spool.stop_reaper(REAPER_FLUSH_S)
         self._install_signals(loop)
         try:
             self._resize_workers(self.settings.concurrency)
@@ -169,15 +192,30 @@ class Daemon:
                      concurrency=self.settings.concurrency, queued=len(self.scheduler), listen=listening or None)
             self.notifier.ready()
             self.intake.start(loop)  # after READY=1: a backlog in new/ is claimed while the daemon runs
+            if self._sweep is not None:
+                self._sweep_task = asyncio.create_task(self._sweep_orphans(self._sweep), name="orphan-sweep")
             await self._main_loop()
         finally:
             await self._shutdown()
         return exitcodes.OK
 
+    async def _sweep_orphans(self, sweep: OrphanSweep) -> None:
+        """Recovery's orphan sweep, a chunk per turn of the event loop (see recovery.py)."""
+        started = time.monotonic()
+        for _ in sweep.steps():
+            await asyncio.sleep(0)
+        if sweep.removed:
+            log.info("spool_orphans_removed", count=sweep.removed, duration_s=round(time.monotonic() - started, 3))
+
     async def _start_listener(self) -> bool:
         """Serve SMTP on systemd's sockets, else on MAILWATCHD_LISTEN (none when it is empty)."""
-        inherited = inherited_sockets()
         listen = self.settings.listen
+        if not listen.addresses and not any(key in os.environ for key in SOCKET_ACTIVATION_ENVIRONMENT):
+            return True
+        from mailwatchd.submission.listener import Listener, inherited_sockets
+        from mailwatchd.submission.smtpserver import ServerFactory
+
+        inherited = inherited_sockets()
         if not inherited and not listen.addresses:
             return True
         factory = ServerFactory(spool_root=self.settings.spool, listen=listen, hostname=self.settings.ehlo_name,
@@ -202,7 +240,7 @@ class Daemon:
         asyncio.get_running_loop().call_soon(self._ready_from_listener, queued)
 
     def _ready_from_listener(self, queued: Queued) -> None:
-        self.scheduler.add_ready(WorkItem(queued.queue_id, Location.QUEUE))
+        self.scheduler.add_ready(WorkItem(queued.queue_id, Location.QUEUE, stateless=True))  # a new id: no state
         log.info("message_queued", queue_id=queued.queue_id, source="smtp", size=queued.size)
         self.counters.queued()
 
@@ -336,6 +374,8 @@ class Daemon:
             # No new messages: a client in the middle of DATA gets its answer, the others a 421.
             await self.listener.stop(min(self.settings.shutdown_grace, 5.0))
         self.intake.stop()
+        if self._sweep_task is not None:
+            self._sweep_task.cancel()  # the next start sweeps again
         self.scheduler.close()
         tasks = list(self._tasks.values())
         pending = [task for task in tasks if not task.done()]
@@ -354,6 +394,9 @@ class Daemon:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if not await asyncio.to_thread(self.spool.stop_reaper, REAPER_FLUSH_S):
+            log.warning("reaper_unfinished", pending=self.spool.reaper.pending,
+                        hint="delivered messages left as .sent-* files: the next start removes them")
         await self.health.stop()
         if self.metrics is not None:
             await self.metrics.stop()

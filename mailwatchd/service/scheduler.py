@@ -5,8 +5,9 @@ Nothing here touches the disk. The daemon feeds it from intake and recovery, and
 take from it; a worker waits on one event (new work, a due retry, a stop), never a tick.
 
 A message costs one int on one heap (about 50 bytes): a queue id is 20 hex digits (queueid.py), held
-as the 80-bit number it spells, with its directory in two more bits and, on the due heap, the due
-time in milliseconds above them. Ids sort by creation time, so the ready heap hands out the oldest
+as the 80-bit number it spells, with its directory in two more bits (the fourth value: in queue/ and
+known to have no state yet, so its attempt does not look for one) and, on the due heap, the due time
+in milliseconds above them. Ids sort by creation time, so the ready heap hands out the oldest
 message first and its top is the oldest ready message.
 
 There is no index by id (it would triple the memory), so an id can be listed twice: after an
@@ -27,11 +28,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mailwatchd.spool.queueid import is_queue_id
+from mailwatchd.spool.queueid import QUEUE_ID_DIGITS, QUEUE_ID_LENGTH, is_queue_id
 from mailwatchd.spool.store import Location
 
-_LOCATIONS = (Location.QUEUE, Location.DEFERRED, Location.FAILED)  # a listing's directory, by its code
-_CODE = {location: code for code, location in enumerate(_LOCATIONS)}
+# A listing's directory, by its code; the last: queue/, no state (sorting after a listing of the same id with one).
+_LOCATIONS = (Location.QUEUE, Location.DEFERRED, Location.FAILED, Location.QUEUE)
+_CODE = {location: code for code, location in enumerate(_LOCATIONS[:3])}
+_STATELESS = 3
 _WHERE_BITS = 2
 _DUE_SHIFT = 80 + _WHERE_BITS  # a due heap entry: due ms << _DUE_SHIFT | id << _WHERE_BITS | directory
 _LISTING_MASK = (1 << _DUE_SHIFT) - 1
@@ -43,6 +46,7 @@ class WorkItem:
 
     queue_id: str
     location: Location
+    stateless: bool = False  # in queue/ under an id made for it, so it has no state (meta/) to read yet
 
 
 def _key(queue_id: str) -> int:
@@ -51,12 +55,14 @@ def _key(queue_id: str) -> int:
     return int(queue_id, 16)
 
 
-def _listing(queue_id: str, location: Location) -> int:
-    return _key(queue_id) << _WHERE_BITS | _CODE[location]
+def _listing(queue_id: str, location: Location, stateless: bool = False) -> int:
+    code = _STATELESS if stateless and location is Location.QUEUE else _CODE[location]
+    return _key(queue_id) << _WHERE_BITS | code
 
 
 def _item(listing: int) -> WorkItem:
-    return WorkItem(f"{listing >> _WHERE_BITS:020X}", _LOCATIONS[listing & 3])
+    code = listing & 3
+    return WorkItem(f"{listing >> _WHERE_BITS:020X}", _LOCATIONS[code], code == _STATELESS)
 
 
 class Scheduler:
@@ -108,20 +114,24 @@ class Scheduler:
 
         `front` is kept for callers: the oldest message goes first, so a message given back is first
         in line again unless an older one came meanwhile."""
-        listing = _listing(item.queue_id, item.location)
+        listing = _listing(item.queue_id, item.location, item.stateless)
         if listing >> _WHERE_BITS in self._taken:
             return
         heapq.heappush(self._ready, listing)
         self._wake.set()
 
     def add_deferred(self, due: float, queue_id: str, location: Location = Location.DEFERRED) -> None:
-        """Schedule a message for `due` (epoch seconds); it is in deferred/ unless `location` says otherwise."""
-        listing = _listing(queue_id, location)
-        key = listing >> _WHERE_BITS
+        """Schedule a message for `due` (epoch seconds); it is in deferred/ unless `location` says otherwise.
+
+        Called once per deferred message at start-up (recovery), so _listing is written out here."""
+        if len(queue_id) != QUEUE_ID_LENGTH or not QUEUE_ID_DIGITS.issuperset(queue_id):  # is_queue_id
+            raise ValueError(f"not a queue id: {queue_id!r}")
+        key = int(queue_id, 16)
         if key in self._taken:
             return
-        heapq.heappush(self._due, math.ceil(due * 1000) << _DUE_SHIFT | listing)
-        if len(self._due) == 1 or (self._oldest_due is not None and key < self._oldest_due):
+        heapq.heappush(self._due, math.ceil(due * 1000) << _DUE_SHIFT | key << _WHERE_BITS | _CODE[location])
+        oldest = self._oldest_due
+        if oldest is not None and key < oldest or len(self._due) == 1:
             self._oldest_due = key
         self._wake.set()
 

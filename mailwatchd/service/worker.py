@@ -20,7 +20,7 @@ from mailwatchd.errors import MalformedMessage, RefusedSpoolEntry, SpoolFull
 from mailwatchd.message import envelope
 from mailwatchd.message.envelope import OutgoingMessage
 from mailwatchd.service.backoff import retry_delay
-from mailwatchd.service.counters import Counters, FailedMail
+from mailwatchd.service.counters import Counters, FailedMail, HotLogger
 from mailwatchd.service.hedge import Opening, Race, start_opening
 from mailwatchd.service.live import Live
 from mailwatchd.service.logs import get_logger
@@ -29,11 +29,13 @@ from mailwatchd.service.scheduler import Scheduler, WorkItem
 from mailwatchd.settings.relays import Endpoint, RelayConfig
 from mailwatchd.spool.messagestate import Attempt, MessageState
 from mailwatchd.spool.queueid import queue_id_time
+from mailwatchd.spool.reaper import BACKLOG_LIMIT
 from mailwatchd.spool.store import Location, Spool
 from mailwatchd.transports.outcome import Cause, DeliveryResult, Outcome, RefusedRecipient
 from mailwatchd.transports.transport import RelaySession, Session
 
 log = get_logger()
+hot_log = HotLogger()  # for the line logged per delivered message
 # An idle worker goes round its loop at least this often (waiting for work or for a relay);
 # the watchdog counts a worker that has not gone round for longer (plus a margin) as stuck.
 IDLE_LOOP_S = 5.0
@@ -104,6 +106,7 @@ class Worker:
                 return
         item = self.scheduler.take_nowait()
         if item is None:
+            self.spool.reaper.flush()  # out of work: the delivered messages' files go now
             await self._close_idle()
             item = await self.scheduler.take(timeout=self._idle_wait())
             if item is None:
@@ -111,19 +114,16 @@ class Worker:
         if self.stop.is_set():
             self.scheduler.release(item)
             return
-        followup = Followup()
         self.counters.attempt_started()
-        # The message did not move: it is retried from where it is.
-        retry_later = Followup(retry_at=[Retry(time.time() + live.settings.retry_min, item.queue_id, item.location)])
         try:
             followup = await self.attempt(item)
         except (SpoolFull, OSError) as exc:
             log.error("spool_write_failed", queue_id=item.queue_id, detail=str(exc))
-            followup = retry_later
+            followup = self._retry_later(item)
         except Exception:
             # One unexpected failure must not stall the queue: keep the file, retry later.
             log.exception("attempt_crashed", queue_id=item.queue_id)
-            followup = retry_later
+            followup = self._retry_later(item)
         finally:
             self.busy_until = None
             self.scheduler.done(item.queue_id)
@@ -132,6 +132,13 @@ class Worker:
         for retry in followup.retry_at:
             self.scheduler.add_deferred(*retry)
         self.counters.attempt_finished()
+        reaper = self.spool.reaper
+        if reaper.pending > BACKLOG_LIMIT:  # a disk slower at unlinking than the relay at taking mail
+            await reaper.caught_up()
+
+    def _retry_later(self, item: WorkItem) -> Followup:
+        """The message did not move: it is retried from where it is."""
+        return Followup(retry_at=[Retry(time.time() + self.live.settings.retry_min, item.queue_id, item.location)])
 
     async def _wait_for_relay(self, wait: float) -> None:
         """Until an endpoint may be usable, the configuration changes or the daemon stops."""
@@ -213,7 +220,7 @@ class Worker:
     async def attempt(self, item: WorkItem) -> Followup:
         spool = self.spool
         queue_id, location = item.queue_id, item.location
-        loaded = spool.load_state(queue_id)
+        loaded = None if item.stateless else spool.load_state(queue_id)
         state = loaded or MessageState(queue_id, queue_id_time(queue_id))
         try:
             raw = spool.read(queue_id, location)
@@ -307,8 +314,8 @@ class Worker:
                     followup.retry_at.append(Retry(due, part))
                 spool.delivered(message.queue_id, location, has_state=has_state)
                 accepted = len(message.recipients) - len(result.refused)
-                log.info("message_delivered", **base, recipients=accepted, attempt=state.attempts + 1,
-                         endpoint=result.endpoint, reply=result.detail)
+                hot_log.get().info("message_delivered", **base, recipients=accepted, attempt=state.attempts + 1,
+                                   endpoint=result.endpoint, reply=result.detail)
                 self.counters.delivered(result.relay, now - state.received_at)
                 return followup
             case Outcome.RELAY_FAULT:

@@ -13,7 +13,7 @@ import inotify_simple
 from inotify_simple import INotify, flags
 
 from mailwatchd.errors import SpoolFull
-from mailwatchd.service.counters import Counters, FailedMail
+from mailwatchd.service.counters import Counters, FailedMail, HotLogger
 from mailwatchd.service.diskspace import SpoolSpace, is_full_error
 from mailwatchd.service.live import Live
 from mailwatchd.service.logs import get_logger
@@ -22,6 +22,7 @@ from mailwatchd.spool.store import Location, Pending, Refused, Spool
 from mailwatchd.transports.outcome import Cause
 
 log = get_logger()
+hot_log = HotLogger()  # for the line logged per claimed message
 # IN_MOVED_TO: a Maildir writer's rename(2) from tmp/; IN_CREATE: a writer's link(2) from
 # tmp/ (taken once tmp/ lets go of it). Creating a file directly in new/ breaks the Maildir
 # protocol: it may be taken before it is complete.
@@ -138,7 +139,9 @@ class Intake:
             log.warning("message_failed", queue_id=claimed.queue_id, source=name, reason=claimed.reason)
             self.counters.failed(FailedMail(claimed.queue_id, claimed.reason, Cause.MALFORMED.value))
             return False
-        self.scheduler.add_ready(WorkItem(claimed.queue_id, Location.QUEUE))
-        log.info("message_queued", queue_id=claimed.queue_id, source=claimed.source, size=claimed.size)
+        # A drop whose name was not kept got a new id: no state is filed under it (a requeued message keeps its id).
+        fresh_id = claimed.queue_id != claimed.source
+        self.scheduler.add_ready(WorkItem(claimed.queue_id, Location.QUEUE, stateless=fresh_id))
+        hot_log.get().info("message_queued", queue_id=claimed.queue_id, source=claimed.source, size=claimed.size)
         self.counters.queued()
         return True

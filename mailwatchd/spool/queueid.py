@@ -14,8 +14,8 @@ if TYPE_CHECKING:
 # 14 hex digits of microseconds since the epoch (good until the year 4253) then 24 random
 # bits: ids sort by creation time, never contain a path separator, and have a fixed length.
 QUEUE_ID_REGEX = r"\A[0-9A-F]{20}\Z"  # \Z: "$" would accept a trailing newline
-_QUEUE_ID_LENGTH = 20
-_QUEUE_ID_DIGITS = frozenset("0123456789ABCDEF")
+QUEUE_ID_LENGTH = 20
+QUEUE_ID_DIGITS = frozenset("0123456789ABCDEF")
 
 if not TYPE_CHECKING:  # hidden from mypy, which would otherwise take any misspelt attribute for a pattern
 
@@ -39,7 +39,7 @@ def new_queue_id(now_ns: int | None = None) -> str:
 
 def is_queue_id(name: str) -> bool:
     """Whether `name` is a queue id: what QUEUE_ID_PATTERN matches, checked without re."""
-    return len(name) == _QUEUE_ID_LENGTH and _QUEUE_ID_DIGITS.issuperset(name)
+    return len(name) == QUEUE_ID_LENGTH and QUEUE_ID_DIGITS.issuperset(name)
 
 
 def queue_id_time(queue_id: str) -> float:

@@ -9,6 +9,12 @@ read; a file in queue/ has its state read only when it has one (a claimed messag
 first attempt); every other file has its state read as always, and is settled once it is where its
 state says. The directories are scanned against the direction messages move (failed/, deferred/,
 then queue/), so a message recovery moves is not met again.
+
+Removing the states whose message is gone (orphans) is not needed to know what is due: the daemon runs
+that sweep after READY=1 (`recover(..., sweep=False)`, then `Recovery.sweep`), a chunk at a time on its
+event loop, where no move of its own can fall between the look for a message and the unlink of its
+state. Temporaries in meta/ found then are removed only if they are older than the recovery (by a second):
+a command (requeue) may be writing one.
 """
 
 from __future__ import annotations
@@ -16,19 +22,20 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from mailwatchd.spool.messagestate import State
-from mailwatchd.spool.queueid import is_queue_id
+from mailwatchd.spool.queueid import QUEUE_ID_DIGITS, QUEUE_ID_LENGTH, is_queue_id
+from mailwatchd.spool.reaper import SENT_PREFIX
 from mailwatchd.spool.store import (
     LOCATION_OF,
+    SETTLED_NS,
     TMP_PREFIX,
     Location,
     Spool,
     is_entry_name,
     scandir,
-    settled_time,
 )
 
 Ready = Callable[[str], None]
@@ -39,6 +46,10 @@ _PLACES = (Location.DEFERRED, Location.FAILED, Location.QUEUE)  # where a meta f
 # Up to this many meta files are listed into memory first (a few MiB at most): then a file with no state costs no
 # system call, nor does a meta file whose message recovery met. Beyond it, each is looked up on disk.
 META_NAMES_LIMIT = 20_000
+SWEEP_CHUNK = 1_000  # meta files the orphan sweep looks at between two turns of the daemon's event loop
+# A later sweep removes a temporary in meta/ only if it was last written this long before recovery began (file
+# times come from a coarser clock): one written since may be a command's write in progress.
+TEMPORARY_MARGIN_NS = 1_000_000_000
 
 
 @dataclass
@@ -54,15 +65,78 @@ class Recovery:
     deferred_count: int = 0
     failed: int = 0  # entries in failed/ afterwards
     strays: list[str] = field(default_factory=list)  # names in queue/ or deferred/ that are no queue id: left alone
+    sweep: OrphanSweep | None = None  # recover(sweep=False): the orphan sweep, still to run
+
+
+class OrphanSweep:
+    """Removes meta files whose message is nowhere (and temporaries left in meta/), in steps.
+
+    `unmet`: the ids with a meta file whose message recovery did not meet (they may be in new/), or None to
+    look at every meta file. Each step handles up to `chunk` of them without giving way, so in the daemon,
+    whose own moves run on the same event loop, a message cannot move between the look and the unlink."""
+
+    def __init__(self, spool: Spool, unmet: set[str] | None, *, temporaries_before_ns: int | None = None) -> None:
+        self.spool = spool
+        self.unmet = unmet
+        self.removed = 0
+        # None: every temporary in meta/ goes; else only those last written before this time (recovery's start).
+        self.temporaries_before_ns = temporaries_before_ns
+        self._places = [str(spool.dir(location)) for location in _PLACES] + [str(spool.new)]
+
+    def run(self) -> int:
+        """The whole sweep at once; returns how many states it removed."""
+        for _ in self.steps(chunk=0):
+            pass
+        return self.removed
+
+    def steps(self, chunk: int = SWEEP_CHUNK) -> Iterator[None]:
+        """Sweep, yielding after every `chunk` meta files (0: never)."""
+        seen = 0
+        if self.unmet is not None:
+            unmet, self.unmet = self.unmet, None
+            for queue_id in unmet:
+                self._check(queue_id)
+                seen += 1
+                if seen == chunk:
+                    seen = 0
+                    yield
+            return
+        meta = str(self.spool.meta)
+        for entry in scandir(self.spool.meta):
+            name = entry.name
+            if name.startswith(TMP_PREFIX):
+                self._remove_temporary(entry)
+            elif name.endswith(".json"):
+                self._check(name.removesuffix(".json"), f"{meta}/{name}")
+            seen += 1
+            if seen == chunk:
+                seen = 0
+                yield
+
+    def _check(self, queue_id: str, path: str | None = None) -> None:
+        if is_entry_name(queue_id) and any(os.path.lexists(f"{place}/{queue_id}") for place in self._places):
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(path or f"{self.spool.meta}/{queue_id}.json")
+            self.removed += 1
+
+    def _remove_temporary(self, entry: os.DirEntry[str]) -> None:
+        with contextlib.suppress(OSError):
+            if self.temporaries_before_ns is None or \
+                    entry.stat(follow_symlinks=False).st_mtime_ns < self.temporaries_before_ns:
+                os.unlink(entry.path)
 
 
 def recover(spool: Spool, now: float | None = None, *, ready: Ready | None = None,
-            deferred: Deferred | None = None, progress: Callable[[int], None] | None = None) -> Recovery:
+            deferred: Deferred | None = None, progress: Callable[[int], None] | None = None,
+            sweep: bool = True) -> Recovery:
     """Finish moves a crash interrupted and list what is ready and what is deferred.
 
     With `ready` and `deferred`, each message is handed to them as it is found (the daemon feeds its
     scheduler so, holding no list of a large spool) and the lists stay empty. `progress` is called with
-    the number of entries seen so far every PROGRESS_EVERY entries."""
+    the number of entries seen so far every PROGRESS_EVERY entries. With `sweep=False` the orphan sweep
+    is left in `Recovery.sweep` for the caller to run (and `orphans_removed` stays 0)."""
+    started_ns = time.time_ns()
     now = time.time() if now is None else now
     recovery = Recovery()
     collect = ready is None and deferred is None
@@ -96,6 +170,8 @@ def recover(spool: Spool, now: float | None = None, *, ready: Ready | None = Non
                 if name.startswith(TMP_PREFIX):
                     with contextlib.suppress(OSError):
                         os.unlink(entry.path)
+                elif name.startswith(SENT_PREFIX):  # delivered; a kill came before the reaper unlinked it
+                    spool.reaper.remove(entry.path)
                 continue
             if metas is not None:
                 if name not in metas:
@@ -103,18 +179,26 @@ def recover(spool: Spool, now: float | None = None, *, ready: Ready | None = Non
                     continue
                 metas.discard(name)
             if location is not Location.QUEUE:
+                # settled_time(), written out: this runs once per deferred message before READY=1.
                 try:
-                    when = settled_time(entry.stat(follow_symlinks=False).st_mtime_ns)
+                    mtime_ns = entry.stat(follow_symlinks=False).st_mtime_ns
                 except OSError:
-                    when = None
-                if when is not None:  # where its state says: nothing to read
-                    if location is Location.DEFERRED:
-                        found_deferred(when, name)
-                    else:
+                    mtime_ns = 0
+                if mtime_ns % 1_000_000 == SETTLED_NS:  # where its state says: nothing to read
+                    if location is not Location.DEFERRED:
                         recovery.failed += 1
+                    elif len(name) == QUEUE_ID_LENGTH and QUEUE_ID_DIGITS.issuperset(name):  # is_queue_id
+                        recovery.deferred_count += 1
+                        on_deferred((mtime_ns - SETTLED_NS) // 1_000_000 / 1000, name)
+                    else:
+                        recovery.strays.append(name)
                     continue
             _recover_one(spool, location, name, now, recovery, found_ready, found_deferred)
-    _remove_orphans(spool, recovery, metas)
+    stale_before = None if sweep else started_ns - TEMPORARY_MARGIN_NS
+    recovery.sweep = OrphanSweep(spool, metas, temporaries_before_ns=stale_before)
+    if sweep:
+        recovery.orphans_removed = recovery.sweep.run()
+        recovery.sweep = None
     if collect:
         recovery.ready.sort()
         recovery.deferred.sort()
@@ -176,31 +260,3 @@ def _recover_one(spool: Spool, location: Location, name: str, now: float, recove
         recovery.failed += 1
         if state is not None and state.state is State.FAILED:
             spool.settled(name, where, now)
-
-
-def _remove_orphans(spool: Spool, recovery: Recovery, unmet: set[str] | None) -> None:
-    """Remove meta files whose message is nowhere (and temporaries left in meta/). `unmet`: the ids with a meta
-    file whose message recovery did not meet (they may be in new/), or None to look at every meta file."""
-    places = [str(spool.dir(location)) for location in _PLACES] + [str(spool.new)]
-    if unmet is not None:
-        for queue_id in unmet:
-            if is_entry_name(queue_id) and any(os.path.lexists(f"{place}/{queue_id}") for place in places):
-                continue
-            with contextlib.suppress(OSError):
-                os.unlink(f"{spool.meta}/{queue_id}.json")
-                recovery.orphans_removed += 1
-        return
-    for entry in scandir(spool.meta):
-        name = entry.name
-        if name.startswith(TMP_PREFIX):
-            with contextlib.suppress(OSError):
-                os.unlink(entry.path)
-            continue
-        if not name.endswith(".json"):
-            continue
-        queue_id = name.removesuffix(".json")
-        if is_entry_name(queue_id) and any(os.path.lexists(f"{place}/{queue_id}") for place in places):
-            continue
-        with contextlib.suppress(OSError):
-            os.unlink(entry.path)
-            recovery.orphans_removed += 1

@@ -13,7 +13,9 @@ Invariants:
 - A message changes state only by rename(2) inside the spool (one filesystem).
 - meta/<id>.json is written (tmp, fsync, rename, fsync dir) before the message file moves:
   it names where the message is going, so recovery can finish an interrupted move.
-- A message file is unlinked only after the relay accepted it (the reply after DATA).
+- A message file is unlinked only after the relay accepted it (the reply after DATA). While the
+  daemon runs, it is first renamed to a dot name in its directory (SENT_PREFIX): no longer a
+  message, never sent again; reaper.py's thread unlinks it, then its state, off the event loop.
 - Entries in new/ are untrusted: never followed through a symlink, never opened blocking.
 - A file in deferred/ or failed/ may be "settled" (see SETTLED_NS): its mtime, set after its state
   was written and it reached that directory, carries a mark (and in deferred/ its next attempt's
@@ -47,6 +49,7 @@ from mailwatchd.errors import RefusedSpoolEntry, SpoolFull, SpoolLocked
 from mailwatchd.spool.durable import drop_dirs, fsync_dir, install_durably, write_durably
 from mailwatchd.spool.messagestate import MessageState, State
 from mailwatchd.spool.queueid import is_queue_id, new_queue_id
+from mailwatchd.spool.reaper import SENT_PREFIX, Reaper
 
 STALE_TMP_SECONDS = 36 * 3600  # the Maildir convention for abandoned tmp/ files
 TMP_PREFIX = ".tmp-"
@@ -153,6 +156,8 @@ class Spool:
         self._acknowledged_path = os.path.join(self._dirs[Location.FAILED], ACKNOWLEDGED)
         self._unacknowledged: tuple[tuple[int, int, int], tuple[int, int]] | None = None  # (stat key, counts)
         self._owner: tuple[int, int] | None = None  # root's writes get the spool's owner (see _install_as_owner)
+        # Removes delivered messages: at once until the daemon starts its thread (start_reaper).
+        self.reaper = Reaper()
 
     def dir(self, location: Location) -> Path:
         return self.root / location.value
@@ -322,10 +327,13 @@ class Spool:
                 raise RefusedSpoolEntry(reason)
             chunks = []
             remaining = self.max_message_size + 1
+            size = st.st_size + 1
             while remaining > 0:
-                # More than fstat saw: a first read that returns exactly st_size is the end of the file,
-                # with no second read(2) to confirm it (a file that grew meanwhile is read on).
-                chunk = os.read(fd, min(remaining, max(st.st_size + 1, 1 << 20)))
+                # One byte more than fstat saw: a first read that returns exactly st_size is the end of the
+                # file, with no second read(2) to confirm it (a file that grew meanwhile is read on, in MiBs).
+                # Python allocates the whole request before the read: no more than the file needs.
+                chunk = os.read(fd, min(remaining, size))
+                size = 1 << 20
                 if not chunk:
                     break
                 chunks.append(chunk)
@@ -419,10 +427,25 @@ class Spool:
             fsync_dir(source.parent)
         return True
 
+    def start_reaper(self) -> None:
+        """Unlink delivered messages in a thread from now on (the daemon; see reaper.py)."""
+        self.reaper.start()
+
+    def stop_reaper(self, timeout: float | None = None) -> bool:
+        """Finish the unlinks handed over and end the thread; False if that took longer than `timeout`."""
+        return self.reaper.close(timeout)
+
     def delivered(self, queue_id: str, location: Location, *, has_state: bool = True) -> None:
         """Forget a message the relay accepted (`has_state=False`: it never had a meta file)."""
+        directory = self._dirs[location]
+        reaper = self.reaper
         try:
-            os.unlink(f"{self._dirs[location]}/{queue_id}")
+            if reaper.running:
+                sent = f"{directory}/{SENT_PREFIX}{queue_id}"
+                os.rename(f"{directory}/{queue_id}", sent)  # no longer a message: the reaper unlinks it
+                reaper.remove(sent)
+            else:
+                os.unlink(f"{directory}/{queue_id}")
         except FileNotFoundError:
             # Requeued during this attempt (its state says so): the requeued copy must not go out again.
             # Deleted during it: nothing is left, and its state was removed with it.
@@ -432,8 +455,7 @@ class Spool:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(path)
         if has_state:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{self._meta}/{queue_id}.json")
+            reaper.remove(f"{self._meta}/{queue_id}.json")
 
     def _whereabouts(self, queue_id: str, location: Location) -> str | None:
         """The message file an attempt from `location` settles: there, or where a requeue during the

@@ -17,6 +17,8 @@ from collections import deque
 from typing import NamedTuple
 
 MAX_REPLY_BYTES = 64 * 1024  # a reply (all its lines) larger than this is not SMTP
+TIMER_SLACK_S = 0.001  # a reply's timer that fires this close to its deadline counts as on time
+RECEIVE_BUFFER = 16 * 1024  # one recv(2) at most; replies are read into it, not into a new 256 KiB bytes each
 MAX_DETAIL = 300
 BODY_CHUNK = 64 * 1024
 _LINE_ENDING = re.compile(rb"\r\n|\r|\n")
@@ -106,18 +108,25 @@ def describe(exc: BaseException, *, host: str = "", port: int = 0, timeout: floa
     return str(exc) or type(exc).__name__
 
 
-class Wire(asyncio.Protocol):
-    """Writes commands to one connection and hands out the server's replies in the order they came."""
+class Wire(asyncio.BufferedProtocol):
+    """Writes commands to one connection and hands out the server's replies in the order they came.
+
+    A buffered protocol: asyncio receives into one buffer kept for the connection (a plain Protocol gets a
+    bytes object of 256 KiB allocated, mapped and cut down for every recv). A reply's deadline is kept by
+    one timer per connection that is armed again only when it fires early, not by a timer per reply."""
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
+        self._inbox = memoryview(bytearray(RECEIVE_BUFFER))
         self._buffer = bytearray()
         self._lines: list[str] = []
         self._code = b""
         self._replies: deque[Reply] = deque()
         self._error: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._deadline: float | None = None  # loop time the reply being waited for is due by
+        self._timer: asyncio.TimerHandle | None = None  # fires at or before the deadline
         self._writable = asyncio.Event()
         self._writable.set()
 
@@ -152,20 +161,26 @@ class Wire(asyncio.Protocol):
 
     async def read(self, timeout: float) -> Reply:
         """The next complete reply within `timeout` seconds (TimeoutError), Disconnected at EOF."""
-        expiry: asyncio.TimerHandle | None = None
-        try:
-            while not self._replies:
-                if self._error is not None:
-                    raise self._error
-                waiter = self._waiter = self._loop.create_future()
-                if expiry is None:  # one deadline for the whole reply: a drip of bytes does not extend it
-                    expiry = self._loop.call_later(timeout, self._expire)
-                await waiter
-        finally:
-            if expiry is not None:
-                expiry.cancel()
-            self._waiter = None
-        return self._replies.popleft()
+        replies = self._replies
+        if not replies:
+            loop = self._loop
+            # One deadline for the whole reply: a drip of bytes does not extend it.
+            deadline = self._deadline = loop.time() + timeout
+            timer = self._timer
+            if timer is None or timer.when() > deadline:
+                if timer is not None:
+                    timer.cancel()
+                self._timer = loop.call_at(deadline, self._expire)
+            try:
+                while not replies:
+                    if self._error is not None:
+                        raise self._error
+                    waiter = self._waiter = loop.create_future()
+                    await waiter
+            finally:
+                self._waiter = None
+                self._deadline = None
+        return replies.popleft()
 
     async def send_body(self, data: bytes, stall_timeout: float) -> None:
         """Write `data` as the server reads it; UploadStalled after `stall_timeout` seconds without progress."""
@@ -205,21 +220,35 @@ class Wire(asyncio.Protocol):
 
     def close(self) -> None:
         """Close after what was written is sent."""
+        self._stop_timer()
         if self._transport is not None:
             self._transport.close()
 
     def abort(self) -> None:
         """Drop the connection now, unsent data included (nothing waits on a stalled peer)."""
+        self._stop_timer()
         if self._transport is not None:
             self._transport.abort()
 
-    # asyncio.Protocol callbacks.
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # asyncio.BufferedProtocol callbacks.
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._inbox
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._inbox[:nbytes].tobytes())
+
     def data_received(self, data: bytes) -> None:
+        """Bytes from the server (what buffer_updated received): complete replies are queued, in order."""
         buffer = self._buffer
         if buffer:
             buffer += data
@@ -258,6 +287,7 @@ class Wire(asyncio.Protocol):
         error.__cause__ = exc
         self._fail(error)
         self._transport = None
+        self._stop_timer()
         self._writable.set()
 
     def pause_writing(self) -> None:
@@ -279,6 +309,13 @@ class Wire(asyncio.Protocol):
             waiter.set_result(None)
 
     def _expire(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if deadline is None:  # no reply is waited for
+            return
+        if deadline - self._loop.time() > TIMER_SLACK_S:  # armed for an earlier reply's deadline
+            self._timer = self._loop.call_at(deadline, self._expire)
+            return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(TimeoutError("no reply in time"))
