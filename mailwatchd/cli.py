@@ -432,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("run", parents=[common], help="run the daemon in the foreground").set_defaults(func=cmd_run)
     p = sub.add_parser("check", parents=[common], help="probe every relay and diagnose problems")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true",
+                   help="print the report as one JSON object (endpoints, steps, causes, hints, notes)")
     p.add_argument("--send-test", metavar="ADDRESS", help="also send a test message through the first healthy relay")
     p.add_argument("--from", dest="send_from", metavar="ADDRESS",
                    help="the test message's sender (default: the relay's login if it is an address, else "
@@ -442,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_CHECK_TIMEOUT_S:g}, under NRPE's 10)")
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("status", parents=[common], help="the running daemon's health (monitoring plugin)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the verdict and the daemon's status as one JSON object")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("enqueue", parents=[common], help="queue a message read from standard input")
     p.add_argument("-f", "--from", dest="sender", help="envelope sender (default: from the headers)")
@@ -454,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sendmail_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_sendmail, quiet=True)
     p = sub.add_parser("queue", parents=[common], help="list waiting, deferred and failed messages")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the listing as one JSON object")
     p.set_defaults(func=cmd_queue)
     sub.add_parser("flush", parents=[common], help="retry every deferred message now").set_defaults(func=cmd_flush)
     p = sub.add_parser("requeue", parents=[common], help="give failed (or deferred) messages a fresh start")
