@@ -104,6 +104,15 @@ def make_authenticator(users: dict[str, str]) -> Callable[..., AuthResult]:
     return authenticator
 
 
+@pytest.fixture(autouse=True)
+def no_proxy_no_ca_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    """httpx honours proxy variables and SSL_CERT_FILE: none of the machine's may steer a test off loopback
+    or change which certificates it trusts (a test that wants a proxy sets one itself)."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+
+
 @pytest.fixture(scope="session")
 def ca() -> trustme.CA:
     return trustme.CA()

@@ -23,13 +23,6 @@ from tests.rawservers import BlackHole
 BLOCKED_HOST = "127.0.0.2"  # loopback, but nothing of the tests listens there
 
 
-@pytest.fixture(autouse=True)
-def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR"):
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.lower(), raising=False)
-
-
 @pytest.fixture
 def sendgrid(ca: trustme.CA) -> Iterator[FakeSendGrid]:
     with FakeSendGrid(ca) as fake:

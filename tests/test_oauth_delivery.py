@@ -36,13 +36,6 @@ SECRET = "Q~8Xv.client-secret-value-not-to-be-seen"
 OUTLOOK = "https://outlook.office365.com/.default"
 
 
-@pytest.fixture(autouse=True)
-def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR"):
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.lower(), raising=False)
-
-
 @pytest.fixture
 def endpoint(ca: trustme.CA, tmp_path: Path) -> Iterator[OAuthEndpoint]:
     with OAuthEndpoint(ca, tmp_path) as running:

@@ -49,14 +49,6 @@ SECRET = "Qx8Q~client-secret-value.Do-not-print-0123456789"
 PY = sys.executable
 
 
-@pytest.fixture(autouse=True)
-def no_proxy_no_ca_override(monkeypatch: pytest.MonkeyPatch) -> None:
-    """httpx honours proxy variables and SSL_CERT_FILE: none of the machine's may steer these tests."""
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR"):
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.lower(), raising=False)
-
-
 @pytest.fixture
 def endpoint(ca: trustme.CA, tmp_path: Path) -> Iterator[OAuthEndpoint]:
     with OAuthEndpoint(ca, tmp_path) as running:
