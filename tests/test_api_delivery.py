@@ -356,3 +356,41 @@ def test_http_readings_map_into_the_closed_set() -> None:
         HttpProblem.UNEXPRESSIBLE: (Outcome.RELAY_FAULT, Cause.UNEXPRESSIBLE),
     }
     assert {problem: (v.outcome, v.cause) for problem in HttpProblem for v in [classify_http(problem)]} == expected
+
+
+def test_a_provider_that_raises_is_a_temporary_local_error_not_a_crashed_attempt(
+        sendgrid: FakeSendGrid, key_file: Path, ca_file: Path, tmp_path: Path) -> None:
+    import asyncio
+
+    from mailwatchd.message.envelope import OutgoingMessage
+    from mailwatchd.settings.relays import parse_relay_url
+    from mailwatchd.transports.api.provider import ApiReply, ApiRequest
+    from mailwatchd.transports.api.session import ApiSession, make_provider
+    from mailwatchd.transports.outcome import Cause, Outcome
+    from tests.probe_servers import probe_settings
+
+    relay = parse_relay_url("MAILWATCHD_RELAYS", sendgrid_url(sendgrid, key_file, ca_file), {})
+    assert relay.api is not None
+    real = make_provider(relay.api)
+
+    class Broken:
+        """SendGrid's module, but its reading of the reply fails (a provider bug, or a reply it never saw)."""
+
+        name = real.name
+
+        def send_request(self, message: OutgoingMessage) -> ApiRequest:
+            return real.send_request(message)
+
+        def probe_request(self) -> ApiRequest:
+            return real.probe_request()
+
+        def interpret(self, reply: ApiReply, *, probing: bool = False) -> Any:
+            raise KeyError("X-Message-Id")
+
+    data = message(0)
+    session = ApiSession(relay, relay.primary, probe_settings(tmp_path), provider=Broken())
+    result = asyncio.run(session.deliver(OutgoingMessage("q0", "app@example.com", ("rcpt@example.org",), data,
+                                                         len(data))))
+    assert (result.outcome, result.cause) == (Outcome.TEMPORARY, Cause.LOCAL_ERROR)
+    assert "KeyError" in result.detail and "X-Message-Id" not in result.detail
+    assert len(sendgrid.accepted) == 1  # the request went out; only its reading failed

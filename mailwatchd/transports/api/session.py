@@ -134,6 +134,10 @@ class ApiSession:
             if isinstance(reply, DeliveryResult):
                 return reply
             return self.interpret(reply, self.provider.interpret(reply))
+        except Exception as exc:  # a last guard, as SmtpSession has: "never raises" (the type only: no content)
+            await self.close()
+            return self._result(Verdict(Outcome.TEMPORARY, Cause.LOCAL_ERROR), Phase.LOCAL,
+                                f"the {self.relay.name} request could not be made: {type(exc).__name__}")
         finally:
             self._last_used = time.monotonic()
 
