@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import errno
+import functools
 import ipaddress
 import os
 import pwd
@@ -24,6 +25,9 @@ from typing import Any, TypeVar
 
 import pytest
 import trustme
+from aiosmtpd.smtp import SMTP
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from mailwatchd.errors import MalformedMessage, SpoolFull
 from mailwatchd.settings.listen import ListenSettings
@@ -33,6 +37,7 @@ from mailwatchd.submission.smtpserver import (
     Peer,
     Queued,
     ServerFactory,
+    SmtpSession,
     TooBig,
     is_local,
     may_auth_in_clear,
@@ -298,6 +303,109 @@ def test_a_client_that_closes_inside_data_stores_nothing(serve: Callable[..., Ru
         client.close()
     assert replies[4].startswith("421 4.4.2")
     assert running.stored() == []
+
+
+def start_data(client: RawClient) -> None:
+    """Greeting, EHLO, MAIL, RCPT, DATA: the server now reads the message."""
+    client.reply()
+    client.send(b"EHLO c\r\nMAIL FROM:<app@example.com>\r\nRCPT TO:<ann@example.org>\r\nDATA\r\n")
+    assert [client.reply()[:3] for _ in range(4)] == ["250", "250", "250", "354"]
+
+
+def stored_body(running: Running, queue_id: str) -> bytes:
+    """The message as stored, without the envelope and trace fields this server put before it."""
+    data = (running.spool / "new" / queue_id).read_bytes()
+    return data[data.index(b"From: app@example.com\r\n"):]
+
+
+@pytest.mark.parametrize("body", [
+    b"Hi.\r\n.\r\n..\r\n.x\r\n...\r\nend .\r\n",  # dot lines that are not the end, as smtplib stuffs them
+    b".\r\n",  # the first body line a lone dot
+    b"x" * 998 + b"\r\n",  # the longest line RFC 5321 allows
+    (b"line\r\n" * 20_000),  # many blocks of the server's reader
+])
+def test_the_data_comes_back_byte_for_byte_unstuffed(serve: Callable[..., Running], body: bytes) -> None:
+    running = serve(max_message_size=1_000_000)
+    message = MESSAGE + body
+    with running.client() as client:
+        client.ehlo()
+        code, reply = transaction(client, "app@example.com", ["ann@example.org"], message)
+    assert code == 250, reply
+    assert stored_body(running, reply.rsplit(" ", 1)[1]) == message
+
+
+def test_data_sent_a_byte_at_a_time_ends_at_its_end_line_and_leaves_the_next_command(
+        serve: Callable[..., Running]) -> None:
+    running = serve()
+    client = running.raw()
+    try:
+        start_data(client)
+        for byte in MESSAGE + b"..\r\nlast.\r\n.\r\nNOOP\r\n":
+            client.send(bytes([byte]))
+        queued, noop = client.reply(), client.reply()
+        client.send(b"QUIT\r\n")
+        assert client.reply().startswith("221")
+    finally:
+        client.close()
+    assert queued.startswith("250 2.0.0 Ok: queued as ") and noop.startswith("250")
+    assert stored_body(running, queued.rsplit(" ", 1)[1]) == MESSAGE + b".\r\nlast.\r\n"
+
+
+def test_an_empty_message_ends_at_the_first_line_and_the_session_goes_on(serve: Callable[..., Running]) -> None:
+    running = serve()
+    client = running.raw()
+    try:
+        start_data(client)
+        client.send(b".\r\nMAIL FROM:<app@example.com>\r\n")
+        queued, next_mail = client.reply(), client.reply()
+    finally:
+        client.close()
+    assert queued.startswith("250 2.0.0 Ok: queued as ") and next_mail.startswith("250")
+    data = (running.spool / "new" / queued.rsplit(" ", 1)[1]).read_bytes()
+    assert data.endswith(b" (mailwatchd) with ESMTP; " + data.rsplit(b"; ", 1)[1]) and data.count(b"\r\n") == 4
+
+
+def test_a_line_over_1000_octets_is_refused_after_the_end_of_data(serve: Callable[..., Running]) -> None:
+    running = serve()
+    with running.client() as client:
+        client.ehlo()
+        client.mail("app@example.com")
+        client.rcpt("ann@example.org")
+        code, text = client.data(MESSAGE + b"x" * 1000 + b"\r\n")  # aiosmtpd's limit: 1001 with the CRLF
+        assert (code, text) == (500, b"Line too long (see RFC5321 4.5.3.1.6)")
+        assert transaction(client, "app@example.com", ["ann@example.org"])[0] == 250
+    assert len(running.stored()) == 1
+
+
+def test_data_far_past_the_limit_is_read_to_its_end_and_dropped(serve: Callable[..., Running]) -> None:
+    running = serve(max_message_size=10_000)
+    with running.client() as client:
+        client.ehlo()
+        client.mail("app@example.com")
+        client.rcpt("ann@example.org")
+        code, text = client.data(MESSAGE + (b"y" * 78 + b"\r\n") * 20_000)  # 1.6 MB
+        assert (code, text) == (552, b"5.3.4 Message too big")
+        assert transaction(client, "app@example.com", ["ann@example.org"])[0] == 250
+    assert len(running.stored()) == 1
+
+
+@given(st.text(alphabet=st.sampled_from("ab.@<> \t()\"[]:+-=SIZE8BITMIMé"), max_size=30))
+@example("<a@b.c> SIZE=10")
+@example(" <a.b@c-d.e>\tBODY=8BITMIME")
+@example("<a@b.c> (comment) SIZE=1")
+@example("<a@b.c.>")
+@example("<a..b@c>")
+def test_the_quick_path_reads_addresses_as_aiosmtpd_does(arg: str) -> None:
+    session = SmtpSession(ServerFactory(spool_root=Path("/nonexistent"), listen=ListenSettings(), hostname="mx.test",
+                                        max_message_size=1000, command_timeout=1.0))
+
+    def outcome(getaddr: Callable[[str], tuple[str | None, str | None]]) -> object:
+        try:
+            return getaddr(arg)
+        except Exception as exc:  # aiosmtpd's parser raises IndexError on some (e.g. '<'): both must
+            return type(exc)
+
+    assert outcome(session._getaddr) == outcome(functools.partial(SMTP._getaddr, session))
 
 
 # -- limits ----------------------------------------------------------------------------------------

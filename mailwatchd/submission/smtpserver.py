@@ -24,7 +24,7 @@ from email.utils import formatdate
 from pathlib import Path
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
 from mailwatchd.errors import MalformedMessage, SpoolFull
 from mailwatchd.message import envelope
@@ -40,6 +40,13 @@ MAX_AUTH_ATTEMPTS = 3  # per connection; then 421 and the connection is closed
 _NO_CALL_LIMIT = 2**31  # every other command: no limit of aiosmtpd's (the RCPT cap is ours)
 _HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.:\[\]_-]")  # the client's text goes into a header field
 _HELO_MAX = 255
+# MAIL FROM/RCPT TO's usual `<dot-atom@dot-atom> params` (RFC 5321 §4.1.2), answered without the
+# full RFC 5322 parser that aiosmtpd uses; anything else (quotes, comments, literals) still goes there.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
+_PLAIN_PATH = re.compile(rf"[ \t]*<({_DOT_ATOM}@{_DOT_ATOM})>(?![ \t]*[(])[ \t]*(.*)", re.DOTALL)
+_DATA_END = b".\r\n"
+_CRLF = b"\r\n"
 
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
@@ -342,14 +349,73 @@ class SmtpSession(SMTP):
         else:
             await super().push(status)
 
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        plain = _PLAIN_PATH.fullmatch(arg)
+        if plain is None or (self.local_part_limit and plain[1].index("@") > self.local_part_limit):
+            return super()._getaddr(arg)
+        return plain[1], plain[2]
+
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
-        self.in_data = True
+        """aiosmtpd's DATA, reading the message in blocks rather than a line per await (RFC 5321 §4.1.1.4)."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        self.in_data = True  # until the reply: a stop waits for it (shut_down)
         try:
-            await super().smtp_DATA(arg)
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            content, reply = await self._read_data()
+            if reply is None:
+                self.envelope.content = self.envelope.original_content = content
+                reply = await self._call_handler_hook("DATA")
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push(reply)
         finally:
             self.in_data = False
         if self.closing:
             _say(self.transport, SHUTTING_DOWN)
+
+    async def _read_data(self) -> tuple[bytes, str | None]:
+        """The message up to the line holding only ".", dots unstuffed (RFC 5321 §4.5.2); or the error reply.
+
+        Nothing beyond the end line is read, so pipelined commands stay for the command loop. Past
+        the size limit the data is read to its end and dropped.
+        """
+        reader, limit = self._reader, self.data_size_limit
+        data = bytearray()
+        dropped: str | None = None  # the reply, once the data is past the limit
+        while True:
+            try:
+                block = await reader.readuntil(_DATA_END)
+            except asyncio.LimitOverrunError as overrun:  # more than a line's worth without ".\r\n"
+                block = await reader.readexactly(overrun.consumed)
+            data += block
+            ends = data.endswith(_DATA_END) and (len(data) == len(_DATA_END) or data[-5:-3] == _CRLF)
+            if limit and len(data) - len(_DATA_END) > limit:
+                dropped = dropped or self._line_error(data[:limit]) or TOO_BIG
+                del data[:-4]  # keep what may begin the end line
+            if ends:
+                break
+        if dropped is not None:
+            return b"", dropped
+        content = bytes(data[:-3])
+        error = self._line_error(content)
+        if error is not None:
+            return b"", error
+        if content.startswith(b".") or b"\r\n." in content:
+            content = _CRLF.join(line[1:] if line.startswith(b".") else line for line in content.split(_CRLF))
+        return content, None
+
+    def _line_error(self, data: bytes | bytearray) -> str | None:
+        """RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets with its CRLF (aiosmtpd's limit)."""
+        longest = max(map(len, data.split(_CRLF)))
+        return "500 Line too long (see RFC5321 4.5.3.1.6)" if longest + 2 > self.line_length_limit else None
 
     def shut_down(self) -> None:
         """Say 421 and close; a session in DATA first gets its reply."""
