@@ -313,9 +313,11 @@ def test_files_are_where_debian_puts_them_and_the_unit_is_hardened(over_postfix:
         assert machine.run(["readlink", "-f", link]).stdout.strip() == VENV_COMMAND, link
     assert machine.run(["readlink", "-f", "/usr/lib/mailwatchd/venv/bin/python3"]).stdout.strip() == \
         "/usr/bin/python3.11"
-    # A launcher that imports nothing it does not need (pip 23's imports re) and ignores PYTHONPATH.
+    # A launcher that imports nothing it does not need (pip 23's imports re; the site module), and ignores
+    # PYTHONPATH and the user's site-packages: the venv's own site-packages is named in it.
     launcher = machine.read_file(VENV_COMMAND).decode()
-    assert launcher.startswith("#!/usr/lib/mailwatchd/venv/bin/python -I\n") and "import re" not in launcher
+    assert launcher.startswith("#!/usr/lib/mailwatchd/venv/bin/python -IS\n") and "import re" not in launcher
+    assert 'sys.path.append("/usr/lib/mailwatchd/venv/lib/python3.11/site-packages")' in launcher
     # The conffile, its modes (tmpfiles gave it to the daemon's group), and a template the program accepts.
     conffiles = machine.run(["dpkg-query", "-W", "-f=${Conffiles}", "mailwatchd"]).stdout.split()
     assert conffiles[0] == ENV_FILE and len(conffiles) == 2
