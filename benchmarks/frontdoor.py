@@ -5,15 +5,22 @@ Side by side in one run (see benchmarks/README.md):
 
 1. drop -> relay latency of an idle daemon, one message at a time, through `mailwatchd sendmail -t`
    and through the SMTP listener (a connection per message, and one connection kept open), timed
-   from the start of the submission until an in-process aiosmtpd relay has the message;
+   from the start of the submission until an in-process aiosmtpd relay has the message; beside
+   them a running, idle Postfix null client relaying to the same relay, through its `sendmail -t`
+   and through its smtpd (a connection per message);
 2. the listener's acceptance rate: Postfix's `smtp-source` sends N messages over ONE connection
    (the daemon relays them to Postfix's `smtp-sink`), with the same load straight into smtp-sink as
-   the upper bound, and a pipelining Python client timing the final "." -> 250 of each message.
+   the upper bound, into a running Postfix's smtpd (relaying to the same smtp-sink) as the
+   reference, and a pipelining Python client timing the final "." -> 250 of each message.
 
-    python benchmarks/frontdoor.py [--runs 50] [--messages 2000] [--size 4096] [--json]
+The running Postfix is the INSTALLED one as a private instance (benchmarks/postfix_running.py);
+where Postfix is not installed (or not as root, or with --no-postfix) its rows are skipped.
+
+    python benchmarks/frontdoor.py [--runs 50] [--messages 2000] [--size 4096] [--no-postfix] [--json]
 
 Exit status: 0; 1 when a message was lost (the relay or sink received fewer than were accepted)
-or a submission failed; 2 when a tool (relay, daemon, smtp-sink, smtp-source) could not be started.
+or a submission failed; 2 when a tool (relay, daemon, smtp-sink, smtp-source, an installed Postfix)
+could not be started.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import postfix_running
+from postfix_running import PostfixError, RunningPostfix
 from throughput import (
     _FOREIGN_ENV,
     DEFAULT_CACHE,
@@ -74,11 +83,10 @@ ARRIVAL_TIMEOUT_S = 10.0  # an idle daemon relays in milliseconds; this long mea
 READY_TIMEOUT_S = 30.0
 SHUTDOWN_S = 15.0
 SENDER, RECIPIENT = "bench@example.com", "rcpt@example.com"
-GOALS_MS = {"sendmail": 35.0, "listener_per_message": 5.0, "listener_kept_open": 5.0}
+GOALS_MS = {"sendmail": 35.0, "listener_per_message": 5.0, "listener_kept_open": 5.0}  # none for Postfix
 # The pipelining client's load: its figure is the "." -> 250 time, which needs no 2,000 samples.
 PIPELINED_MESSAGES = 200
 PIPELINED_TIME_S = 20.0
-POSTFIX_REFERENCE_MS = 21.0  # the issue's figure for Postfix (sendmail -> pickup -> smtp); not measured here
 _SUBJECT = re.compile(rb"^Subject:[ \t]*(\S+)", re.MULTILINE | re.IGNORECASE)
 
 
@@ -263,6 +271,38 @@ def via_sendmail(launcher: Path, env: dict[str, str]) -> Submit:
     return submit
 
 
+def via_postfix_sendmail(postfix: RunningPostfix) -> Submit:
+    """The running Postfix's `sendmail -t` (MAIL_CONFIG = its configuration); accepted = exit 0."""
+    argv, env = postfix.sendmail_argv(["-t"]), postfix.env
+
+    def submit(subject: str, data: bytes) -> tuple[float, float]:
+        started = time.perf_counter()
+        done = subprocess.run(argv, input=data, env=env, capture_output=True, timeout=60, check=False)
+        exited = time.perf_counter()
+        if done.returncode != 0:
+            raise SubmitFailed(f"postfix sendmail -t exited {done.returncode}: "
+                               f"{done.stderr.decode(errors='replace').strip()}")
+        return started, exited
+    return submit
+
+
+def start_postfix(args: argparse.Namespace, base: Path, relay_port: int) -> tuple[RunningPostfix | None, str]:
+    """The private Postfix relaying to `relay_port`, started; or None and why it is skipped."""
+    if args.no_postfix:
+        return None, "--no-postfix"
+    reason = postfix_running.unavailable_reason()
+    if reason is not None:
+        return None, reason
+    postfix = RunningPostfix(base, relay_port)
+    try:
+        postfix.setup()
+        postfix.start()
+    except BaseException:
+        postfix.close()
+        raise
+    return postfix, ""
+
+
 class PerMessage:
     """A new smtplib connection per message: connect, EHLO, MAIL, RCPT, DATA; accepted = its 250, then QUIT."""
 
@@ -334,7 +374,7 @@ class Way:
     def report(self) -> dict[str, Any]:
         after = [relayed - accepted for accepted, relayed in zip(self.accepted, self.relayed, strict=True)]
         result = {"relayed": summary(self.relayed), "accepted": summary(self.accepted),
-                  "accepted_to_relayed": summary(after), "goal_ms": GOALS_MS[self.label],
+                  "accepted_to_relayed": summary(after), "goal_ms": GOALS_MS.get(self.label),
                   "failed": self.failed, "late": self.late}
         return result | ({"error": self.error} if self.error else {})
 
@@ -345,6 +385,7 @@ def run_latency(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     relay.start()
     daemon: Daemon | None = None
     kept: KeptOpen | None = None
+    postfix: RunningPostfix | None = None
     try:
         spool = workdir / "spool-latency"
         daemon = start_daemon(args.mailwatchd, spool, relay.port, workdir / "mailwatchd-latency.log")
@@ -354,6 +395,16 @@ def run_latency(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         ways = [Way("sendmail", via_sendmail(args.mailwatchd, client_environment(spool))),
                 Way("listener_per_message", per_message),
                 Way("listener_kept_open", kept)]
+        postfix_info: dict[str, Any]
+        try:
+            postfix, skipped = start_postfix(args, workdir / "postfix-latency", relay.port)
+            postfix_info = {"skipped": skipped}
+        except (PostfixError, OSError, subprocess.SubprocessError) as exc:
+            postfix, postfix_info = None, {"error": f"the private Postfix would not start: {exc}"}
+        if postfix is not None:
+            postfix_info = {"version": postfix_running.postfix_version(), "relayhost": f"[{HOST}]:{relay.port}"}
+            ways += [Way("postfix_sendmail", via_postfix_sendmail(postfix)),
+                     Way("postfix_smtpd_per_message", PerMessage(postfix.smtpd_port))]
         floor: list[float] = []
         token = secrets.token_hex(4)
         accepted: set[str] = set()
@@ -390,6 +441,9 @@ def run_latency(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         ready_s = daemon.ready_s
         status = stop_daemon(daemon)
         daemon = None
+        if postfix is not None:
+            postfix.close()
+            postfix = None
         lost = len(accepted - relay.arrivals.keys())
         result: dict[str, Any] = {
             "rounds": max(rounds - WARMUP_ROUNDS, 0), "warmup_rounds": WARMUP_ROUNDS,
@@ -400,6 +454,7 @@ def run_latency(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             **{way.label: way.report() for way in ways},
             "listener_ehlo_reply": summary(per_message.ehlo[WARMUP_ROUNDS:]),
             "floor": {"accepted": summary(floor), "command": f"{interpreter} -c pass"},
+            "postfix": postfix_info,
         }
         result["ok"] = not lost and not result["duplicates"] and not any(way.failed for way in ways)
         return result
@@ -408,6 +463,8 @@ def run_latency(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             kept.close()
         if daemon is not None:
             stop_daemon(daemon)
+        if postfix is not None:
+            postfix.close()
         relay.close()
 
 
@@ -540,6 +597,45 @@ def wait_relayed(sink: Sink, before: int, expected: int, spool: Path, timeout: f
         time.sleep(POLL)
 
 
+def postfix_smtpd_acceptance(args: argparse.Namespace, workdir: Path, tools: Postfix, sink: Sink) -> dict[str, Any]:
+    """The same smtp-source load into a running Postfix's smtpd, relaying to the same smtp-sink."""
+    drain_timeout = 30.0 + args.messages / 50
+    try:
+        postfix, skipped = start_postfix(args, workdir / "postfix-acceptance", sink.port)
+    except (PostfixError, OSError, subprocess.SubprocessError) as exc:
+        return {"error": f"the private Postfix would not start: {exc}"}
+    if postfix is None:
+        return {"skipped": skipped}
+    try:
+        before, cpu_before = sink.count(), postfix.cpu_seconds()
+        run = run_smtp_source(tools, postfix.smtpd_port, args, workdir / "smtp-source-postfix.stderr")
+        deadline = time.monotonic() + drain_timeout
+        while (counted := sink.count() - before) < len(run.completions) or postfix.queued():
+            if time.monotonic() > deadline:
+                drained_at = None
+                break
+            time.sleep(POLL)
+        else:
+            drained_at = time.perf_counter()
+        cpu_after = postfix.cpu_seconds()
+        row = source_report(run, counted)
+        row["version"] = postfix_running.postfix_version()
+        row["cpu_method"] = postfix.cpu_method
+        if drained_at is not None and run.completions:
+            row["all_relayed_s"] = round(drained_at - run.started, 3)
+            row["relayed_msg_per_s"] = round(len(run.completions) / (drained_at - run.started), 1)
+        elif run.completions:
+            row["error"] = (f"not all relayed after {drain_timeout:g} s: the sink counted {counted}, its queue "
+                            f"holds {postfix.queued()}; maillog: {postfix.log_tail(3)}")
+        if cpu_before is not None and cpu_after is not None and run.completions:
+            row["postfix_cpu_ms_per_msg"] = round((cpu_after - cpu_before) * 1000 / len(run.completions), 3)
+        return row
+    except (PostfixError, OSError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        postfix.close()
+
+
 def run_acceptance(args: argparse.Namespace, workdir: Path, postfix: Postfix) -> dict[str, Any]:
     """smtp-source into smtp-sink (the bound), then into the listener, then the pipelining client."""
     try:
@@ -579,10 +675,14 @@ def run_acceptance(args: argparse.Namespace, workdir: Path, postfix: Postfix) ->
         result["failed_in_spool"] = failed
         if reasons:
             result["failed_reasons"] = reasons
-        result["lost"] = sum(max(part["accepted"] - part["received"], 0)
-                             for part in (result["listener"], client, result["smtp_sink_direct"]))
-        result["ok"] = not result["lost"] and not failed and not any(
-            part.get("error") for part in (result["listener"], client, result["smtp_sink_direct"]))
+        result["postfix_smtpd"] = postfix_smtpd_acceptance(args, workdir, postfix, sink)
+        reference = result["postfix_smtpd"]
+        if row.get("msg_per_s") and reference.get("msg_per_s") and not reference.get("error"):
+            result["listener_over_postfix_smtpd"] = round(row["msg_per_s"] / reference["msg_per_s"], 2)
+        parts = [result["listener"], client, result["smtp_sink_direct"]]
+        parts += [reference] if "accepted" in reference else []
+        result["lost"] = sum(max(part["accepted"] - part["received"], 0) for part in parts)
+        result["ok"] = not result["lost"] and not failed and not any(part.get("error") for part in parts)
         return result
     finally:
         if daemon is not None:
@@ -594,13 +694,18 @@ def run_acceptance(args: argparse.Namespace, workdir: Path, postfix: Postfix) ->
 
 
 def ms(figures: dict[str, Any], key: str) -> str:
-    value = figures.get(key)
+    return ms_of(figures.get(key))
+
+
+def ms_of(value: float | None) -> str:
     return "—" if value is None else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
 
 
 LATENCY_ROWS = (("sendmail", "sendmail -t (venv launcher)", "exit"),
                 ("listener_per_message", "listener, connection per message", "250"),
-                ("listener_kept_open", "listener, one connection kept open", "250"))
+                ("listener_kept_open", "listener, one connection kept open", "250"),
+                ("postfix_sendmail", "Postfix sendmail -t (running, idle)", "exit"),
+                ("postfix_smtpd_per_message", "Postfix smtpd, conn. per message", "250"))
 
 
 def print_latency(part: dict[str, Any], size: int, out: TextIO) -> None:
@@ -612,18 +717,31 @@ def print_latency(part: dict[str, Any], size: int, out: TextIO) -> None:
     print(f"{'':36} {'median':>8} {'p90':>8} {'min':>8} {'median':>6}  {'accepted':>21} {'-> relay':>9}",
           file=out)
     for key, label, accepted in LATENCY_ROWS:
-        row = part[key]
+        row = part.get(key)
+        if row is None:
+            continue
         relayed = row["relayed"]
+        goal = "" if row["goal_ms"] is None else "<=" + format(row["goal_ms"], "g")
         print(f"{label:36} {ms(relayed, 'median_ms'):>8} {ms(relayed, 'p90_ms'):>8} {ms(relayed, 'min_ms'):>8} "
-              f"{'<=' + format(row['goal_ms'], 'g'):>6}  {accepted + ' ' + ms(row['accepted'], 'median_ms'):>21} "
+              f"{goal:>6}  {accepted + ' ' + ms(row['accepted'], 'median_ms'):>21} "
               f"{ms(row['accepted_to_relayed'], 'median_ms'):>9}", file=out)
         if row.get("error"):
             print(f"{'':36} ERROR ({row['failed']} failed, {row['late']} late): {row['error']}", file=out)
     floor = part["floor"]["accepted"]
     print(f"{'floor: ' + part['floor']['command'].rsplit('/', 1)[-1]:36} {'':>8} {'':>8} {'':>8} {'':>6}  "
           f"{'exit ' + ms(floor, 'median_ms'):>21}", file=out)
-    print(f"   EHLO reply on a new connection: {ms(part['listener_ehlo_reply'], 'median_ms')} ms median. "
-          f"Postfix: {POSTFIX_REFERENCE_MS:g} ms per the issue, not measured (not installed).", file=out)
+    print(f"   EHLO reply on a new connection: {ms(part['listener_ehlo_reply'], 'median_ms')} ms median.", file=out)
+    postfix = part.get("postfix", {})
+    if postfix.get("skipped") or postfix.get("error"):
+        print(f"   Postfix rows skipped: {postfix.get('skipped') or 'ERROR: ' + postfix['error']}", file=out)
+    elif "postfix_sendmail" in part:
+        print(f"   Postfix {postfix['version']}: a private null client (benchmarks/postfix_running.py), running and "
+              f"idle, relayhost {postfix['relayhost']} (the same relay)", file=out)
+        ours, theirs = part["sendmail"]["relayed"]["median_ms"], part["postfix_sendmail"]["relayed"]["median_ms"]
+        listener = part["listener_per_message"]["relayed"]["median_ms"]
+        if ours and theirs and listener:
+            print(f"   median start -> relay over Postfix sendmail -t's: sendmail -t {ours / theirs:.2f}, "
+                  f"listener (connection per message) {listener / theirs:.2f}", file=out)
     print(f"   messages: {part['accepted']} accepted (warm-up included), the relay received "
           f"{part['relay_received']}, lost {part['lost']}, duplicates {part['duplicates']}", file=out)
 
@@ -634,10 +752,15 @@ def print_acceptance(part: dict[str, Any], messages: int, size: int, out: TextIO
     print(f"{'':50} {'msg/s':>8} {'per message, ms: median':>25} {'p90':>7}", file=out)
     rows = (("smtp-source -> mailwatchd listener", part.get("listener"), "per_message", "MAIL..250"),
             ("pipelining Python client -> listener", part.get("pipelined_client"), "dot_to_250", '"." -> 250'),
+            ("smtp-source -> Postfix smtpd (running)", part.get("postfix_smtpd"), "per_message", "MAIL..250"),
             ("smtp-source -> smtp-sink (bound, stores nothing)", part.get("smtp_sink_direct"), "per_message",
              "MAIL..250"))
     for label, row, key, what in rows:
         if row is None:
+            continue
+        if row.get("skipped") or key not in row:
+            print(f"{label:50} {'skipped' if row.get('skipped') else 'FAILED':>8}   "
+                  f"({row.get('skipped') or row.get('error')})", file=out)
             continue
         rate = "—" if row.get("msg_per_s") is None else f"{row['msg_per_s']:.0f}"
         print(f"{label:50} {rate:>8} {what + ' ' + ms(row[key], 'median_ms'):>25} {ms(row[key], 'p90_ms'):>7}",
@@ -651,8 +774,22 @@ def print_acceptance(part: dict[str, Any], messages: int, size: int, out: TextIO
         print(f"   all relayed on to smtp-sink {listener['all_relayed_s']} s after smtp-source started "
               f"({listener['relayed_msg_per_s']:.0f} msg/s); daemon CPU "
               f"{listener.get('daemon_cpu_ms_per_msg', '—')} ms/msg (accept + relay)", file=out)
-    print("   Postfix's smtpd is not installed: 'at least as fast as Postfix's smtpd' cannot be checked here.",
-          file=out)
+    reference = part.get("postfix_smtpd") or {}
+    if reference.get("all_relayed_s") is not None:
+        print(f"   Postfix relayed all on to smtp-sink {reference['all_relayed_s']} s after smtp-source started "
+              f"({reference['relayed_msg_per_s']:.0f} msg/s); Postfix CPU "
+              f"{reference.get('postfix_cpu_ms_per_msg', '—')} ms/msg, all its processes "
+              f"({reference.get('cpu_method')})", file=out)
+    ratio = part.get("listener_over_postfix_smtpd")
+    if ratio is not None:
+        verdict = "met" if ratio >= 1.0 else "NOT met"
+        listener_median = (listener.get("per_message") or {}).get("median_ms")
+        postfix_median = (reference.get("per_message") or {}).get("median_ms")
+        print(f"   at least as fast as Postfix's smtpd: {verdict} (listener msg/s / Postfix smtpd msg/s = {ratio:.2f}; "
+              f"MAIL..250 median {ms_of(listener_median)} against {ms_of(postfix_median)} ms)",
+              file=out)
+    else:
+        print("   at least as fast as Postfix's smtpd: not checked (no Postfix smtpd figure in this run)", file=out)
     for label, row, _, _ in rows:
         if row is not None and row.get("command"):
             print(f"   {row['command']}    ({label.split(' (')[0]})", file=out)
@@ -699,6 +836,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--messages", type=int, default=2000, help="messages per load in part 2 (default 2000)")
     parser.add_argument("--size", type=int, default=4096, help="bytes per message (default 4096)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--no-postfix", action="store_true",
+                        help="skip the running Postfix's rows (the installed one as a private null client)")
     parser.add_argument("--mailwatchd", type=Path, default=DEFAULT_LAUNCHER,
                         help=f"the launcher run as `run` and `sendmail -t` (default {DEFAULT_LAUNCHER})")
     parser.add_argument("--workdir", type=Path, default=None,
@@ -738,10 +877,15 @@ def main(argv: list[str] | None = None) -> int:
         try:
             postfix = fetch_postfix(args.cache_dir, quiet=quiet)
             report["versions"]["postfix"] = f"{postfix.version} (smtp-source, smtp-sink from the .deb)"
+            if not args.no_postfix and postfix_running.unavailable_reason() is None:
+                report["versions"]["postfix running"] = f"{postfix_running.postfix_version()} (installed)"
             report["acceptance"] = run_acceptance(args, workdir, postfix)
         except (BenchError, OSError, subprocess.SubprocessError) as exc:
             report["acceptance"] = {"error": str(exc)}
             tool_errors.append(str(exc))
+    for failed_to_start in (report["latency"].get("postfix", {}), report["acceptance"].get("postfix_smtpd", {})):
+        if failed_to_start.get("error") and "accepted" not in failed_to_start:
+            tool_errors.append(failed_to_start["error"])
     report["machine"]["load_after"] = [round(load, 2) for load in os.getloadavg()]
     if args.json:
         print(json.dumps(report))

@@ -6,7 +6,10 @@ Side by side, in one run and interleaved round by round (so a busy moment hits e
 below), `mailwatchd sendmail -t` through the venv's launcher into a throwaway spool (and, when that
 launcher is pip's older one that imports re, through the launcher pip 25 and later write for the
 same entry point), and, when they are installed, Postfix's and nullmailer's `sendmail -t` as
-reference rows. See benchmarks/README.md.
+reference rows. Postfix's goes through a private instance of the installed Postfix
+(benchmarks/postfix_running.py: MAIL_CONFIG names its own main.cf and queue; master is not
+started, as no mailwatchd daemon runs either), since Debian's "No configuration" leaves none.
+See benchmarks/README.md.
 
     python benchmarks/submit.py [--runs 50] [--size 1024] [--mailwatchd .venv/bin/mailwatchd]
 
@@ -16,6 +19,7 @@ Exit status: 0, or 1 when a mailwatchd run failed or its messages are not all in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import resource
@@ -28,12 +32,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import postfix_running
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LAUNCHER = REPO_ROOT / ".venv" / "bin" / "mailwatchd"
 WARMUP_RUNS = 2  # not counted: they fill the bytecode cache and the page cache
-# Reference MTAs: (row label, the program that proves the package is there, its sendmail).
+POSTFIX_LABEL = "postfix sendmail -t"
+# Other reference MTAs: (row label, the program that proves the package is there, its sendmail).
 REFERENCES = (
-    ("postfix sendmail -t", Path("/usr/sbin/postdrop"), Path("/usr/sbin/sendmail")),
     ("nullmailer sendmail -t", Path("/usr/sbin/nullmailer-queue"), Path("/usr/sbin/sendmail")),
 )
 # The environment the operator's shell may carry and the children must not see.
@@ -43,7 +49,8 @@ _FOREIGN_ENV = ("EMAIL_", "MAILWATCHD_", "PYTHONDONTWRITEBYTECODE", "PYTHONPYCAC
 @dataclass
 class Row:
     label: str
-    argv: list[str] | None  # None: not installed
+    argv: list[str] | None  # None: not installed (or cannot run here: `note` says why)
+    env: dict[str, str] | None = None  # None: the rows' common environment
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
     failures: int = 0
@@ -81,6 +88,20 @@ def launcher_without_re(launcher: Path, directory: Path) -> Path | None:
     return path
 
 
+def postfix_row(workdir: Path, env: dict[str, str], cleanup: contextlib.ExitStack) -> Row:
+    """Postfix's sendmail -t through a private instance (its maildrop; master not started)."""
+    reason = postfix_running.unavailable_reason()
+    if reason is not None:
+        return Row(POSTFIX_LABEL, None, note=reason)
+    try:
+        # the relay port is never used: master does not run, the messages stay in its maildrop
+        instance = cleanup.enter_context(postfix_running.RunningPostfix(workdir / "postfix", relay_port=9,
+                                                                        use_cgroup=False))
+    except (postfix_running.PostfixError, OSError, subprocess.SubprocessError) as exc:
+        return Row(POSTFIX_LABEL, None, note=f"the private Postfix could not be set up: {exc}")
+    return Row(POSTFIX_LABEL, instance.sendmail_argv(["-t"]), env={**env, "MAIL_CONFIG": str(instance.config_dir)})
+
+
 def reference_rows() -> list[Row]:
     rows = []
     for label, proof, program in REFERENCES:
@@ -93,7 +114,7 @@ def run_once(row: Row, data: bytes, env: dict[str, str]) -> None:
     assert row.argv is not None
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    done = subprocess.run(row.argv, input=data, env=env, capture_output=True, check=False)
+    done = subprocess.run(row.argv, input=data, env=row.env or env, capture_output=True, check=False)
     row.wall.append(time.perf_counter() - start)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     row.cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
@@ -131,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     python = interpreter_of(launcher)
     data = message(args.size)
 
-    with tempfile.TemporaryDirectory(prefix="mailwatchd-submit-bench-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="mailwatchd-submit-bench-") as workdir, \
+            contextlib.ExitStack() as cleanup:
         spool = Path(workdir) / "spool"
         env = {key: value for key, value in os.environ.items() if not key.startswith(_FOREIGN_ENV)}
         # Installed packages come with their bytecode compiled; a checkout may not (and with
@@ -144,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             ours.append(Row("  launcher without import re", [str(newer), "sendmail", "-t"]))
         rows = [Row("python -c pass (the floor)", [python, "-c", "pass"]), *ours]
         if not args.no_references:
-            rows += reference_rows()
+            rows += [postfix_row(Path(workdir), env, cleanup), *reference_rows()]
         measured = [row for row in rows if row.argv is not None]
         for _ in range(WARMUP_RUNS):
             for row in measured:
@@ -171,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     floor = statistics.median(rows[0].wall)
     for row in rows:
         if row.argv is None:
-            print(f"{row.label:<30} {'not installed':>10}")
+            print(f"{row.label:<30} {'not installed':>10}" if not row.note else f"{row.label:<30} skipped: {row.note}")
             continue
         print(f"{row.label:<30} {statistics.median(row.wall) * 1e3:>10.1f} {percentile(row.wall, 0.9) * 1e3:>8.1f} "
               f"{min(row.wall) * 1e3:>8.1f} {statistics.median(row.cpu) * 1e3:>8.1f}  {len(row.wall)}"

@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Throughput benchmark: mailwatchd against a naive smtplib loop and Postfix's smtp-source.
+"""Throughput benchmark: mailwatchd against a naive smtplib loop, Postfix's smtp-source and a running Postfix.
 
-All three send to the same local sink, Postfix's `smtp-sink` (taken from Debian's postfix
+All of them send to the same local sink, Postfix's `smtp-sink` (taken from Debian's postfix
 package with `apt-get download` + `dpkg -x`, nothing installed), or an aiosmtpd sink in a
-separate process when that package cannot be had. See benchmarks/README.md.
+separate process when that package cannot be had. The running Postfix is the INSTALLED one as a
+private null client (benchmarks/postfix_running.py), skipped where Postfix is not installed.
+See benchmarks/README.md.
 
     python benchmarks/throughput.py [--messages 2000] [--size 4096] [--concurrency 2]
-                                    [--sink auto|smtp-sink|aiosmtpd] [--json]
+                                    [--sink auto|smtp-sink|aiosmtpd] [--no-postfix] [--json]
 
 Exit status: 0 when every phase delivered all messages, 1 when one did not (mailwatchd
 included), 2 when the sink could not be set up.
@@ -36,9 +38,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
+
+import postfix_running
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -46,6 +51,8 @@ DEFAULT_CACHE = BENCH_DIR / ".cache"
 HOST = "127.0.0.1"
 POLL = 0.005  # seconds between completion checks: the wall-clock resolution of a run
 _COUNTER = re.compile(rb"mesg=(\d+)\r")
+GOALS = {"ratio_mailwatchd_postfix": 1.5, "ratio_mailwatchd_naive": 1.0}  # issue 10, in the same run
+SUBMITTERS = 4  # parallel `sendmail` processes filling the running Postfix's maildrop (not timed)
 # The environment a daemon might pick up from the operator's shell and must not see here.
 _FOREIGN_ENV = ("EMAIL_", "MAILWATCHD_", "NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_", "JOURNAL_STREAM",
                 "CREDENTIALS_DIRECTORY", "INVOCATION_ID")
@@ -464,6 +471,89 @@ def run_smtp_source(sink: Sink, postfix: Postfix, workdir: Path, args: argparse.
     return result
 
 
+def submit_to_postfix(postfix: postfix_running.RunningPostfix, args: argparse.Namespace) -> float:
+    """The same N messages as the other phases, through its `sendmail -t -i` into its maildrop (master
+    stopped, so nothing is picked up yet): the seconds it took (not part of any figure)."""
+    date = email.utils.formatdate()
+    token = secrets.token_hex(6)
+    options = ["-t", "-i", "-f", "sender@bench.example"]  # the envelope mailwatchd takes from From:
+
+    def submit(index: int) -> None:
+        postfix.sendmail(options, make_message(index, args.messages, args.size, date, token))
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=SUBMITTERS) as pool:
+        for _ in pool.map(submit, range(args.messages)):
+            pass
+    took = time.perf_counter() - started
+    os.sync()  # as after prefill(): no write-back of the submission during the timed run
+    return took
+
+
+def run_postfix_running(sink: Sink, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The installed Postfix as a private null client relaying to the sink: N messages in its maildrop,
+    timed from `postfix start` until the sink counted N and its queue is empty."""
+    reason = postfix_running.unavailable_reason()
+    if reason is not None:
+        return {"skipped": reason}
+    result: dict[str, Any] = {"ok": False}
+    try:
+        with postfix_running.RunningPostfix(workdir / "postfix-running", sink.port) as postfix:
+            result["cpu_method"] = postfix.cpu_method
+            result["submit_s"] = round(submit_to_postfix(postfix, args), 3)
+            waiting = postfix.queued()
+            if waiting != args.messages:
+                result["error"] = f"{waiting} of {args.messages} messages in its maildrop after sendmail"
+                return result
+            before = sink.count()
+            cpu_before = postfix.cpu_seconds() or 0.0  # nothing of it runs yet
+            started = time.perf_counter()
+            start_s = postfix.start()
+            cpu_at_started = postfix.cpu_seconds()
+            deadline = started + args.timeout
+            progress = (time.perf_counter(), -1, -1)
+            while True:
+                delivered, queued = sink.count() - before, postfix.queued()
+                now = time.perf_counter()
+                if delivered >= args.messages and queued == 0:
+                    break
+                if (delivered, queued) != progress[1:]:
+                    progress = (now, delivered, queued)
+                elif now - progress[0] > args.stall:
+                    result["error"] = (f"no progress for {args.stall:g}s: the sink counted {delivered}, "
+                                       f"its queue holds {queued}; maillog: {postfix.log_tail(3)}")
+                    break
+                if now >= deadline:
+                    result["error"] = (f"not done after {args.timeout:g}s: the sink counted {delivered}, "
+                                       f"its queue holds {queued}; maillog: {postfix.log_tail(3)}")
+                    break
+                time.sleep(POLL)
+            wall = time.perf_counter() - started
+            cpu_end = postfix.cpu_seconds()
+        delivered = sink.count() - before  # after stop: duplicates show here
+    except (postfix_running.PostfixError, OSError, subprocess.SubprocessError) as exc:
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        return result
+    result.update({
+        "delivered": delivered,
+        "wall_s": round(wall, 3),
+        "msg_per_s": rate(args.messages, wall),
+        "postfix_start_s": round(start_s, 3),
+        "msg_per_s_after_start": rate(args.messages, wall - start_s),
+    })
+    if cpu_end is not None:
+        result["cpu_s_total"] = round(cpu_end - cpu_before, 3)
+        result["cpu_ms_per_msg"] = round((cpu_end - cpu_before) * 1000 / args.messages, 3)
+        if cpu_at_started is not None:
+            result["cpu_s_postfix_start"] = round(cpu_at_started - cpu_before, 3)
+            result["cpu_ms_per_msg_after_start"] = round((cpu_end - cpu_at_started) * 1000 / args.messages, 3)
+    if "error" not in result and delivered != args.messages:
+        word = "duplicates: " if delivered > args.messages else ""
+        result["error"] = f"{word}the sink counted {delivered} of {args.messages} messages"
+    result["ok"] = "error" not in result
+    return result
+
+
 class NotifyListener:
     """An sd_notify(3) socket (abstract namespace): notes when the daemon sends READY=1.
 
@@ -797,6 +887,13 @@ def print_table(report: dict[str, Any], out: TextIO) -> None:
         (f"smtp-source -s {report['concurrency']}", report.get("smtp_source")),
         (f"smtp-source -s {report['concurrency']} -d (reuse conn)", report.get("smtp_source_reuse")),
     ]
+    postfix = report.get("postfix_running")
+    if postfix is not None:
+        rows.append(("Postfix running (from start)", postfix))
+        if postfix.get("msg_per_s_after_start") is not None:
+            rows.append(("Postfix running (start returned)", {"msg_per_s": postfix["msg_per_s_after_start"],
+                                                               "cpu_ms_per_msg": postfix.get(
+                                                                   "cpu_ms_per_msg_after_start")}))
     for label, row in rows:
         if row is None:
             continue
@@ -810,9 +907,18 @@ def print_table(report: dict[str, Any], out: TextIO) -> None:
               f"{fmt(row.get('peak_rss_mib')):>13}", file=out)
     if daemon.get("ready_s") is not None:
         print(f"{'':34} (mailwatchd was ready after {daemon['ready_s']:.3f}s: {daemon['ready_signal']})", file=out)
-    if report.get("ratio_mailwatchd_naive") is not None:
-        print(f"{'mailwatchd / naive':34} {report['ratio_mailwatchd_naive']:>9.2f}", file=out)
-    for name in ("mailwatchd", "naive", "smtp_source", "smtp_source_reuse"):
+    if postfix and postfix.get("postfix_start_s") is not None:
+        print(f"{'':34} (`postfix start` itself took {postfix['postfix_start_s']:.3f}s, "
+              f"{fmt(postfix.get('cpu_s_postfix_start'), '.3f')}s CPU; the {report['messages']} messages went into "
+              f"its maildrop by `sendmail -t` beforehand, untimed, in {postfix['submit_s']:.1f}s)", file=out)
+        print(f"{'':34} (Postfix {postfix.get('version', '?')} CPU, all its processes: {postfix['cpu_method']})",
+              file=out)
+    for key, label in (("ratio_mailwatchd_postfix", "mailwatchd / Postfix running"),
+                       ("ratio_mailwatchd_naive", "mailwatchd / naive")):
+        if report.get(key) is not None:
+            verdict = "met" if report[key] >= GOALS[key] else "NOT met"
+            print(f"{label:34} {report[key]:>9.2f}   (goal >= {GOALS[key]:g}: {verdict})", file=out)
+    for name in ("mailwatchd", "naive", "smtp_source", "smtp_source_reuse", "postfix_running"):
         row = report.get(name)
         if row and row.get("error"):
             print(f"\n{name}: ERROR: {row['error']}", file=out)
@@ -834,6 +940,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="auto: smtp-sink, or aiosmtpd if the postfix package cannot be had")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--no-smtp-source", action="store_true", help="skip the smtp-source upper bound")
+    parser.add_argument("--no-postfix", action="store_true",
+                        help="skip the running Postfix (the installed one as a private null client)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds a phase may take (default 30 + messages/100)")
     parser.add_argument("--stall", type=float, default=15.0,
@@ -921,19 +1029,29 @@ def main(argv: list[str] | None = None) -> int:
                 report["mailwatchd"] = run_mailwatchd(sink, workdir, args)
             except OSError as exc:
                 report["mailwatchd"] = {"ok": False, "error": f"could not run mailwatchd: {exc}"}
+            if args.no_postfix:
+                report["postfix_running"] = {"skipped": "--no-postfix"}
+            else:
+                note(f"Postfix running: {args.messages} messages into its maildrop, then postfix start", quiet=quiet)
+                report["postfix_running"] = run_postfix_running(sink, workdir, args)
+                if not report["postfix_running"].get("skipped"):
+                    report["postfix_running"]["version"] = postfix_running.postfix_version()
         finally:
             sink.close()
         sink_errors = tail(sink.stderr_path, 5)
         if sink_errors:
             report["sink"]["stderr"] = sink_errors
-    daemon, naive = report["mailwatchd"], report["naive"]
+    daemon, naive, running = report["mailwatchd"], report["naive"], report["postfix_running"]
     if daemon.get("ok") and naive.get("msg_per_s"):
         report["ratio_mailwatchd_naive"] = round(daemon["msg_per_s"] / naive["msg_per_s"], 2)
+    if daemon.get("ok") and running.get("ok") and running.get("msg_per_s"):
+        report["ratio_mailwatchd_postfix"] = round(daemon["msg_per_s"] / running["msg_per_s"], 2)
     if args.json:
         print(json.dumps(report, indent=None, sort_keys=False))
     else:
         print_table(report, sys.stdout)
-    phases = [report[key] for key in ("mailwatchd", "naive", "smtp_source", "smtp_source_reuse") if key in report]
+    phases = [report[key] for key in ("mailwatchd", "naive", "smtp_source", "smtp_source_reuse", "postfix_running")
+              if key in report]
     return 0 if all(phase.get("ok") for phase in phases if not phase.get("skipped")) else 1
 
 
