@@ -361,3 +361,92 @@ def test_add_deferred_refuses_what_is_no_queue_id() -> None:
         with pytest.raises(ValueError, match="not a queue id"):
             scheduler.add_deferred(1.0, bad)
     assert len(scheduler) == 0
+
+
+def test_add_queued_is_add_ready_of_messages_in_queue() -> None:
+    scheduler = Scheduler(Clock())
+    scheduler.add_queued([qid("c"), qid("a")])
+    scheduler.add_ready(q("b"))
+    assert drain(scheduler) == [q("a"), q("b"), q("c")]
+    scheduler.add_queued([qid("a"), qid("d")])  # a: still in a worker's hands, its attempt settles it
+    assert drain(scheduler) == [q("d")]
+    for bad in ("", "not-an-id", "0123456789abcdef0123", "0x" + qid("a")[2:], " " + qid("a")[1:]):
+        with pytest.raises(ValueError, match="not a queue id"):
+            scheduler.add_queued([qid("e"), bad])
+    assert len(scheduler) == 0  # all or nothing
+
+
+# -- a lazy load of deferred messages -----------------------------------------------------------------
+
+
+def test_messages_a_load_expects_count_as_deferred_until_it_accounts_for_them() -> None:
+    clock = Clock()
+    scheduler = Scheduler(clock)
+    scheduler.add_ready(q("m"))
+    scheduler.expect_deferred(3, qid("b"))
+    assert (scheduler.loading, scheduler.pending_deferred) == (True, 3)
+    assert (len(scheduler), scheduler.ready_count, scheduler.deferred_count) == (4, 1, 3)
+    assert scheduler.oldest_id() == qid("b")  # older than anything listed: from the load's listing
+    scheduler.load_deferred(2000.0, qid("c"))
+    scheduler.skip_deferred(qid("b"))  # moved by a command before the load looked
+    assert (scheduler.pending_deferred, scheduler.deferred_count, len(scheduler)) == (1, 2, 3)
+    scheduler.load_deferred(500.0, qid("d"))  # due already
+    assert drain(scheduler) == [d("d"), q("m")]
+    scheduler.end_deferred_load()
+    assert (scheduler.loading, scheduler.pending_deferred, scheduler.deferred_count) == (False, 0, 1)
+    assert scheduler.oldest_id() == qid("c")
+    clock.now = 2000.0
+    assert drain(scheduler) == [d("c")]
+
+
+def test_end_of_a_load_forgets_what_it_did_not_account_for() -> None:
+    scheduler = Scheduler(Clock())
+    scheduler.expect_deferred(5, qid("a"))
+    scheduler.load_deferred(9000.0, qid("b"))
+    scheduler.end_deferred_load()  # given up (an error): the rest waits for the next start
+    assert (scheduler.deferred_count, len(scheduler), scheduler.oldest_id()) == (1, 1, qid("b"))
+
+
+def test_a_message_deferred_during_the_load_is_not_listed_again_by_it() -> None:
+    clock = Clock()
+    scheduler = Scheduler(clock)
+    scheduler.expect_deferred(2, qid("a"))
+    # Requeued by an operator, claimed and attempted, deferred again by a worker before the load came to it.
+    scheduler.add_deferred(1500.0, qid("a"))
+    scheduler.load_deferred(1500.0, qid("a"))
+    scheduler.load_deferred(1500.0, qid("b"))
+    assert (scheduler.pending_deferred, scheduler.deferred_count) == (0, 2)
+    clock.now = 1500.0
+    assert drain(scheduler) == [d("a"), d("b")]
+    scheduler.end_deferred_load()
+    scheduler.done(qid("a"))
+    scheduler.add_deferred(1600.0, qid("a"))  # after the load: an ordinary deferral
+    assert scheduler.deferred_count == 1
+
+
+def test_a_flush_during_the_load_makes_what_it_loads_later_ready_too() -> None:
+    scheduler = Scheduler(Clock())
+    scheduler.expect_deferred(3, qid("a"))
+    scheduler.load_deferred(9000.0, qid("c"))
+    assert scheduler.flush() == 3  # the one loaded, and the two still to load
+    scheduler.load_deferred(9000.0, qid("a"))
+    scheduler.skip_deferred(qid("b"))
+    assert (scheduler.ready_count, scheduler.deferred_count) == (2, 0)
+    assert drain(scheduler) == [d("a"), d("c")]
+    scheduler.end_deferred_load()
+    scheduler.add_deferred(9000.0, qid("d"))
+    assert scheduler.take_nowait() is None  # the flush was for then, not for later deferrals
+
+
+def test_a_load_wakes_a_waiting_taker_for_a_due_message() -> None:
+    clock = Clock()
+    scheduler = Scheduler(clock)
+    scheduler.expect_deferred(1, qid("a"))
+
+    async def scenario() -> WorkItem | None:
+        taker = asyncio.create_task(scheduler.take(timeout=5))
+        await asyncio.sleep(0)
+        scheduler.load_deferred(clock.now - 1, qid("a"))
+        return await taker
+
+    assert asyncio.run(scenario()) == d("a")

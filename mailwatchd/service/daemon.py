@@ -37,7 +37,7 @@ from mailwatchd.service.scheduler import Scheduler, WorkItem
 from mailwatchd.service.worker import Worker
 from mailwatchd.settings.config import Settings, load_settings
 from mailwatchd.spool.intake import Intake
-from mailwatchd.spool.recovery import OrphanSweep, recover
+from mailwatchd.spool.recovery import DeferredLoad, OrphanSweep, recover
 from mailwatchd.spool.store import Location, Spool
 
 if TYPE_CHECKING:
@@ -82,7 +82,8 @@ class Daemon:
         self._stop_requested = 0
         self._file_values_at_start = _file_values(settings.config_path)
         self._sweep: OrphanSweep | None = None  # recovery's orphan sweep, run after READY=1
-        self._sweep_task: asyncio.Task[None] | None = None
+        self._deferred_load: DeferredLoad | None = None  # recovery's deferred messages' due times, read after READY=1
+        self._after_ready_task: asyncio.Task[None] | None = None  # runs both, in that order
         self.listener: Listener | None = None
         # Room on the spool's filesystem: while it is short, new work waits in new/ and deliveries go on.
         self.space = SpoolSpace(self.spool, min_free=lambda: self.live.settings.min_free_bytes,
@@ -122,17 +123,19 @@ class Daemon:
         if problem is not None:
             raise PermissionError(problem)
         self.space.check()
-        # Straight into the scheduler, one directory scan each; drops in new/ are claimed, and states whose
-        # message is gone removed, after READY=1.
+        # Straight into the scheduler, one directory scan each; drops in new/ are claimed, deferred messages'
+        # due times read, and states whose message is gone removed, after READY=1.
         scheduler = self.scheduler
-
         def ready(queue_id: str) -> None:
             scheduler.add_ready(WorkItem(queue_id, Location.QUEUE))
 
-        recovery = recover(self.spool, ready=ready, deferred=scheduler.add_deferred,
-                           progress=self._recovery_progress, sweep=False)
+        recovery = recover(self.spool, ready=ready, ready_batch=scheduler.add_queued, deferred=scheduler.add_deferred,
+                           progress=self._recovery_progress, sweep=False, lazy_deferred=True)
         self.spool.reaper.flush()  # what a kill left of delivered messages (run() started the reaper)
         self._sweep = recovery.sweep
+        self._deferred_load = recovery.deferred_load
+        if self._deferred_load is not None:  # counted (status, metrics, oldest age) from now on
+            scheduler.expect_deferred(self._deferred_load.count, self._deferred_load.oldest)
         self.counters.failed_in_store = recovery.failed
         if recovery.ready_count or recovery.deferred_count or recovery.completed_moves:
             log.info("spool_recovered", ready=recovery.ready_count, deferred=recovery.deferred_count,
@@ -147,7 +150,8 @@ class Daemon:
                              "until then messages go to the local outbox Maildir")
 
     def _recovery_progress(self, seen: int) -> None:
-        """A large spool: ask systemd for time as recovery goes (most entries cost a stat, some a state read)."""
+        """A large spool: ask systemd for time as recovery goes (most entries cost only their name in a directory
+        listing; interrupted moves, and claimed messages when meta/ holds many states, a state read)."""
         if seen == RECOVERY_EXTEND_ABOVE:
             log.info("spool_recovery_started", hint="a large spool: recovery takes a moment")
         self.notifier.extend_timeout(RECOVERY_EXTEND_S)
@@ -192,12 +196,39 @@ class Daemon:
                      concurrency=self.settings.concurrency, queued=len(self.scheduler), listen=listening or None)
             self.notifier.ready()
             self.intake.start(loop)  # after READY=1: a backlog in new/ is claimed while the daemon runs
-            if self._sweep is not None:
-                self._sweep_task = asyncio.create_task(self._sweep_orphans(self._sweep), name="orphan-sweep")
+            if self._deferred_load is not None or self._sweep is not None:
+                self._after_ready_task = asyncio.create_task(self._after_ready(), name="after-ready")
             await self._main_loop()
         finally:
             await self._shutdown()
         return exitcodes.OK
+
+    async def _after_ready(self) -> None:
+        """Recovery's rest: the deferred messages' due times first (they may be due), then the orphan sweep."""
+        load, self._deferred_load = self._deferred_load, None
+        if load is not None:
+            await self._load_deferred(load)
+        sweep, self._sweep = self._sweep, None
+        if sweep is not None:
+            await self._sweep_orphans(sweep)
+
+    async def _load_deferred(self, load: DeferredLoad) -> None:
+        """The due times recovery left unread, a chunk per turn of the event loop (recovery.DeferredLoad), so
+        deliveries and claims go on meanwhile; the scheduler counts the messages not loaded yet."""
+        started = time.monotonic()
+        scheduler = self.scheduler
+        try:
+            for _ in load.steps(scheduler.load_deferred, scheduler.skip_deferred):
+                await asyncio.sleep(0)
+        except Exception:  # a stop (cancellation) goes through: the load is not over, the daemon is
+            log.exception("deferred_load_failed", hint="the deferred messages not loaded yet wait for the next start")
+        scheduler.end_deferred_load()
+        self.counters.failed_in_store += load.failed
+        if load.error_count:
+            log.warning("deferred_load_moves_failed", count=load.error_count, examples=load.errors,
+                        hint="these messages stay where they are until the next start")
+        log.info("deferred_loaded", count=load.loaded, gone=load.gone, completed_moves=load.completed_moves,
+                 duration_s=round(time.monotonic() - started, 3))
 
     async def _sweep_orphans(self, sweep: OrphanSweep) -> None:
         """Recovery's orphan sweep, a chunk per turn of the event loop (see recovery.py)."""
@@ -374,8 +405,8 @@ class Daemon:
             # No new messages: a client in the middle of DATA gets its answer, the others a 421.
             await self.listener.stop(min(self.settings.shutdown_grace, 5.0))
         self.intake.stop()
-        if self._sweep_task is not None:
-            self._sweep_task.cancel()  # the next start sweeps again
+        if self._after_ready_task is not None:
+            self._after_ready_task.cancel()  # the next start loads and sweeps again
         self.scheduler.close()
         tasks = list(self._tasks.values())
         pending = [task for task in tasks if not task.done()]

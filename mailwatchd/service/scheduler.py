@@ -16,6 +16,13 @@ it is taken: an id is in one worker's hands at most once (a taken id is not list
 listing of a taken id is dropped when it comes up), and two listings of one id that are ready
 together are handed out once. A stale listing that comes up later costs one attempt, which finds the
 message gone (delivered) or tries it early.
+
+Deferred messages found at start-up may be counted before their due times are known (a lazy load,
+recovery.DeferredLoad): `expect_deferred` counts them, `load_deferred` and `skip_deferred` account
+for each as the load reads it, `end_deferred_load` closes the load. Meanwhile they count as deferred
+and the oldest of them as the oldest message; a message the daemon defers itself during the load
+(one requeued, claimed and deferred again) is not listed a second time by the load, and after a
+flush the load hands out the rest as ready now.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -35,6 +43,7 @@ from mailwatchd.spool.store import Location
 _LOCATIONS = (Location.QUEUE, Location.DEFERRED, Location.FAILED, Location.QUEUE)
 _CODE = {location: code for code, location in enumerate(_LOCATIONS[:3])}
 _STATELESS = 3
+_QUEUE_CODE, _DEFERRED_CODE = _CODE[Location.QUEUE], _CODE[Location.DEFERRED]
 _WHERE_BITS = 2
 _DUE_SHIFT = 80 + _WHERE_BITS  # a due heap entry: due ms << _DUE_SHIFT | id << _WHERE_BITS | directory
 _LISTING_MASK = (1 << _DUE_SHIFT) - 1
@@ -76,9 +85,16 @@ class Scheduler:
         self._oldest_due: int | None = None  # the smallest id on the due heap; None: work it out when asked
         self._wake = asyncio.Event()
         self.closed = False
+        # A lazy load of deferred messages (see the module's notes): how many it has still to account for, the
+        # smallest id among all it was to load, the ids deferred by add_deferred since it began, and a flush since.
+        self._loading = False
+        self._pending = 0
+        self._pending_oldest: int | None = None
+        self._deferred_during_load: set[int] = set()
+        self._flushed_during_load = False
 
     def __len__(self) -> int:
-        return len(self._ready) + len(self._due)
+        return len(self._ready) + len(self._due) + self._pending
 
     @property
     def ready_count(self) -> int:
@@ -86,7 +102,17 @@ class Scheduler:
 
     @property
     def deferred_count(self) -> int:
-        return len(self._due)
+        return len(self._due) + self._pending
+
+    @property
+    def loading(self) -> bool:
+        """Whether a lazy load of deferred messages is under way (expect_deferred, not yet end_deferred_load)."""
+        return self._loading
+
+    @property
+    def pending_deferred(self) -> int:
+        """Deferred messages counted by expect_deferred that the load has not accounted for yet."""
+        return self._pending
 
     def knows(self, queue_id: str) -> bool:
         """Whether the id is ready, deferred or taken. A scan (O(n)): for tests and diagnostics."""
@@ -101,6 +127,8 @@ class Scheduler:
 
         O(1) but after the oldest deferred message came due, when the due heap is scanned once."""
         candidates = [min(self._taken)] if self._taken else []
+        if self._pending_oldest is not None:
+            candidates.append(self._pending_oldest)
         if self._ready:
             candidates.append(self._ready[0] >> _WHERE_BITS)
         if self._due:
@@ -123,17 +151,77 @@ class Scheduler:
     def add_deferred(self, due: float, queue_id: str, location: Location = Location.DEFERRED) -> None:
         """Schedule a message for `due` (epoch seconds); it is in deferred/ unless `location` says otherwise.
 
-        Called once per deferred message at start-up (recovery), so _listing is written out here."""
+        Called at every deferral (a worker's, or recovery's for a message it moved), so _listing is written out
+        here. During a load (expect_deferred) the id is noted: the load does not list it again."""
         if len(queue_id) != QUEUE_ID_LENGTH or not QUEUE_ID_DIGITS.issuperset(queue_id):  # is_queue_id
             raise ValueError(f"not a queue id: {queue_id!r}")
         key = int(queue_id, 16)
+        if self._loading:
+            self._deferred_during_load.add(key)
         if key in self._taken:
             return
-        heapq.heappush(self._due, math.ceil(due * 1000) << _DUE_SHIFT | key << _WHERE_BITS | _CODE[location])
+        self._push_due(due, key, _CODE[location])
+
+    def _push_due(self, due: float, key: int, code: int) -> None:
+        heapq.heappush(self._due, math.ceil(due * 1000) << _DUE_SHIFT | key << _WHERE_BITS | code)
         oldest = self._oldest_due
         if oldest is not None and key < oldest or len(self._due) == 1:
             self._oldest_due = key
         self._wake.set()
+
+    def add_queued(self, queue_ids: list[str]) -> None:
+        """Make messages in queue/ ready now: add_ready(WorkItem(queue_id, Location.QUEUE)) for each, written
+        out, as recovery hands over every claimed message before READY=1."""
+        if not set(map(len, queue_ids)) <= {QUEUE_ID_LENGTH} or not QUEUE_ID_DIGITS.issuperset("".join(queue_ids)):
+            for queue_id in queue_ids:
+                _key(queue_id)  # raises ValueError for the first that is no queue id
+        ready, taken, push = self._ready, self._taken, heapq.heappush
+        for key in map(int, queue_ids, itertools.repeat(16)):
+            if key not in taken:
+                push(ready, key << _WHERE_BITS | _QUEUE_CODE)
+        self._wake.set()
+
+    # -- a lazy load of deferred messages (see the module's notes) ----------------------------------------
+
+    def expect_deferred(self, count: int, oldest: str | None) -> None:
+        """Count `count` deferred messages whose due times a load is still to read, the oldest of them `oldest`."""
+        self._loading = True
+        self._pending = count
+        self._pending_oldest = _key(oldest) if oldest is not None and count else None
+        self._deferred_during_load.clear()
+        self._flushed_during_load = False
+
+    def load_deferred(self, due: float, queue_id: str) -> None:
+        """One message of the load, in deferred/ and due at `due`: scheduled, unless the daemon deferred it
+        itself since the load began (then it is listed already); ready now if a flush came meanwhile."""
+        if len(queue_id) != QUEUE_ID_LENGTH or not QUEUE_ID_DIGITS.issuperset(queue_id):  # is_queue_id
+            raise ValueError(f"not a queue id: {queue_id!r}")
+        if self._pending:
+            self._pending -= 1
+        key = int(queue_id, 16)
+        if key in self._deferred_during_load or key in self._taken:
+            return
+        if self._flushed_during_load:
+            heapq.heappush(self._ready, key << _WHERE_BITS | _DEFERRED_CODE)
+        else:  # _push_due, written out: once per deferred message after start-up
+            heapq.heappush(self._due, math.ceil(due * 1000) << _DUE_SHIFT | key << _WHERE_BITS | _DEFERRED_CODE)
+            oldest = self._oldest_due
+            if oldest is not None and key < oldest or len(self._due) == 1:
+                self._oldest_due = key
+        self._wake.set()
+
+    def skip_deferred(self, queue_id: str) -> None:
+        """One message of the load that is not (or no longer) deferred: moved by a command, or by the load."""
+        if self._pending:
+            self._pending -= 1
+
+    def end_deferred_load(self) -> None:
+        """The load is over (or given up): what it did not account for no longer counts."""
+        self._loading = False
+        self._pending = 0
+        self._pending_oldest = None
+        self._deferred_during_load = set()
+        self._flushed_during_load = False
 
     def done(self, queue_id: str) -> None:
         """A taken message left the worker's hands (delivered, deferred, failed or returned)."""
@@ -145,15 +233,18 @@ class Scheduler:
         self.add_ready(item, front=True)
 
     def flush(self) -> int:
-        """Make every deferred message ready now; returns how many listings moved."""
+        """Make every deferred message ready now (during a load, also those it loads later); returns how many
+        listings moved, or will."""
         due, self._due, self._oldest_due = self._due, [], None
+        if self._loading:
+            self._flushed_during_load = True
         for entry in due:
             listing = entry & _LISTING_MASK
             if listing >> _WHERE_BITS not in self._taken:
                 self._ready.append(listing)
         heapq.heapify(self._ready)
         self._wake.set()
-        return len(due)
+        return len(due) + self._pending
 
     def _promote_due(self) -> float | None:
         """Move due messages to the ready heap; return the next due time, if any."""
