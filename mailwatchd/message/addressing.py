@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mailwatchd.errors import MalformedMessage
-from mailwatchd.message.envelope import OutgoingMessage, check_address, is_local_name, split_header
+from mailwatchd.message.envelope import (
+    OutgoingMessage,
+    check_address,
+    header_fields,
+    is_local_name,
+    split_header,
+)
 from mailwatchd.message.maildomain import MAILNAME, local_domain
 
 if TYPE_CHECKING:
@@ -235,6 +241,25 @@ def _bare_name_ends(value: bytes) -> list[int]:
     return ends
 
 
+def _may_have_bare_name(raw: bytes) -> bool:
+    """False only when the field's value surely has no bare local name for _bare_name_ends to find: no quoted
+    string, comment, escape or group, and each comma-separated mailbox has an @ in its one angle address or,
+    without one, anywhere (a plain mailbox with an @ is no bare name, and nor is one of several words)."""
+    value = raw[raw.find(b":") + 1 :]
+    if b'"' in value or b"(" in value or b"\\" in value or b":" in value or b";" in value:
+        return True
+    for part in value.split(b","):
+        start = part.find(b"<")
+        if start == -1:
+            if b"@" not in part and part.strip():
+                return True
+            continue
+        end = part.find(b">", start)
+        if end == -1 or part.find(b"<", start + 1) != -1 or b"@" not in part[start:end]:
+            return True
+    return False
+
+
 def _qualify_field(raw: bytes, suffix: bytes) -> bytes:
     """The field with `suffix` (b"@domain") after each bare local name; all else byte for byte."""
     value_start = raw.index(b":") + 1
@@ -324,12 +349,19 @@ class Addressing:
                                    "MAILWATCHD_DEFAULT_DOMAIN or /etc/mailname")
         return f"{name}@{self.domain}"
 
-    def rewrite_headers(self, data: bytes) -> bytes:
+    def rewrite_headers(self, data: bytes, named: list[tuple[bytes, bytes]] | None = None) -> bytes:
         """Bare local names in From, Sender, Reply-To, To and Cc qualified with the local domain; display
-        names, comments, folding, line endings, other fields and the body left byte for byte."""
+        names, comments, folding, line endings, other fields and the body left byte for byte.
+
+        `named`: the header fields of `data` (header_fields), or of the spool file it was parsed from
+        (envelope.parse_with_fields: the same address fields), when the caller has them."""
         if self.domain is None:
             return data
         try:
+            if named is None:
+                named, _ = header_fields(data)
+            if not any(name in _ADDRESS_FIELDS and _may_have_bare_name(raw) for name, raw in named):
+                return data  # the common case, a message with full addresses: found without a byte-wise scan
             fields, _ = split_header(data)
         except MalformedMessage:
             return data
@@ -354,11 +386,12 @@ class Addressing:
         pieces.append(data[copied:])
         return b"".join(pieces)
 
-    def complete(self, message: OutgoingMessage) -> OutgoingMessage:
-        """The message as it goes out: sender qualified, recipients resolved, headers qualified.
+    def complete(self, message: OutgoingMessage, fields: list[tuple[bytes, bytes]] | None = None) -> OutgoingMessage:
+        """The message as it goes out: sender qualified, recipients resolved, headers qualified (`fields`:
+        from envelope.parse_with_fields, saves parsing the header again).
 
         MalformedMessage names the settings when a bare local name cannot be completed.
         """
         return message._replace(sender=self.sender(message.sender),
                                 recipients=self.recipients(message.recipients),
-                                data=self.rewrite_headers(message.data))
+                                data=self.rewrite_headers(message.data, fields))

@@ -98,6 +98,11 @@ def split_header(raw: bytes) -> tuple[list[HeaderField], bytes]:
     return [HeaderField(name, field) for name, field in fields], rest
 
 
+def header_fields(raw: bytes) -> tuple[list[tuple[bytes, bytes]], int]:
+    """split_header's fields as (lower-cased name, whole field) pairs, and where the rest starts."""
+    return _fields(raw)
+
+
 def _split(raw: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """split_header's (lower-cased name, whole field) pairs as plain tuples."""
     fields, head_end = _fields(raw)
@@ -226,6 +231,12 @@ def parse(queue_id: str, raw: bytes) -> OutgoingMessage:
 
     Bare local names stay as they are: `addressing.Addressing.complete` qualifies them.
     """
+    return parse_with_fields(queue_id, raw)[0]
+
+
+def parse_with_fields(queue_id: str, raw: bytes) -> tuple[OutgoingMessage, list[tuple[bytes, bytes]]]:
+    """parse(), and the header fields of `raw` as header_fields gives them (for Addressing.complete: the
+    message's data has the same fields but for Bcc and the envelope's)."""
     fields, head_end = _fields(raw)
     by_name = _collect(fields)
 
@@ -250,7 +261,7 @@ def parse(queue_id: str, raw: bytes) -> OutgoingMessage:
         data = b"".join(field for name, field in fields if name not in _DROPPED_FIELDS) + raw[head_end:]
     else:
         data = raw
-    return OutgoingMessage(queue_id, sender, tuple(recipients), data, len(raw))
+    return OutgoingMessage(queue_id, sender, tuple(recipients), data, len(raw)), fields
 
 
 def with_envelope(raw: bytes, sender: str, recipients: Sequence[str]) -> bytes:

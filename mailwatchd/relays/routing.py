@@ -101,12 +101,14 @@ class Router:
 
     def _budget_free_at(self, relay: RelayState, now: float) -> float:
         """When the relay's budgets let one more message through (now if they do)."""
+        limits = relay.config
+        if limits.max_per_minute is None and limits.max_per_day is None:
+            return now  # no budget (and no deliveries kept for one)
         while relay.sent_minute and relay.sent_minute[0] <= now - 60.0:
             relay.sent_minute.popleft()
         while relay.sent_day and relay.sent_day[0] <= now - DAY_S:
             relay.sent_day.popleft()
         free_at = now
-        limits = relay.config
         if limits.max_per_minute is not None and len(relay.sent_minute) >= limits.max_per_minute:
             free_at = max(free_at, relay.sent_minute[0] + 60.0)
         if limits.max_per_day is not None and len(relay.sent_day) >= limits.max_per_day:
@@ -133,8 +135,12 @@ class Router:
     def next_chance(self) -> float | None:
         """Seconds until some endpoint may be usable again (None: one is usable now)."""
         now = self._clock()
-        if self.candidates():
-            return None
+        # candidates() is not empty: written out without building its lists (a worker asks before every message).
+        for relay in self.relays:
+            if relay.paused_until <= now and self._budget_free_at(relay, now) <= now:
+                for ep in relay.endpoints:
+                    if ep.open_until <= now:
+                        return None
         waits: list[float] = []
         for relay in self.relays:
             relay_free = max(relay.paused_until, self._budget_free_at(relay, now))
@@ -166,9 +172,16 @@ class Router:
                 return None  # the relay works; it cannot carry this one message
             return self._mark(health, False, result.cause.value, result.summary, now)
         if result.outcome is Outcome.DELIVERED:
-            state.sent_minute.append(now)
-            state.sent_day.append(now)
+            # Kept only for a budget that reads them: a day's deliveries would otherwise grow with the backlog.
+            limits = state.config
+            if limits.max_per_minute is not None:
+                state.sent_minute.append(now)
+            if limits.max_per_day is not None:
+                state.sent_day.append(now)
             state.last_delivery = time.time()
+        if (health.up is True and health.failures == 0 and health.open_until == 0.0 and not health.detail
+                and health.cause == Cause.OK.value):
+            return None  # _mark would change nothing: the endpoint works and was known to
         return self._mark(health, True, Cause.OK.value, "", now)
 
     def connect_slow(self, relay: RelayConfig, endpoint: Endpoint) -> None:

@@ -104,8 +104,10 @@ class Counters:
 
     def attempt_finished(self) -> None:
         self.in_flight -= 1
+        if self.in_flight or self._pass is None:
+            return
         ready, deferred = self.backlog()
-        if self.in_flight == 0 and ready == 0 and self._pass is not None:
+        if ready == 0:
             done, self._pass = self._pass, None
             log.info("drain_finished", duration_s=round(time.monotonic() - self._pass_started, 3),
                      delivered=done.delivered, deferred=done.deferred, failed=done.failed, waiting=deferred)
@@ -113,10 +115,13 @@ class Counters:
     def delivered(self, relay: str | None, latency_s: float) -> None:
         """Delivered `latency_s` after it was received."""
         self.last_delivery = time.time()
-        self.outcomes[(relay or "-", "delivered", "ok")] += 1
-        self._count("delivered")
+        relay = relay or "-"
+        self.outcomes[(relay, "delivered", "ok")] += 1
+        self.totals.delivered += 1  # _count("delivered"), written out: once per message
+        if self._pass is not None:
+            self._pass.delivered += 1
         for observer in self.observers:
-            observer.on_delivered(relay or "-", latency_s)
+            observer.on_delivered(relay, latency_s)
 
     def deferred(self, relay: str | None, cause: str) -> None:
         self.outcomes[(relay or "-", "temporary", cause)] += 1

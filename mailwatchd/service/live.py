@@ -13,7 +13,7 @@ from mailwatchd.message.addressing import Addressing
 from mailwatchd.relays.routing import Router, Transition
 from mailwatchd.service.logs import get_logger
 from mailwatchd.settings.config import Settings
-from mailwatchd.settings.relays import Endpoint, RelayConfig
+from mailwatchd.settings.relays import Endpoint, RelayConfig, TlsMode
 from mailwatchd.transports.api.session import ApiSession
 from mailwatchd.transports.delivery import SmtpSession
 from mailwatchd.transports.outbox import OutboxSession
@@ -69,12 +69,16 @@ class Live:
             return self._factory(self.settings, relay, endpoint)
         if relay is None or endpoint is None:
             return OutboxSession(self.settings)
-        context = self._tls_contexts.get(relay.name)
-        if context is None:
-            try:
-                context = self._tls_contexts[relay.name] = client_context(relay)
-            except (OSError, ValueError):
-                context = None  # the session reports the unreadable TLS files as a relay fault
+        # A TLS context costs tens of ms (the system's CA store is loaded): made only for an endpoint that uses
+        # TLS, once per relay and configuration.
+        context = None
+        if relay.api is not None or endpoint.tls is not TlsMode.NONE:
+            context = self._tls_contexts.get(relay.name)
+            if context is None:
+                try:
+                    context = self._tls_contexts[relay.name] = client_context(relay)
+                except (OSError, ValueError):
+                    context = None  # the session reports the unreadable TLS files as a relay fault
         if relay.api is not None:
             return ApiSession(relay, endpoint, self.settings, context)
         return SmtpSession(relay, endpoint, self.settings, context, tokens=self.tokens)

@@ -57,6 +57,11 @@ class Followup:
     give_back: bool = False  # no relay could take it now: first in line again
 
 
+def _fresh_state(queue_id: str) -> MessageState:
+    """The state of a message that has none yet (made only when it is needed)."""
+    return MessageState(queue_id, queue_id_time(queue_id))
+
+
 class Worker:
     """Attempts messages one at a time, reusing its session across consecutive messages."""
 
@@ -221,27 +226,31 @@ class Worker:
         spool = self.spool
         queue_id, location = item.queue_id, item.location
         loaded = None if item.stateless else spool.load_state(queue_id)
-        state = loaded or MessageState(queue_id, queue_id_time(queue_id))
         try:
             raw = spool.read(queue_id, location)
         except FileNotFoundError:
             log.info("message_vanished", queue_id=queue_id, location=location.value)
             return Followup()
         except (RefusedSpoolEntry, PermissionError) as exc:
-            self._fail(state, location, str(exc) if isinstance(exc, RefusedSpoolEntry)
+            self._fail(loaded or _fresh_state(queue_id), location, str(exc) if isinstance(exc, RefusedSpoolEntry)
                        else f"cannot read the spool file: {exc.strerror}")
             return Followup()
         try:
             # Parsed as stored; completed (bare local names qualified, aliases applied) from the settings.
-            message = self.live.addressing.complete(envelope.parse(queue_id, raw))
+            message = self.live.addressing.complete(*envelope.parse_with_fields(queue_id, raw))
         except MalformedMessage as exc:
-            self._fail(state, location, f"malformed message: {exc}", cause=Cause.MALFORMED.value)
+            self._fail(loaded or _fresh_state(queue_id), location, f"malformed message: {exc}",
+                       cause=Cause.MALFORMED.value)
             return Followup()
 
         result = await self._deliver(message)
         if result is None:
             return Followup(give_back=True)
-        return self._settle(state, location, raw, message, result, has_state=loaded is not None)
+        if result.outcome is Outcome.DELIVERED and not result.refused:  # the common case: no state to make
+            attempts, received_at = (loaded.attempts, loaded.received_at) if loaded else (0, queue_id_time(queue_id))
+            return self._delivered(attempts + 1, received_at, loaded is not None, location, message, result)
+        return self._settle(loaded or _fresh_state(queue_id), location, raw, message, result,
+                            has_state=loaded is not None)
 
     async def _deliver(self, message: OutgoingMessage) -> DeliveryResult | None:
         """One attempt, failing over across endpoints and relays (their sessions' openings hedged,
@@ -253,22 +262,46 @@ class Worker:
         candidates = router.candidates()
         if not candidates:
             return None
+        relay, endpoint = candidates[0]
+        key = (relay.name, endpoint)
+        session = self._sessions.get(key)
+        if session is not None and session.connected and key not in self._openings:
+            # The first endpoint's session is open (the common case): nothing to race.
+            result = await self._deliver_through(session, message)
+            router.report(relay, endpoint, result)
+            if result.outcome is not Outcome.RELAY_FAULT:
+                return result
+            return await self._fail_over(message, candidates[1:], (relay, endpoint, result))
+        return await self._fail_over(message, candidates)
+
+    async def _fail_over(self, message: OutgoingMessage, candidates: list[tuple[RelayConfig, Endpoint]],
+                         failed: tuple[RelayConfig, Endpoint, DeliveryResult] | None = None) -> DeliveryResult | None:
+        """The candidates' sessions raced (hedge.py) until one takes the message; `failed`: the relay fault
+        of an endpoint tried before them."""
+        live = self.live
+        router = live.router
         race = Race(candidates, self._opening)
         bound = live.settings.command_timeout + live.settings.transaction_timeout  # one opening, at most
         last: DeliveryResult | None = None
         unexpressible: set[str] = set()  # relays whose API cannot carry this message as written
         while True:
-            self.busy_until = time.monotonic() + bound
-            opening = await race.next()
-            if opening is None:
-                break
-            relay, endpoint = opening.relay, opening.endpoint
-            result = opening.failure  # reported to the router by the opening itself
-            if result is None:
-                result = await self._deliver_through(opening.session, message)
-                router.report(relay, endpoint, result)
-                if result.outcome is not Outcome.RELAY_FAULT:
-                    return result
+            if failed is not None:
+                relay, endpoint, result = failed
+                failed = None
+            else:
+                self.busy_until = time.monotonic() + bound
+                opening = await race.next()
+                if opening is None:
+                    break
+                relay, endpoint = opening.relay, opening.endpoint
+                failure = opening.failure  # reported to the router by the opening itself
+                if failure is None:
+                    result = await self._deliver_through(opening.session, message)
+                    router.report(relay, endpoint, result)
+                    if result.outcome is not Outcome.RELAY_FAULT:
+                        return result
+                else:
+                    result = failure
             if result.cause is Cause.UNEXPRESSIBLE:
                 unexpressible.add(relay.name)
             upcoming = race.upcoming()
@@ -293,15 +326,23 @@ class Worker:
         self.busy_until = time.monotonic() + session.bound(message)
         return await session.deliver(message)
 
+    def _delivered(self, attempt: int, received_at: float, has_state: bool, location: Location,
+                   message: OutgoingMessage, result: DeliveryResult, followup: Followup | None = None) -> Followup:
+        """The relay took the message (the recipients it refused are dealt with): its file goes."""
+        self.spool.delivered(message.queue_id, location, has_state=has_state)
+        hot_log.get().info("message_delivered", queue_id=message.queue_id, relay=result.relay, size=message.size,
+                           recipients=len(message.recipients) - len(result.refused), attempt=attempt,
+                           endpoint=result.endpoint, reply=result.detail)
+        self.counters.delivered(result.relay, time.time() - received_at)
+        return followup or Followup()
+
     def _settle(self, state: MessageState, location: Location, raw: bytes, message: OutgoingMessage,
                 result: DeliveryResult, *, has_state: bool = True) -> Followup:
         settings = self.live.settings
-        spool = self.spool
         now = time.time()
         followup = Followup()
         permanent = [r for r in result.refused if r.outcome is Outcome.PERMANENT]
         temporary = [r for r in result.refused if r.outcome is Outcome.TEMPORARY]
-        base = {"queue_id": message.queue_id, "relay": result.relay, "size": message.size}
 
         match result.outcome:
             case Outcome.DELIVERED:
@@ -312,12 +353,8 @@ class Worker:
                     part = self._split(state, raw, message, temporary, Location.DEFERRED, now, due=due,
                                        relay=result.relay)
                     followup.retry_at.append(Retry(due, part))
-                spool.delivered(message.queue_id, location, has_state=has_state)
-                accepted = len(message.recipients) - len(result.refused)
-                hot_log.get().info("message_delivered", **base, recipients=accepted, attempt=state.attempts + 1,
-                                   endpoint=result.endpoint, reply=result.detail)
-                self.counters.delivered(result.relay, now - state.received_at)
-                return followup
+                return self._delivered(state.attempts + 1, state.received_at, has_state, location, message, result,
+                                       followup)
             case Outcome.RELAY_FAULT:
                 # The relay's problem, not the message's (only the local outbox gets here; relay faults
                 # are failed over before): kept in the history, never counted as an attempt.

@@ -231,9 +231,17 @@ class Spool:
         # able to replace a queued message by reusing its id.
         if preferred is not None and is_queue_id(preferred) and not self.exists(preferred):
             return preferred
+        directories = self._dirs.values()
         while True:
             queue_id = new_queue_id()
-            if not self.exists(queue_id):
+            # self.exists(queue_id) written out (one message's worth of lstat(2) calls, no generator):
+            for directory in directories:
+                try:
+                    os.lstat(f"{directory}/{queue_id}")
+                except (OSError, ValueError):  # as os.path.lexists: absent (or not reachable) there
+                    continue
+                break
+            else:
                 return queue_id
 
     def exists(self, queue_id: str) -> bool:

@@ -133,7 +133,10 @@ class SmtpSession:
     async def deliver(self, message: OutgoingMessage) -> DeliveryResult:
         """Send one message; every failure is a DeliveryResult, never an exception."""
         async def send() -> DeliveryResult:
-            reused = await self._ensure_open()
+            wire = self._wire
+            reused = wire is not None and not wire.closed and not wire.pending
+            if not reused:
+                await self._ensure_open()
             try:
                 return await self._transaction(message, reused)
             except _Retry:
@@ -230,18 +233,21 @@ class SmtpSession:
         assert wire is not None
         self._phase = Phase.MAIL
         deadline = transaction_deadline(self._settings, message.size)
-        scope = asyncio.timeout(deadline)
+        # The wire keeps the deadline over every wait of the transaction (no timeout scope per message):
+        # between those waits nothing blocks.
+        wire.until = wire.loop_time() + deadline
         try:
-            async with scope:
-                return await self._send(wire, message, reused)
+            return await self._send(wire, message, reused)
         except (_Retry, _Fail):
             raise
         except Exception as exc:
             self._abort()
-            if scope.expired():
+            if isinstance(exc, TimeoutError) and wire.past_until:
                 return self._result(classify_exception(self._phase, exc),
                                     detail=f"the transaction took longer than its deadline of {deadline:g}s")
             return self._from_exception(self._phase, exc)
+        finally:
+            wire.until = None
 
     async def _send(self, wire: Wire, message: OutgoingMessage, reused: bool) -> DeliveryResult:
         mail, encoding = self._mail_command(message)
@@ -284,6 +290,9 @@ class SmtpSession:
             else:
                 wire.write(rcpts[index])
                 reply = await wire.read(timeout)
+            if 200 <= reply.code < 400:  # what classify_reply says of any phase's 2xx and 3xx
+                accepted.append(recipient)
+                continue
             verdict = classify_reply(Phase.RCPT, reply.code, reply.text)
             if verdict.outcome is Outcome.DELIVERED:
                 accepted.append(recipient)
@@ -316,14 +325,17 @@ class SmtpSession:
         """MAIL FROM with SIZE / BODY / SMTPUTF8 as needed, and the encoding for the addresses."""
         extensions = self._extensions
         addresses = (message.sender, *message.recipients)
+        ascii_only = True
         try:
             # The spool's own rule once more, at the wire: nothing that could inject a command (RFC 5321 §4.1.2).
-            for address in filter(None, addresses):
-                check_address(address, "an")
+            for address in addresses:
+                if address:
+                    check_address(address, "an")
+                    ascii_only = ascii_only and address.isascii()
         except MalformedMessage as exc:
             raise _Fail(self._result(Verdict(Outcome.PERMANENT, Cause.MESSAGE_REJECTED), detail=str(exc))) from None
         encoding = "ascii"
-        if not all(address.isascii() for address in addresses):
+        if not ascii_only:
             if "SMTPUTF8" not in extensions:
                 raise _Fail(self._result(Verdict(Outcome.PERMANENT, Cause.MESSAGE_REJECTED),
                                          detail="an address is not ASCII and the server does not offer SMTPUTF8"))

@@ -113,7 +113,12 @@ class Wire(asyncio.BufferedProtocol):
 
     A buffered protocol: asyncio receives into one buffer kept for the connection (a plain Protocol gets a
     bytes object of 256 KiB allocated, mapped and cut down for every recv). A reply's deadline is kept by
-    one timer per connection that is armed again only when it fires early, not by a timer per reply."""
+    one timer per connection that is armed again only when it fires early, not by a timer per reply.
+
+    `until` (loop time, None: none) is a deadline over every wait of the connection, the reply reads and
+    the body's flow control alike: a message transaction sets it once instead of wrapping each step in
+    a timeout scope of its own. A wait it cuts short raises TimeoutError like a reply's own deadline;
+    `past_until` tells them apart."""
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -129,6 +134,7 @@ class Wire(asyncio.BufferedProtocol):
         self._timer: asyncio.TimerHandle | None = None  # fires at or before the deadline
         self._writable = asyncio.Event()
         self._writable.set()
+        self.until: float | None = None  # loop time every wait ends by (a transaction's deadline)
 
     @property
     def closed(self) -> bool:
@@ -148,6 +154,16 @@ class Wire(asyncio.BufferedProtocol):
         tls = self._transport.get_extra_info("ssl_object")
         return tls if isinstance(tls, ssl.SSLObject) else None
 
+    def loop_time(self) -> float:
+        """The event loop's clock, the one `until` is on."""
+        return self._loop.time()
+
+    @property
+    def past_until(self) -> bool:
+        """True when `until` is set and has come (within the timer's slack)."""
+        until = self.until
+        return until is not None and until - self._loop.time() <= TIMER_SLACK_S
+
     def write(self, data: bytes) -> None:
         """Send bytes as they are; Disconnected if the connection is gone."""
         if self._transport is None or self._transport.is_closing():
@@ -160,12 +176,16 @@ class Wire(asyncio.BufferedProtocol):
         return await self.read(timeout)
 
     async def read(self, timeout: float) -> Reply:
-        """The next complete reply within `timeout` seconds (TimeoutError), Disconnected at EOF."""
+        """The next complete reply within `timeout` seconds and by `until` (TimeoutError), Disconnected at EOF."""
         replies = self._replies
         if not replies:
             loop = self._loop
             # One deadline for the whole reply: a drip of bytes does not extend it.
-            deadline = self._deadline = loop.time() + timeout
+            deadline = loop.time() + timeout
+            until = self.until
+            if until is not None and until < deadline:
+                deadline = until
+            self._deadline = deadline
             timer = self._timer
             if timer is None or timer.when() > deadline:
                 if timer is not None:
@@ -197,10 +217,14 @@ class Wire(asyncio.BufferedProtocol):
     async def _drained(self, stall_timeout: float) -> None:
         if self._writable.is_set():
             return
+        stalled_at = self._loop.time() + stall_timeout
+        until = self.until
         try:
-            async with asyncio.timeout(stall_timeout):
+            async with asyncio.timeout_at(stalled_at if until is None else min(stalled_at, until)):
                 await self._writable.wait()
         except TimeoutError:
+            if until is not None and until < stalled_at:
+                raise  # the transaction's deadline came first
             raise UploadStalled(f"the server read nothing of the message for {stall_timeout:g}s") from None
         if self._error is not None:
             raise self._error
