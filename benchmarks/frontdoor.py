@@ -353,12 +353,12 @@ class KeptOpen:
             self.client = None
 
 
-def interpreter_of(launcher: Path) -> str:
-    """The interpreter in a console-script launcher's #! line."""
+def interpreter_of(launcher: Path) -> list[str]:
+    """The interpreter in a console-script launcher's #! line, with the options given there (the package's -IS)."""
     first = launcher.read_bytes().split(b"\n", 1)[0].decode(errors="replace")
     if not first.startswith("#!"):
         raise ToolError(f"{launcher} has no #! line: pass --mailwatchd the venv's bin/mailwatchd")
-    return shlex.split(first[2:])[0]
+    return shlex.split(first[2:])
 
 
 @dataclass
@@ -430,7 +430,7 @@ def run_latency(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     way.accepted.append(done - started)
                     way.relayed.append(arrived - started)
             started = time.perf_counter()
-            subprocess.run([interpreter, "-c", "pass"], check=False, timeout=60)
+            subprocess.run([*interpreter, "-c", "pass"], check=False, timeout=60)
             if counted:
                 floor.append(time.perf_counter() - started)
             rounds += 1
@@ -453,7 +453,7 @@ def run_latency(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "duplicates": max(relay.received - (len(accepted) - lost), 0),
             **{way.label: way.report() for way in ways},
             "listener_ehlo_reply": summary(per_message.ehlo[WARMUP_ROUNDS:]),
-            "floor": {"accepted": summary(floor), "command": f"{interpreter} -c pass"},
+            "floor": {"accepted": summary(floor), "command": f"{shlex.join(interpreter)} -c pass"},
             "postfix": postfix_info,
         }
         result["ok"] = not lost and not result["duplicates"] and not any(way.failed for way in ways)
