@@ -193,10 +193,12 @@ def outboxed(env: dict[str, str]) -> int:
 
 async def eventually(predicate: Callable[[], object], message: str, timeout: float = 10.0) -> None:
     """Poll on the event loop, a turn or 10 ms at a time, until `predicate` holds."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
-    assert predicate(), message
+    try:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout:g}s waiting for {message}") from None
 
 
 async def mid_load(daemon: Daemon, total: int) -> None:
