@@ -14,6 +14,7 @@ import shutil
 import smtplib
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -44,6 +45,7 @@ from mailwatchd.submission.smtpserver import (
     received_field,
     reply_for,
 )
+from mailwatchd.submission.submit import enqueue
 from tests.conftest import LOOPBACK, wait_until
 from tests.test_spool import tmpfs
 
@@ -303,6 +305,33 @@ def test_a_client_that_closes_inside_data_stores_nothing(serve: Callable[..., Ru
         client.close()
     assert replies[4].startswith("421 4.4.2")
     assert running.stored() == []
+
+
+def test_a_message_stored_after_its_client_went_away_is_still_handed_on(serve: Callable[..., Running],
+                                                                       spool_dir: Path) -> None:
+    """The client resets the connection while its message is being written: nobody gets a 250, but the
+    message is in the spool, so on_queued must still hear of it (the daemon schedules it from there)."""
+    writing, finish = threading.Event(), threading.Event()
+
+    def slow_deposit(data: bytes) -> str:
+        writing.set()
+        assert finish.wait(10), "the test never let the write finish"
+        return enqueue(spool_dir, data)
+
+    running = serve(deposit=slow_deposit)
+    client = running.raw()
+    try:
+        start_data(client)
+        client.send(MESSAGE + b".\r\n")
+        assert writing.wait(10), "the write never began"
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    finally:
+        client.close()  # with SO_LINGER 0: a reset
+    wait_until(lambda: not running.factory.sessions, message="the server to see the connection gone")
+    assert running.queued == []
+    finish.set()
+    queued = wait_until(lambda: running.queued, message="on_queued for the stored message")
+    assert [item.queue_id for item in queued] == running.stored()
 
 
 def start_data(client: RawClient) -> None:

@@ -9,20 +9,23 @@ must AUTH before MAIL, and AUTH is offered only over TLS or to the networks name
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hmac
 import ipaddress
 import logging
 import pwd
+import queue
 import re
 import socket
 import ssl
 import struct
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
 from pathlib import Path
-from typing import Any, AnyStr
+from typing import Any, AnyStr, Generic, TypeVar
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
@@ -37,6 +40,7 @@ log = get_logger()
 IDENT = "ESMTP mailwatchd"
 NULL_PATH = "<>"  # what aiosmtpd gives for MAIL FROM:<>, the null reverse-path (RFC 5321 §4.5.5)
 MAX_AUTH_ATTEMPTS = 3  # per connection; then 421 and the connection is closed
+STORE_THREADS = 4  # sessions' spool writes (each blocks on fsync) that may run at once
 _NO_CALL_LIMIT = 2**31  # every other command: no limit of aiosmtpd's (the RCPT cap is ours)
 _HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.:\[\]_-]")  # the client's text goes into a header field
 _HELO_MAX = 255
@@ -217,6 +221,65 @@ def _say(transport: asyncio.BaseTransport | None, line: str) -> None:
         transport.close()
 
 
+_T = TypeVar("_T")
+_Job = tuple[Callable[[], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[[Any], None]]
+
+
+class StoreThreads(Generic[_T]):
+    """Threads for the sessions' spool writes, so the event loop never waits on fsync.
+
+    A job's `then` runs on the event loop once the job succeeded, whether or not the session
+    still waits for it: a message stored for a client that went away is still handed on. A
+    queue and one call_soon_threadsafe a job: asyncio.to_thread's executor costs about three
+    times as much a round trip.
+    """
+
+    def __init__(self, count: int = STORE_THREADS) -> None:
+        self.count = count
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+
+    def run(self, job: Callable[[], _T], then: Callable[[_T], None]) -> asyncio.Future[_T]:
+        loop = asyncio.get_running_loop()
+        if not self._threads:
+            self._threads = [threading.Thread(target=self._serve, name=f"smtp-store-{n}", daemon=True)
+                             for n in range(self.count)]
+            for thread in self._threads:
+                thread.start()
+        future: asyncio.Future[_T] = loop.create_future()
+        self._jobs.put((job, loop, future, then))
+        return future
+
+    def close(self) -> None:
+        """End the threads once the jobs queued before are done (a later run starts new ones)."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        self._threads = []
+
+    def _serve(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            job, loop, future, then = item
+            try:
+                outcome: tuple[bool, Any] = (True, job())
+            except BaseException as exc:  # handed to the session, which answers for it
+                outcome = (False, exc)
+            with contextlib.suppress(RuntimeError):  # a closed loop: the process is ending, recovery takes over
+                loop.call_soon_threadsafe(_settle, future, then, outcome)
+
+
+def _settle(future: asyncio.Future[Any], then: Callable[[Any], None], outcome: tuple[bool, Any]) -> None:
+    succeeded, value = outcome
+    if future.done():  # the session ended while its message was being written
+        if not succeeded:
+            log.warning("smtp_store_failed", detail=_one_line(str(value)) or type(value).__name__)
+    elif succeeded:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+    if succeeded:
+        then(value)
+
+
 class ServerFactory:
     """Makes one SmtpSession per connection (an asyncio protocol factory); caps and tracks them."""
 
@@ -234,6 +297,7 @@ class ServerFactory:
         self.on_queued = on_queued
         self.via = via
         self.tls_context = server_tls_context(listen)
+        self.store_threads: StoreThreads[Queued] = StoreThreads()
         self.sessions: set[SmtpSession] = set()
         self._emptied: asyncio.Future[None] | None = None
         # aiosmtpd's log lines are not events (and warn on each AUTH); ours are.
@@ -253,8 +317,23 @@ class ServerFactory:
         if not self.sessions and self._emptied is not None and not self._emptied.done():
             self._emptied.set_result(None)
 
+    def announce(self, queued: Queued) -> None:
+        """Tell `on_queued` of a stored message; a failing logger does not change what the spool holds."""
+        if self.on_queued is None:
+            return
+        try:
+            self.on_queued(queued)
+        except Exception:
+            log.exception("smtp_on_queued_failed", queue_id=queued.queue_id)
+
     async def close_all(self, grace: float) -> None:
         """End every session: idle ones now, one in DATA after its reply or at `grace` seconds."""
+        try:
+            await self._end_sessions(grace)
+        finally:
+            self.store_threads.close()
+
+    async def _end_sessions(self, grace: float) -> None:
         if not self.sessions:
             return
         self._emptied = asyncio.get_running_loop().create_future()
@@ -459,24 +538,20 @@ class _Hooks:
             "A" if session.authenticated else "")
         message = envelope.original_content or b""
 
-        def write() -> tuple[str, str]:
+        def write() -> Queued:
             received = received_field(helo=session.host_name or "", peer=peer, hostname=factory.hostname,
                                       protocol=protocol)
             queue_id = store(factory.deposit, message, sender=sender, recipients=recipients,
                              received=received, max_size=factory.max_message_size)
-            return queue_id, (local_user(peer.uid, peer.via) if peer.uid is not None else peer_label(peer))
+            who = local_user(peer.uid, peer.via) if peer.uid is not None else peer_label(peer)
+            return Queued(queue_id, len(message), who, sender, len(recipients))
 
         try:
-            queue_id, who = await asyncio.to_thread(write)
+            queued = await factory.store_threads.run(write, factory.announce)
         except Exception as exc:
             reply = reply_for(exc)
             if reply is None:
                 raise
             log.warning("smtp_message_refused", peer=peer_label(peer), reply=reply)
             return reply
-        if factory.on_queued is not None:
-            try:
-                factory.on_queued(Queued(queue_id, len(message), who, sender, len(recipients)))
-            except Exception:  # the reply tells what the spool holds, whatever a logger does
-                log.exception("smtp_on_queued_failed", queue_id=queue_id)
-        return f"250 2.0.0 Ok: queued as {queue_id}"
+        return f"250 2.0.0 Ok: queued as {queued.queue_id}"
