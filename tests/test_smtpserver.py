@@ -40,6 +40,7 @@ from mailwatchd.submission.smtpserver import (
     ServerFactory,
     SmtpSession,
     TooBig,
+    _Hooks,
     is_local,
     may_auth_in_clear,
     received_field,
@@ -712,6 +713,42 @@ def test_a_unix_socket_peer_is_a_local_user(loop_thread: LoopThread, spool_dir: 
         assert f"Received: from local user {os.getuid()} ({name})\r\n\tby mx.test".encode() in data
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("users", [(), (("ann", Secret("pw")),)])
+def test_a_session_knows_every_command_and_mechanism_its_class_has(users: tuple[tuple[str, Secret], ...]) -> None:
+    """aiosmtpd finds them with dir() of the session, which SmtpSession keeps to those names."""
+    session = SmtpSession(ServerFactory(spool_root=Path("/nonexistent"), listen=ListenSettings(users=users),
+                                        hostname="mx.test", max_message_size=1000, command_timeout=1.0))
+    names = dir(SmtpSession)
+    assert set(session._smtp_methods) == {name.removeprefix("smtp_") for name in names if name.startswith("smtp_")}
+    offered = {name.removeprefix("auth_") for name in names if name.startswith("auth_")} if users else set()
+    assert set(session._auth_methods) == offered
+    assert not users or offered >= {"PLAIN", "LOGIN"}
+    hooks = {name.removeprefix("handle_") for name in dir(_Hooks) if name.startswith("handle_")}
+    assert set(session._handle_hooks) == hooks and "DATA" in hooks
+
+
+def test_a_multi_line_reply_leaves_in_one_write(serve: Callable[..., Running]) -> None:
+    running = serve(listen=ListenSettings(users=(("ann", Secret("pw")),)))
+    client = running.raw()
+    try:
+        assert client.reply().startswith("220 ")
+        session = wait_until(lambda: next(iter(running.factory.sessions), None), message="the session")
+        writes: list[bytes] = []
+        write = session._writer.write
+
+        def recorded(data: bytes) -> None:
+            writes.append(bytes(data))
+            write(data)
+
+        session._writer.write = recorded
+        client.send(b"EHLO c\r\n")
+        reply = client.reply()
+    finally:
+        client.close()
+    assert len(reply.splitlines()) >= 5
+    assert writes == [reply.replace("\n", "\r\n").encode() + b"\r\n"]
 
 
 def test_received_field_keeps_the_client_text_harmless() -> None:
