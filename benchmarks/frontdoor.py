@@ -636,6 +636,30 @@ def postfix_smtpd_acceptance(args: argparse.Namespace, workdir: Path, tools: Pos
         postfix.close()
 
 
+def floor_acceptance(args: argparse.Namespace, workdir: Path, tools: Postfix, where: str) -> dict[str, Any]:
+    """The same smtp-source load into benchmarks/durable_floor.py: a bare asyncio responder that stores each
+    message with mailwatchd's install_durably (on a thread of its own, or on its event loop) and relays nothing."""
+    directory = workdir / f"floor-{where}"
+    command = [sys.executable, str(Path(__file__).with_name("durable_floor.py")), str(directory), where]
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        port = proc.stdout.readline().decode().strip()
+        if not port.isdigit():
+            return {"error": f"durable_floor.py did not start: {port or proc.communicate(timeout=10)[1].decode()}"}
+        run = run_smtp_source(tools, int(port), args, workdir / f"smtp-source-floor-{where}.stderr")
+        kill_group(proc, signal.SIGTERM)
+        out, err = (stream.decode() for stream in proc.communicate(timeout=30))
+        stored = int(out.rsplit(" ", 1)[-1]) if out.startswith("stored ") else 0
+        row = source_report(run, stored)
+        if not out.startswith("stored "):
+            row["error"] = f"durable_floor.py ended without its count: {err.strip()[-300:]}"
+        return row
+    finally:
+        stop(proc)
+
+
 def run_acceptance(args: argparse.Namespace, workdir: Path, postfix: Postfix) -> dict[str, Any]:
     """smtp-source into smtp-sink (the bound), then into the listener, then the pipelining client."""
     try:
@@ -675,11 +699,14 @@ def run_acceptance(args: argparse.Namespace, workdir: Path, postfix: Postfix) ->
         result["failed_in_spool"] = failed
         if reasons:
             result["failed_reasons"] = reasons
+        result["floor_thread"] = floor_acceptance(args, workdir, postfix, "thread")
+        result["floor_loop"] = floor_acceptance(args, workdir, postfix, "loop")
         result["postfix_smtpd"] = postfix_smtpd_acceptance(args, workdir, postfix, sink)
         reference = result["postfix_smtpd"]
         if row.get("msg_per_s") and reference.get("msg_per_s") and not reference.get("error"):
             result["listener_over_postfix_smtpd"] = round(row["msg_per_s"] / reference["msg_per_s"], 2)
         parts = [result["listener"], client, result["smtp_sink_direct"]]
+        parts += [result[key] for key in ("floor_thread", "floor_loop") if "accepted" in result[key]]
         parts += [reference] if "accepted" in reference else []
         result["lost"] = sum(max(part["accepted"] - part["received"], 0) for part in parts)
         result["ok"] = not result["lost"] and not failed and not any(part.get("error") for part in parts)
@@ -752,6 +779,8 @@ def print_acceptance(part: dict[str, Any], messages: int, size: int, out: TextIO
     print(f"{'':50} {'msg/s':>8} {'per message, ms: median':>25} {'p90':>7}", file=out)
     rows = (("smtp-source -> mailwatchd listener", part.get("listener"), "per_message", "MAIL..250"),
             ("pipelining Python client -> listener", part.get("pipelined_client"), "dot_to_250", '"." -> 250'),
+            ("floor: asyncio + install_durably, thread", part.get("floor_thread"), "per_message", "MAIL..250"),
+            ("floor: asyncio + install_durably, on the loop", part.get("floor_loop"), "per_message", "MAIL..250"),
             ("smtp-source -> Postfix smtpd (running)", part.get("postfix_smtpd"), "per_message", "MAIL..250"),
             ("smtp-source -> smtp-sink (bound, stores nothing)", part.get("smtp_sink_direct"), "per_message",
              "MAIL..250"))
