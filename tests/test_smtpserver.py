@@ -694,6 +694,25 @@ def test_a_silent_client_is_disconnected_and_stalls_no_one(serve: Callable[..., 
         silent.close()
 
 
+def test_each_command_moves_the_timeout_and_silence_after_the_last_one_ends_the_session(
+        serve: Callable[..., Running]) -> None:
+    """RFC 5321 §4.5.3.2: the timeout runs from the last command, however long the session has lasted."""
+    running = serve(command_timeout=0.5)
+    client = running.raw()
+    try:
+        assert client.reply().startswith("220")
+        started = last = time.monotonic()
+        while last - started < 1.5:  # three timeouts' worth of a client that keeps talking
+            time.sleep(0.15)  # the client's pace: the gaps are what is tested
+            client.send(b"NOOP\r\n")
+            assert client.reply().startswith("250"), "disconnected although the client kept talking"
+            last = time.monotonic()
+        assert client.reply() == "421 4.4.2 Timeout exceeded, closing the connection"
+        assert 0.4 < time.monotonic() - last < 3
+    finally:
+        client.close()
+
+
 def test_a_unix_socket_peer_is_a_local_user(loop_thread: LoopThread, spool_dir: Path, tmp_path: Path) -> None:
     factory = ServerFactory(spool_root=spool_dir, listen=ListenSettings(), hostname="mx.test",
                             max_message_size=100_000, command_timeout=10)

@@ -391,6 +391,7 @@ class SmtpSession(_ListsWhatAiosmtpdLooksFor, SMTP):
         self.in_data = False
         self.closing = False
         self._continued: list[bytes] = []  # the lines of a multi-line reply so far
+        self._deadline = 0.0  # loop.time() when a silent client is disconnected
         listen = factory.listen
         super().__init__(
             _Hooks(self), data_size_limit=factory.max_message_size, enable_SMTPUTF8=True, decode_data=False,
@@ -435,6 +436,23 @@ class SmtpSession(_ListsWhatAiosmtpdLooksFor, SMTP):
             return CLIENT_CLOSED  # aiosmtpd writes it to the closed transport, which drops it
         log.error("smtp_session_error", peer=peer_label(self.peer), error=type(error).__name__, exc_info=error)
         return "451 4.3.0 Internal error, try again later"
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd's per-command timeout (RFC 5321 §4.5.3.2), one timer a connection: a command moves the
+        deadline, and the timer, when it fires early, waits on for what is left (aiosmtpd cancels and makes
+        a timer a command)."""
+        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        timer = self._timeout_handle
+        if timer is None or timer.cancelled() or timer.when() > self._deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timeout_handle = self.loop.call_at(self._deadline, self._check_timeout)
+
+    def _check_timeout(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._check_timeout)
+        else:
+            self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         _say(self.transport, TIMED_OUT)
