@@ -407,6 +407,23 @@ def test_a_line_over_1000_octets_is_refused_after_the_end_of_data(serve: Callabl
     assert len(running.stored()) == 1
 
 
+@pytest.mark.parametrize("length", [600, 2_000, 200_000])  # past RFC 5321's 512, past 1001, past the read limit
+def test_an_over_long_command_line_gets_500_and_the_session_goes_on(serve: Callable[..., Running],
+                                                                    length: int) -> None:
+    running = serve()
+    client = running.raw()
+    try:
+        client.reply()
+        client.send(b"EHLO c\r\n")
+        client.reply()
+        client.send(b"MAIL FROM:<" + b"a" * length + b"@example.com>\r\n")
+        assert client.reply() == "500 Command line too long"
+        client.send(b"MAIL FROM:<app@example.com>\r\n")
+        assert client.reply().startswith("250")
+    finally:
+        client.close()
+
+
 def test_data_far_past_the_limit_is_read_to_its_end_and_dropped(serve: Callable[..., Running]) -> None:
     running = serve(max_message_size=10_000)
     with running.client() as client:

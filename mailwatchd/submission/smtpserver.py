@@ -50,6 +50,8 @@ _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
 _PLAIN_PATH = re.compile(rf"[ \t]*<({_DOT_ATOM}@{_DOT_ATOM})>(?![ \t]*[(])[ \t]*(.*)", re.DOTALL)
 _DATA_END = b".\r\n"
+DATA_LINE_LIMIT = 1001  # RFC 5321 §4.5.3.1.6: 1000 octets with the CRLF, and a dot added for transparency
+READ_LIMIT = 64 * 1024
 _CRLF = b"\r\n"
 
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
@@ -384,6 +386,11 @@ class _ListsWhatAiosmtpdLooksFor:
 class SmtpSession(_ListsWhatAiosmtpdLooksFor, SMTP):
     """One client connection: aiosmtpd's SMTP with mailwatchd's policy, limits and spool."""
 
+    # Read by SMTP.__init__ as its stream reader's limit, which pauses reading at twice that: at 1001, each
+    # message of a few KiB cost a pause, a resume and a LimitOverrunError. The RFC 5321 limits still hold:
+    # command lines by command_size_limits, text lines in DATA by DATA_LINE_LIMIT.
+    line_length_limit = READ_LIMIT
+
     def __init__(self, factory: ServerFactory) -> None:
         self.factory = factory
         self.peer = Peer()
@@ -538,7 +545,7 @@ class SmtpSession(_ListsWhatAiosmtpdLooksFor, SMTP):
     def _line_error(self, data: bytes | bytearray) -> str | None:
         """RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets with its CRLF (aiosmtpd's limit)."""
         longest = max(map(len, data.split(_CRLF)))
-        return "500 Line too long (see RFC5321 4.5.3.1.6)" if longest + 2 > self.line_length_limit else None
+        return "500 Line too long (see RFC5321 4.5.3.1.6)" if longest + 2 > DATA_LINE_LIMIT else None
 
     def shut_down(self) -> None:
         """Say 421 and close; a session in DATA first gets its reply."""
