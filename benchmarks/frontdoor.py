@@ -597,18 +597,19 @@ def wait_relayed(sink: Sink, before: int, expected: int, spool: Path, timeout: f
         time.sleep(POLL)
 
 
-def postfix_smtpd_acceptance(args: argparse.Namespace, workdir: Path, tools: Postfix, sink: Sink) -> dict[str, Any]:
+def postfix_smtpd_acceptance(args: argparse.Namespace, workdir: Path, tools: Postfix, sink: Sink,
+                             round_: int) -> dict[str, Any]:
     """The same smtp-source load into a running Postfix's smtpd, relaying to the same smtp-sink."""
     drain_timeout = 30.0 + args.messages / 50
     try:
-        postfix, skipped = start_postfix(args, workdir / "postfix-acceptance", sink.port)
+        postfix, skipped = start_postfix(args, workdir / f"postfix-acceptance-{round_}", sink.port)
     except (PostfixError, OSError, subprocess.SubprocessError) as exc:
         return {"error": f"the private Postfix would not start: {exc}"}
     if postfix is None:
         return {"skipped": skipped}
     try:
         before, cpu_before = sink.count(), postfix.cpu_seconds()
-        run = run_smtp_source(tools, postfix.smtpd_port, args, workdir / "smtp-source-postfix.stderr")
+        run = run_smtp_source(tools, postfix.smtpd_port, args, workdir / f"smtp-source-postfix-{round_}.stderr")
         deadline = time.monotonic() + drain_timeout
         while (counted := sink.count() - before) < len(run.completions) or postfix.queued():
             if time.monotonic() > deadline:
@@ -636,10 +637,11 @@ def postfix_smtpd_acceptance(args: argparse.Namespace, workdir: Path, tools: Pos
         postfix.close()
 
 
-def floor_acceptance(args: argparse.Namespace, workdir: Path, tools: Postfix, where: str) -> dict[str, Any]:
+def floor_acceptance(args: argparse.Namespace, workdir: Path, tools: Postfix, where: str,
+                     round_: int) -> dict[str, Any]:
     """The same smtp-source load into benchmarks/durable_floor.py: a bare asyncio responder that stores each
     message with mailwatchd's install_durably (on a thread of its own, or on its event loop) and relays nothing."""
-    directory = workdir / f"floor-{where}"
+    directory = workdir / f"floor-{where}-{round_}"
     command = [sys.executable, str(Path(__file__).with_name("durable_floor.py")), str(directory), where]
     proc = subprocess.Popen(command, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
@@ -648,7 +650,7 @@ def floor_acceptance(args: argparse.Namespace, workdir: Path, tools: Postfix, wh
         port = proc.stdout.readline().decode().strip()
         if not port.isdigit():
             return {"error": f"durable_floor.py did not start: {port or proc.communicate(timeout=10)[1].decode()}"}
-        run = run_smtp_source(tools, int(port), args, workdir / f"smtp-source-floor-{where}.stderr")
+        run = run_smtp_source(tools, int(port), args, workdir / f"smtp-source-floor-{where}-{round_}.stderr")
         kill_group(proc, signal.SIGTERM)
         out, err = (stream.decode() for stream in proc.communicate(timeout=30))
         stored = int(out.rsplit(" ", 1)[-1]) if out.startswith("stored ") else 0
@@ -660,25 +662,21 @@ def floor_acceptance(args: argparse.Namespace, workdir: Path, tools: Postfix, wh
         stop(proc)
 
 
-def run_acceptance(args: argparse.Namespace, workdir: Path, postfix: Postfix) -> dict[str, Any]:
-    """smtp-source into smtp-sink (the bound), then into the listener, then the pipelining client."""
-    try:
-        sink = start_smtp_sink(postfix, workdir)
-    except BenchError as exc:
-        raise ToolError(f"smtp-sink would not start: {exc}") from None
-    daemon: Daemon | None = None
-    spool = workdir / "spool-acceptance"
+ROUND_ROWS = ("listener", "floor_thread", "floor_loop", "postfix_smtpd")
+
+
+def listener_acceptance(args: argparse.Namespace, workdir: Path, tools: Postfix, sink: Sink, round_: int,
+                        result: dict[str, Any]) -> dict[str, Any]:
+    """smtp-source into a freshly started daemon's listener; in the first round also the pipelining client."""
+    spool = workdir / f"spool-acceptance-{round_}"
     drain_timeout = 30.0 + args.messages / 50
+    daemon: Daemon | None = start_daemon(args.mailwatchd, spool, sink.port,
+                                         workdir / f"mailwatchd-acceptance-{round_}.log")
+    assert daemon is not None
     try:
-        result: dict[str, Any] = {"sink": shlex.join([Path(sink.note.split()[0]).name, *sink.note.split()[1:]])}
-        before = sink.count()
-        direct = run_smtp_source(postfix, sink.port, args, workdir / "smtp-source-sink.stderr")
-        result["smtp_sink_direct"] = source_report(direct, sink.wait_count(before + len(direct.completions), 10.0)
-                                                   - before)
-        daemon = start_daemon(args.mailwatchd, spool, sink.port, workdir / "mailwatchd-acceptance.log")
-        result["daemon_ready_s"] = round(daemon.ready_s, 3)
+        result.setdefault("daemon_ready_s", round(daemon.ready_s, 3))
         before, cpu_before = sink.count(), cpu_seconds(daemon.proc.pid)
-        run = run_smtp_source(postfix, daemon.listen_port, args, workdir / "smtp-source-listener.stderr")
+        run = run_smtp_source(tools, daemon.listen_port, args, workdir / f"smtp-source-listener-{round_}.stderr")
         counted, drained_at = wait_relayed(sink, before, len(run.completions), spool, drain_timeout)
         cpu_after = cpu_seconds(daemon.proc.pid)
         row = source_report(run, counted)
@@ -686,34 +684,87 @@ def run_acceptance(args: argparse.Namespace, workdir: Path, postfix: Postfix) ->
             # from smtp-source's start until the sink had every message and the spool was empty
             row["all_relayed_s"] = round(drained_at - run.started, 3)
             row["relayed_msg_per_s"] = round(len(run.completions) / (drained_at - run.started), 1)
-        result["listener"] = row
         if cpu_before is not None and cpu_after is not None and run.completions:
             row["daemon_cpu_ms_per_msg"] = round((cpu_after - cpu_before) * 1000 / len(run.completions), 3)
-        before = sink.count()
-        client = pipelined_client(daemon.listen_port, args)
-        client["received"], _ = wait_relayed(sink, before, client["accepted"], spool, drain_timeout)
-        result["pipelined_client"] = client
-        result["daemon_exit_status"] = stop_daemon(daemon)
+        if round_ == 0:
+            before = sink.count()
+            client = pipelined_client(daemon.listen_port, args)
+            client["received"], _ = wait_relayed(sink, before, client["accepted"], spool, drain_timeout)
+            result["pipelined_client"] = client
+        result.setdefault("daemon_exit_status", []).append(stop_daemon(daemon))
         daemon = None
         failed, reasons = failures(spool)
-        result["failed_in_spool"] = failed
+        result["failed_in_spool"] = result.get("failed_in_spool", 0) + failed
         if reasons:
-            result["failed_reasons"] = reasons
-        result["floor_thread"] = floor_acceptance(args, workdir, postfix, "thread")
-        result["floor_loop"] = floor_acceptance(args, workdir, postfix, "loop")
-        result["postfix_smtpd"] = postfix_smtpd_acceptance(args, workdir, postfix, sink)
-        reference = result["postfix_smtpd"]
-        if row.get("msg_per_s") and reference.get("msg_per_s") and not reference.get("error"):
-            result["listener_over_postfix_smtpd"] = round(row["msg_per_s"] / reference["msg_per_s"], 2)
-        parts = [result["listener"], client, result["smtp_sink_direct"]]
-        parts += [result[key] for key in ("floor_thread", "floor_loop") if "accepted" in result[key]]
-        parts += [reference] if "accepted" in reference else []
-        result["lost"] = sum(max(part["accepted"] - part["received"], 0) for part in parts)
-        result["ok"] = not result["lost"] and not failed and not any(part.get("error") for part in parts)
-        return result
+            result.setdefault("failed_reasons", []).extend(reasons)
+        return row
     finally:
         if daemon is not None:
             stop_daemon(daemon)
+
+
+def over_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row for several rounds: the first round's row with msg/s, the per-message median and p90 replaced by
+    their medians over the rounds, each round's msg/s, and accepted/received summed."""
+    measured = [row for row in rows if row.get("msg_per_s") and "per_message" in row]
+    if not measured:
+        return rows[0]
+    merged = dict(measured[0])
+    merged["rounds_msg_per_s"] = [row["msg_per_s"] for row in measured]
+    merged["msg_per_s"] = round(statistics.median(merged["rounds_msg_per_s"]), 1)
+    merged["per_message"] = dict(measured[0]["per_message"])
+    for key in ("median_ms", "p90_ms"):
+        values = [row["per_message"][key] for row in measured if row["per_message"].get(key) is not None]
+        merged["per_message"][key] = round(statistics.median(values), 3) if values else None
+    for key in ("accepted", "received"):
+        merged[key] = sum(row.get(key, 0) for row in rows)
+    errors = [row["error"] for row in rows if row.get("error")]
+    if errors:
+        merged["error"] = "; ".join(errors)
+    return merged
+
+
+def run_acceptance(args: argparse.Namespace, workdir: Path, postfix: Postfix) -> dict[str, Any]:
+    """smtp-source into smtp-sink (the bound); then, in each of --rounds rounds, into the listener, the two
+    floors and Postfix's smtpd, the order reversed every other round so that a machine growing slower or faster
+    during a round favours neither; each row is its median over the rounds."""
+    try:
+        sink = start_smtp_sink(postfix, workdir)
+    except BenchError as exc:
+        raise ToolError(f"smtp-sink would not start: {exc}") from None
+    try:
+        result: dict[str, Any] = {"sink": shlex.join([Path(sink.note.split()[0]).name, *sink.note.split()[1:]]),
+                                  "rounds": args.rounds}
+        before = sink.count()
+        direct = run_smtp_source(postfix, sink.port, args, workdir / "smtp-source-sink.stderr")
+        result["smtp_sink_direct"] = source_report(direct, sink.wait_count(before + len(direct.completions), 10.0)
+                                                   - before)
+        loads: dict[str, Callable[[int], dict[str, Any]]] = {
+            "listener": lambda round_: listener_acceptance(args, workdir, postfix, sink, round_, result),
+            "floor_thread": lambda round_: floor_acceptance(args, workdir, postfix, "thread", round_),
+            "floor_loop": lambda round_: floor_acceptance(args, workdir, postfix, "loop", round_),
+            "postfix_smtpd": lambda round_: postfix_smtpd_acceptance(args, workdir, postfix, sink, round_),
+        }
+        by_row: dict[str, list[dict[str, Any]]] = {key: [] for key in ROUND_ROWS}
+        for round_ in range(args.rounds):
+            for key in ROUND_ROWS if round_ % 2 == 0 else reversed(ROUND_ROWS):
+                by_row[key].append(loads[key](round_))
+        for key in ROUND_ROWS:
+            result[key] = over_rounds(by_row[key])
+        pairs = [listener["msg_per_s"] / reference["msg_per_s"]
+                 for listener, reference in zip(by_row["listener"], by_row["postfix_smtpd"], strict=True)
+                 if listener.get("msg_per_s") and reference.get("msg_per_s") and not reference.get("error")]
+        if pairs:
+            result["listener_over_postfix_smtpd_rounds"] = [round(pair, 2) for pair in pairs]
+            result["listener_over_postfix_smtpd"] = round(statistics.median(pairs), 2)
+        parts = [result["smtp_sink_direct"], result.get("pipelined_client", {"accepted": 0, "received": 0})]
+        parts += [result[key] for key in ROUND_ROWS if "accepted" in result[key]]
+        result["lost"] = sum(max(part["accepted"] - part["received"], 0) for part in parts)
+        result.setdefault("failed_in_spool", 0)
+        result["ok"] = not result["lost"] and not result["failed_in_spool"] and not any(
+            part.get("error") for part in parts)
+        return result
+    finally:
         sink.close()
 
 
@@ -775,7 +826,7 @@ def print_latency(part: dict[str, Any], size: int, out: TextIO) -> None:
 
 def print_acceptance(part: dict[str, Any], messages: int, size: int, out: TextIO) -> None:
     print(f"2. listener acceptance: {messages} messages, {size}-byte body, over ONE connection; "
-          f"the daemon relays to smtp-sink", file=out)
+          f"the daemon relays to smtp-sink; {part.get('rounds', 1)} rounds, each row its median", file=out)
     print(f"{'':50} {'msg/s':>8} {'per message, ms: median':>25} {'p90':>7}", file=out)
     rows = (("smtp-source -> mailwatchd listener", part.get("listener"), "per_message", "MAIL..250"),
             ("pipelining Python client -> listener", part.get("pipelined_client"), "dot_to_250", '"." -> 250'),
@@ -809,14 +860,19 @@ def print_acceptance(part: dict[str, Any], messages: int, size: int, out: TextIO
               f"({reference['relayed_msg_per_s']:.0f} msg/s); Postfix CPU "
               f"{reference.get('postfix_cpu_ms_per_msg', '—')} ms/msg, all its processes "
               f"({reference.get('cpu_method')})", file=out)
+    for label, row, _, _ in rows:
+        if row is not None and row.get("rounds_msg_per_s"):
+            print(f"   msg/s a round: {' / '.join(f'{rate:.0f}' for rate in row['rounds_msg_per_s'])}"
+                  f"    ({label.split(' (')[0]})", file=out)
     ratio = part.get("listener_over_postfix_smtpd")
     if ratio is not None:
         verdict = "met" if ratio >= 1.0 else "NOT met"
         listener_median = (listener.get("per_message") or {}).get("median_ms")
         postfix_median = (reference.get("per_message") or {}).get("median_ms")
-        print(f"   at least as fast as Postfix's smtpd: {verdict} (listener msg/s / Postfix smtpd msg/s = {ratio:.2f}; "
-              f"MAIL..250 median {ms_of(listener_median)} against {ms_of(postfix_median)} ms)",
-              file=out)
+        each = ", ".join(f"{pair:.2f}" for pair in part.get("listener_over_postfix_smtpd_rounds", []))
+        print(f"   at least as fast as Postfix's smtpd: {verdict} (listener msg/s / Postfix smtpd msg/s, the median "
+              f"of the rounds' = {ratio:.2f} [{each}]; MAIL..250 median {ms_of(listener_median)} against "
+              f"{ms_of(postfix_median)} ms)", file=out)
     else:
         print("   at least as fast as Postfix's smtpd: not checked (no Postfix smtpd figure in this run)", file=out)
     for label, row, _, _ in rows:
@@ -863,6 +919,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=50, help="measured rounds of part 1, per way in (default 50)")
     parser.add_argument("--messages", type=int, default=2000, help="messages per load in part 2 (default 2000)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of part 2's loads, the order reversed every other round (default 3)")
     parser.add_argument("--size", type=int, default=4096, help="bytes per message (default 4096)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--no-postfix", action="store_true",
