@@ -49,12 +49,13 @@ class Store:
         install_durably(self.directory / f".tmp-{name}", self.directory / name, data)
         self.stored += 1
 
-    def store(self, data: bytes, then: Callable[[], None]) -> None:
+    def store(self, data: bytes, then: Callable[[], None]) -> bool:
+        """Store `data`: True when it is stored now (on the loop); else `then` runs on the loop once it is."""
         if self.jobs is None:
             self.write(data)
-            then()
-        else:
-            self.jobs.put((data, then))
+            return True
+        self.jobs.put((data, then))
+        return False
 
     def _serve(self) -> None:
         assert self.jobs is not None
@@ -96,8 +97,11 @@ class Responder(asyncio.Protocol):
                 if end < 0:
                     return
                 message, self.buffer = self.buffer[:end + 2], self.buffer[end + len(_END):]
-                self.in_data, self.waiting = False, True
-                self.store.store(message, self._stored)
+                self.in_data = False
+                if self.store.store(message, self._stored):
+                    transport.write(b"250 2.0.0 stored\r\n")
+                else:
+                    self.waiting = True
                 continue
             end = self.buffer.find(b"\r\n")
             if end < 0:

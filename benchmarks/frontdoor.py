@@ -670,9 +670,8 @@ def listener_acceptance(args: argparse.Namespace, workdir: Path, tools: Postfix,
     """smtp-source into a freshly started daemon's listener; in the first round also the pipelining client."""
     spool = workdir / f"spool-acceptance-{round_}"
     drain_timeout = 30.0 + args.messages / 50
-    daemon: Daemon | None = start_daemon(args.mailwatchd, spool, sink.port,
-                                         workdir / f"mailwatchd-acceptance-{round_}.log")
-    assert daemon is not None
+    daemon = start_daemon(args.mailwatchd, spool, sink.port, workdir / f"mailwatchd-acceptance-{round_}.log")
+    stopped = False
     try:
         result.setdefault("daemon_ready_s", round(daemon.ready_s, 3))
         before, cpu_before = sink.count(), cpu_seconds(daemon.proc.pid)
@@ -692,20 +691,21 @@ def listener_acceptance(args: argparse.Namespace, workdir: Path, tools: Postfix,
             client["received"], _ = wait_relayed(sink, before, client["accepted"], spool, drain_timeout)
             result["pipelined_client"] = client
         result.setdefault("daemon_exit_status", []).append(stop_daemon(daemon))
-        daemon = None
+        stopped = True
         failed, reasons = failures(spool)
         result["failed_in_spool"] = result.get("failed_in_spool", 0) + failed
         if reasons:
             result.setdefault("failed_reasons", []).extend(reasons)
         return row
     finally:
-        if daemon is not None:
+        if not stopped:
             stop_daemon(daemon)
 
 
 def over_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """One row for several rounds: the first round's row with msg/s, the per-message median and p90 replaced by
-    their medians over the rounds, each round's msg/s, and accepted/received summed."""
+    """One row for several rounds: the first round's row (so its relay time and CPU figures are that round's)
+    with msg/s, the per-message median and p90 replaced by their medians over the rounds, each round's msg/s,
+    and accepted/received summed."""
     measured = [row for row in rows if row.get("msg_per_s") and "per_message" in row]
     if not measured:
         return rows[0]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import structlog
 import trustme
 from aiosmtpd.smtp import SMTP
 from hypothesis import example, given
@@ -308,6 +309,20 @@ def test_a_client_that_closes_inside_data_stores_nothing(serve: Callable[..., Ru
     assert running.stored() == []
 
 
+def reset_while_writing(running: Running, writing: threading.Event) -> None:
+    """Send a message, wait until the server is writing it, reset the connection (SO_LINGER 0), and wait
+    until the server has seen the connection go."""
+    client = running.raw()
+    try:
+        start_data(client)
+        client.send(MESSAGE + b".\r\n")
+        assert writing.wait(10), "the write never began"
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    finally:
+        client.close()
+    wait_until(lambda: not running.factory.sessions, message="the server to see the connection gone")
+
+
 def test_a_message_stored_after_its_client_went_away_is_still_handed_on(serve: Callable[..., Running],
                                                                        spool_dir: Path) -> None:
     """The client resets the connection while its message is being written: nobody gets a 250, but the
@@ -320,19 +335,30 @@ def test_a_message_stored_after_its_client_went_away_is_still_handed_on(serve: C
         return enqueue(spool_dir, data)
 
     running = serve(deposit=slow_deposit)
-    client = running.raw()
-    try:
-        start_data(client)
-        client.send(MESSAGE + b".\r\n")
-        assert writing.wait(10), "the write never began"
-        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    finally:
-        client.close()  # with SO_LINGER 0: a reset
-    wait_until(lambda: not running.factory.sessions, message="the server to see the connection gone")
+    reset_while_writing(running, writing)
     assert running.queued == []
     finish.set()
     queued = wait_until(lambda: running.queued, message="on_queued for the stored message")
     assert [item.queue_id for item in queued] == running.stored()
+
+
+def test_a_store_that_fails_after_its_client_went_away_is_logged_and_nothing_is_handed_on(
+        serve: Callable[..., Running]) -> None:
+    writing, finish = threading.Event(), threading.Event()
+
+    def full_disk(data: bytes) -> str:
+        writing.set()
+        assert finish.wait(10), "the test never let the write finish"
+        raise SpoolFull("the filesystem is full (No space left on device)")
+
+    running = serve(deposit=full_disk)
+    with structlog.testing.capture_logs() as logs:
+        reset_while_writing(running, writing)
+        finish.set()
+        refused = wait_until(lambda: [line for line in logs if line["event"] == "smtp_message_refused"],
+                             message="the refusal logged")
+    assert refused[0]["reply"] == "452 4.3.1 Insufficient system storage"
+    assert running.queued == [] and running.stored() == []
 
 
 def start_data(client: RawClient) -> None:

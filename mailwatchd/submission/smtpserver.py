@@ -273,7 +273,11 @@ def _settle(future: asyncio.Future[Any], then: Callable[[Any], None], outcome: t
     succeeded, value = outcome
     if future.done():  # the session ended while its message was being written
         if not succeeded:
-            log.warning("smtp_store_failed", detail=_one_line(str(value)) or type(value).__name__)
+            reply = reply_for(value) if isinstance(value, Exception) else None
+            if reply is None:
+                log.error("smtp_store_failed", error=type(value).__name__, exc_info=value)
+            else:
+                log.warning("smtp_message_refused", peer="gone", reply=reply)
     elif succeeded:
         future.set_result(value)
     else:
