@@ -5,9 +5,9 @@ Side by side in one run (see benchmarks/README.md):
 
 1. drop -> relay latency of an idle daemon, one message at a time, through `mailwatchd sendmail -t`
    and through the SMTP listener (a connection per message, and one connection kept open), timed
-   from the start of the submission until an in-process aiosmtpd relay has the message; beside
-   them a running, idle Postfix null client relaying to the same relay, through its `sendmail -t`
-   and through its smtpd (a connection per message);
+   from the start of the submission until Postfix's `smtp-sink` has the message (its `-c` count
+   changes); beside them a running, idle Postfix null client relaying to the same sink, through
+   its `sendmail -t` and through its smtpd (a connection per message);
 2. the listener's acceptance rate: Postfix's `smtp-source` sends N messages over ONE connection
    (the daemon relays them to Postfix's `smtp-sink`), with the same load straight into smtp-sink as
    the upper bound, into a running Postfix's smtpd (relaying to the same smtp-sink) as the
@@ -26,14 +26,11 @@ could not be started.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib.metadata
 import json
-import logging
 import math
 import os
 import platform
-import re
 import secrets
 import shlex
 import signal
@@ -87,7 +84,6 @@ GOALS_MS = {"sendmail": 35.0, "listener_per_message": 5.0, "listener_kept_open":
 # The pipelining client's load: its figure is the "." -> 250 time, which needs no 2,000 samples.
 PIPELINED_MESSAGES = 200
 PIPELINED_TIME_S = 20.0
-_SUBJECT = re.compile(rb"^Subject:[ \t]*(\S+)", re.MULTILINE | re.IGNORECASE)
 
 
 class ToolError(BenchError):
@@ -119,73 +115,56 @@ def summary(seconds: list[float]) -> dict[str, Any]:
 # -- the observed relay ------------------------------------------------------------------------
 
 
-class Relay:
-    """An aiosmtpd server in a thread of this process: when each message, by Subject, arrived.
+class Arrivals:
+    """When Postfix's smtp-sink took each message: it writes its running count (`-c`) once a
+    message's final "." is in, and a thread here timestamps each write as inotify reports it.
 
-    The time is taken in handle_DATA, once the final "." is in; the measuring thread meanwhile
-    blocks in `wait`, so it does not hold the GIL the relay needs.
+    The measuring thread meanwhile blocks in `wait`, so it does not hold the GIL the watcher needs.
     """
 
-    def __init__(self) -> None:
-        self.port = 0
-        self.received = 0
-        self.arrivals: dict[str, float] = {}
+    def __init__(self, sink: Sink) -> None:
+        from inotify_simple import INotify, flags
+
+        self.sink = sink
+        self.times: list[float] = []  # times[n - 1]: when the sink's count reached n
         self._changed = threading.Condition()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping: asyncio.Event | None = None
-        self._thread: threading.Thread | None = None
-        self.error = ""
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 (aiosmtpd's name)
-        now = time.perf_counter()
-        found = _SUBJECT.search(envelope.original_content or envelope.content or b"")
-        with self._changed:
-            self.received += 1
-            if found:
-                self.arrivals.setdefault(found.group(1).decode("ascii", "replace"), now)
-            self._changed.notify_all()
-        return "250 2.0.0 Ok: relayed"
-
-    def start(self) -> None:
-        logging.getLogger("mail.log").setLevel(logging.ERROR)  # aiosmtpd logs every session at INFO
-        ready = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve(ready)), name="relay", daemon=True)
+        self._inotify = INotify()
+        self._inotify.add_watch(sink.counter_path, flags.MODIFY)
+        self._closing = False
+        self._thread = threading.Thread(target=self._watch, name="arrivals", daemon=True)
         self._thread.start()
-        if not ready.wait(10.0) or not self.port:
-            raise ToolError(f"the aiosmtpd relay did not start: {self.error or 'no port after 10 s'}")
 
-    async def _serve(self, ready: threading.Event) -> None:
-        from aiosmtpd.smtp import SMTP
+    @property
+    def received(self) -> int:
+        with self._changed:
+            return len(self.times)
 
-        self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
-        try:
-            server = await self._loop.create_server(lambda: SMTP(self, hostname="frontdoor-relay"), HOST, 0)
-        except OSError as exc:
-            self.error = str(exc)
-            ready.set()
-            return
-        self.port = int(server.sockets[0].getsockname()[1])
-        ready.set()
-        await self._stopping.wait()
-        server.close()
+    def _watch(self) -> None:
+        while not self._closing:
+            if not self._inotify.read(timeout=200):
+                continue
+            now = time.perf_counter()
+            counted = self.sink.count()
+            with self._changed:
+                self.times.extend([now] * (counted - len(self.times)))
+                self._changed.notify_all()
 
-    def wait(self, subject: str, timeout: float) -> float | None:
-        """When `subject` arrived (perf_counter), waiting up to `timeout` seconds; None if it did not."""
+    def wait(self, count: int, timeout: float) -> float | None:
+        """When the sink's count reached `count` (perf_counter), waiting up to `timeout` seconds; None if it
+        did not."""
         deadline = time.monotonic() + timeout
         with self._changed:
-            while subject not in self.arrivals:
+            while len(self.times) < count:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return None
                 self._changed.wait(remaining)
-            return self.arrivals[subject]
+            return self.times[count - 1]
 
     def close(self) -> None:
-        if self._loop is not None and self._stopping is not None:
-            self._loop.call_soon_threadsafe(self._stopping.set)
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
+        self._closing = True
+        self._thread.join(timeout=5.0)
+        self._inotify.close()
 
 
 # -- the daemon ----------------------------------------------------------------------------------
@@ -379,16 +358,20 @@ class Way:
         return result | ({"error": self.error} if self.error else {})
 
 
-def run_latency(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """Rounds of one message per way in, interleaved (a busy moment hits every row alike)."""
-    relay = Relay()
-    relay.start()
+def run_latency(args: argparse.Namespace, workdir: Path, tools: Postfix) -> dict[str, Any]:
+    """Rounds of one message per way in, interleaved (a busy moment hits every row alike); each
+    message is waited for at smtp-sink before the next one goes."""
+    try:
+        sink = start_smtp_sink(tools, workdir)
+    except BenchError as exc:
+        raise ToolError(f"smtp-sink would not start: {exc}") from None
+    relay = Arrivals(sink)
     daemon: Daemon | None = None
     kept: KeptOpen | None = None
     postfix: RunningPostfix | None = None
     try:
         spool = workdir / "spool-latency"
-        daemon = start_daemon(args.mailwatchd, spool, relay.port, workdir / "mailwatchd-latency.log")
+        daemon = start_daemon(args.mailwatchd, spool, sink.port, workdir / "mailwatchd-latency.log")
         kept = KeptOpen(daemon.listen_port)
         per_message = PerMessage(daemon.listen_port)
         interpreter = interpreter_of(args.mailwatchd)
@@ -397,17 +380,17 @@ def run_latency(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 Way("listener_kept_open", kept)]
         postfix_info: dict[str, Any]
         try:
-            postfix, skipped = start_postfix(args, workdir / "postfix-latency", relay.port)
+            postfix, skipped = start_postfix(args, workdir / "postfix-latency", sink.port)
             postfix_info = {"skipped": skipped}
         except (PostfixError, OSError, subprocess.SubprocessError) as exc:
             postfix, postfix_info = None, {"error": f"the private Postfix would not start: {exc}"}
         if postfix is not None:
-            postfix_info = {"version": postfix_running.postfix_version(), "relayhost": f"[{HOST}]:{relay.port}"}
+            postfix_info = {"version": postfix_running.postfix_version(), "relayhost": f"[{HOST}]:{sink.port}"}
             ways += [Way("postfix_sendmail", via_postfix_sendmail(postfix)),
                      Way("postfix_smtpd_per_message", PerMessage(postfix.smtpd_port))]
         floor: list[float] = []
         token = secrets.token_hex(4)
-        accepted: set[str] = set()
+        accepted = 0
         deadline = time.monotonic() + 60.0 + args.runs * 2.0
         rounds = 0
         while rounds < WARMUP_ROUNDS + args.runs and time.monotonic() < deadline:
@@ -421,9 +404,10 @@ def run_latency(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     way.failed += 1
                     way.error = way.error or str(exc)
                     continue
-                accepted.add(subject)
-                arrived = relay.wait(subject, ARRIVAL_TIMEOUT_S)
+                accepted += 1
+                arrived = relay.wait(accepted, ARRIVAL_TIMEOUT_S)
                 if arrived is None:
+                    # a late message would be taken for the next one's arrival: the run is not ok
                     way.late += 1
                     way.error = way.error or f"{subject} was not at the relay after {ARRIVAL_TIMEOUT_S:g}s"
                 elif counted:
@@ -435,28 +419,28 @@ def run_latency(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 floor.append(time.perf_counter() - started)
             rounds += 1
         kept.close()
-        grace = time.monotonic() + 5.0  # a late one may still come: one bounded wait for all of them
-        for subject in accepted - relay.arrivals.keys():
-            relay.wait(subject, max(grace - time.monotonic(), 0.0))
+        relay.wait(accepted, 5.0)  # a late one may still come
         ready_s = daemon.ready_s
         status = stop_daemon(daemon)
         daemon = None
         if postfix is not None:
             postfix.close()
             postfix = None
-        lost = len(accepted - relay.arrivals.keys())
+        received = relay.received
+        lost = max(accepted - received, 0)
         result: dict[str, Any] = {
             "rounds": max(rounds - WARMUP_ROUNDS, 0), "warmup_rounds": WARMUP_ROUNDS,
-            "relay": f"in-process aiosmtpd {importlib.metadata.version('aiosmtpd')}, time taken in handle_DATA",
+            "relay": f"{sink.note} (Postfix {tools.version}); arrival: its -c count changed (inotify)",
             "daemon_ready_s": round(ready_s, 3), "daemon_exit_status": status,
-            "accepted": len(accepted), "relay_received": relay.received, "lost": lost,
-            "duplicates": max(relay.received - (len(accepted) - lost), 0),
+            "accepted": accepted, "relay_received": received, "lost": lost,
+            "duplicates": max(received - accepted, 0),
             **{way.label: way.report() for way in ways},
             "listener_ehlo_reply": summary(per_message.ehlo[WARMUP_ROUNDS:]),
             "floor": {"accepted": summary(floor), "command": f"{shlex.join(interpreter)} -c pass"},
             "postfix": postfix_info,
         }
-        result["ok"] = not lost and not result["duplicates"] and not any(way.failed for way in ways)
+        result["ok"] = (not lost and not result["duplicates"]
+                        and not any(way.failed or way.late for way in ways))
         return result
     finally:
         if kept is not None:
@@ -466,6 +450,7 @@ def run_latency(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         if postfix is not None:
             postfix.close()
         relay.close()
+        sink.close()
 
 
 # -- 2. the listener's acceptance rate ---------------------------------------------------------------
@@ -896,12 +881,12 @@ def print_report(report: dict[str, Any], out: TextIO) -> None:
     if "rounds" in latency:
         print_latency(latency, report["size"], out)
     else:
-        print(f"1. drop -> relay: NOT RUN: {latency.get('error')}", file=out)
+        print(f"1. drop -> relay: NOT RUN: {latency.get('error') or latency.get('skipped')}", file=out)
     print(file=out)
     if "lost" in acceptance:
         print_acceptance(acceptance, report["messages"], report["size"], out)
     else:
-        print(f"2. listener acceptance: NOT RUN: {acceptance.get('error')}", file=out)
+        print(f"2. listener acceptance: NOT RUN: {acceptance.get('error') or acceptance.get('skipped')}", file=out)
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -922,6 +907,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of part 2's loads, the order reversed every other round (default 3)")
     parser.add_argument("--size", type=int, default=4096, help="bytes per message (default 4096)")
+    parser.add_argument("--part", choices=("both", "latency", "acceptance"), default="both",
+                        help="run part 1 (latency), part 2 (acceptance) or both (default)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--no-postfix", action="store_true",
                         help="skip the running Postfix's rows (the installed one as a private null client)")
@@ -954,22 +941,31 @@ def main(argv: list[str] | None = None) -> int:
     with work_directory(args) as workdir:
         report["workdir"] = str(workdir)
         report["spool_filesystem"] = filesystem_of(workdir)
-        note(f"1. drop -> relay: {args.runs} rounds (+{WARMUP_ROUNDS} warm-up)", quiet=quiet)
-        try:
-            report["latency"] = run_latency(args, workdir)
-        except ToolError as exc:
-            report["latency"] = {"error": str(exc)}
-            tool_errors.append(str(exc))
-        note(f"2. listener acceptance: {args.messages} x {args.size} bytes", quiet=quiet)
+        postfix: Postfix | None = None
         try:
             postfix = fetch_postfix(args.cache_dir, quiet=quiet)
+        except (BenchError, OSError, subprocess.SubprocessError) as exc:
+            report["latency"] = report["acceptance"] = {"error": f"Postfix's smtp-sink and smtp-source: {exc}"}
+            tool_errors.append(str(exc))
+        if postfix is not None:
             report["versions"]["postfix"] = f"{postfix.version} (smtp-source, smtp-sink from the .deb)"
             if not args.no_postfix and postfix_running.unavailable_reason() is None:
                 report["versions"]["postfix running"] = f"{postfix_running.postfix_version()} (installed)"
-            report["acceptance"] = run_acceptance(args, workdir, postfix)
-        except (BenchError, OSError, subprocess.SubprocessError) as exc:
-            report["acceptance"] = {"error": str(exc)}
-            tool_errors.append(str(exc))
+            report["latency"] = report["acceptance"] = {"skipped": f"--part {args.part}"}
+            if args.part in ("both", "latency"):
+                note(f"1. drop -> relay: {args.runs} rounds (+{WARMUP_ROUNDS} warm-up)", quiet=quiet)
+                try:
+                    report["latency"] = run_latency(args, workdir, postfix)
+                except ToolError as exc:
+                    report["latency"] = {"error": str(exc)}
+                    tool_errors.append(str(exc))
+            if args.part in ("both", "acceptance"):
+                note(f"2. listener acceptance: {args.messages} x {args.size} bytes", quiet=quiet)
+                try:
+                    report["acceptance"] = run_acceptance(args, workdir, postfix)
+                except (BenchError, OSError, subprocess.SubprocessError) as exc:
+                    report["acceptance"] = {"error": str(exc)}
+                    tool_errors.append(str(exc))
     for failed_to_start in (report["latency"].get("postfix", {}), report["acceptance"].get("postfix_smtpd", {})):
         if failed_to_start.get("error") and "accepted" not in failed_to_start:
             tool_errors.append(failed_to_start["error"])
@@ -978,7 +974,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report))
     else:
         print_report(report, sys.stdout)
-    parts = [part for part in (report["latency"], report["acceptance"]) if "error" not in part or "ok" in part]
+    parts = [part for part in (report["latency"], report["acceptance"])
+             if "skipped" not in part and ("error" not in part or "ok" in part)]
     if any(part.get("lost") or not part.get("ok") for part in parts):
         return 1
     return 2 if tool_errors else 0
