@@ -4,17 +4,22 @@ way a null client completes it (cron's bare `root` goes to the admin address).""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import smtplib
+import socket
 import subprocess
 import sys
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
-from tests.conftest import LOOPBACK, SmtpServer
+from mailwatchd import exitcodes
+from tests.conftest import LOOPBACK, SmtpServer, wait_until
 from tests.daemonproc import relay_env, spool_names
 from tests.test_failover import free_port
 
@@ -105,3 +110,85 @@ def test_the_listener_queues_straight_into_queue_and_a_kill_after_the_250_loses_
     [received] = relay.handler.wait_for(1)
     assert b"Subject: promised" in received.data and received.rcpt_tos == ["ann@example.org"]
     restarted.wait_event("message_delivered", lambda e: e["queue_id"] == queue_id)
+
+
+def _listener_process(daemon: Any) -> psutil.Process:
+    """The daemon's one child: its SMTP listener (submission/process.py)."""
+    children: list[psutil.Process] = wait_until(lambda: psutil.Process(daemon.pid).children(),
+                                                message="the listener process")
+    [child] = children
+    assert "child_main" in " ".join(child.cmdline())
+    return child
+
+
+def _gone(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_the_listener_runs_in_a_process_of_its_own_whose_end_stops_the_daemon(
+        smtp_server: SmtpServer, spool_dir: Path, clean_env: dict[str, str], daemons: Any) -> None:
+    env, port = listening_env(clean_env, spool_dir, smtp_server)
+    daemon = daemons(env)
+    child = _listener_process(daemon)
+    with smtplib.SMTP(LOOPBACK, port, timeout=10) as client:
+        assert client.sendmail("app@example.org", ["ann@example.org"], b"Subject: apart\r\n\r\nx\r\n") == {}
+    assert b"Subject: apart" in smtp_server.handler.wait_for(1)[0].data
+    [received] = daemon.wait_event("smtp_received")
+    assert received["recipients"] == 1
+    child.kill()
+    [exited] = daemon.wait_event("listener_exited")
+    assert exited["status"] == -signal.SIGKILL
+    assert daemon.wait_exit() == exitcodes.SOFTWARE  # systemd's Restart= starts both again
+
+
+def test_a_killed_daemons_listener_finishes_and_frees_its_port(
+        smtp_server: SmtpServer, spool_dir: Path, clean_env: dict[str, str], daemons: Any) -> None:
+    env, port = listening_env(clean_env, spool_dir, smtp_server)
+    daemon = daemons(env)
+    child = _listener_process(daemon)
+    daemon.kill()
+    wait_until(lambda: _gone(child), message="the listener's exit after its daemon's")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((LOOPBACK, port), timeout=5).close()
+
+
+def test_a_stopping_daemon_lets_a_message_in_data_finish_and_keeps_it(
+        smtp_server_factory: Any, spool_dir: Path, clean_env: dict[str, str], daemons: Any) -> None:
+    relay = smtp_server_factory(starttls=False)
+    env, port = listening_env(clean_env, spool_dir, relay)
+    daemon = daemons({**env, "EMAIL_PORT": str(free_port())})  # the relay is down: the message stays queued
+    idle = smtplib.SMTP(LOOPBACK, port, timeout=10)
+    idle.ehlo("idle.example.org")
+    client = smtplib.SMTP(LOOPBACK, port, timeout=10)
+    client.ehlo("app.example.org")
+    client.mail("app@example.org")
+    client.rcpt("ann@example.org")
+    assert client.docmd("DATA")[0] == 354
+    client.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
+    daemon.signal(signal.SIGTERM)
+    daemon.wait_event("daemon_stopping")
+    assert idle.getreply()[0] == 421  # not in DATA: sent away at once
+    client.send(b"second half\r\n.\r\n")
+    code, reply = client.getreply()
+    assert code == 250, reply
+    assert client.getreply()[0] == 421  # and then it too is sent away
+    client.close()
+    idle.close()
+    assert daemon.wait_exit() == exitcodes.OK
+    queue_id = reply.decode().rsplit(" ", 1)[-1]
+    assert spool_names(spool_dir, "queue")["queue"] == [queue_id]
+
+
+def test_a_stop_sent_to_the_whole_process_group_is_a_clean_stop(
+        smtp_server: SmtpServer, spool_dir: Path, clean_env: dict[str, str], daemons: Any) -> None:
+    """systemd (KillMode=control-group) and a terminal's Ctrl-C signal the listener too: it waits for the daemon."""
+    env, _ = listening_env(clean_env, spool_dir, smtp_server)
+    daemon = daemons(env)
+    child = _listener_process(daemon)
+    os.killpg(daemon.pid, signal.SIGTERM)
+    assert daemon.wait_exit() == exitcodes.OK
+    assert daemon.named("listener_exited") == []
+    wait_until(lambda: _gone(child), message="the listener's exit")

@@ -41,8 +41,7 @@ from mailwatchd.spool.recovery import DeferredLoad, OrphanSweep, recover
 from mailwatchd.spool.store import Location, Spool
 
 if TYPE_CHECKING:
-    from mailwatchd.submission.listener import Listener
-    from mailwatchd.submission.smtpserver import Queued
+    from mailwatchd.submission.process import ListenerProcess
 
 log = get_logger()
 # A worker past the bound of its delivery call, or an idle worker that has not gone round its
@@ -55,6 +54,7 @@ RECOVERY_EXTEND_S = 30.0  # asked for at each report (10,000 entries): state rea
 # MAILWATCHD_LISTEN the listener and its SMTP server (aiosmtpd) are not even imported.
 SOCKET_ACTIVATION_ENVIRONMENT = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 LISTEN_COMMAND_TIMEOUT_S = 300.0  # RFC 5321 §4.5.3.2.7: a server should wait 5 minutes for the next command
+LISTEN_STOP_GRACE_S = 5.0  # at most this long a stop waits for a client in the middle of DATA
 REAPER_FLUSH_S = 30.0  # at shutdown, for the unlinks of delivered messages still waiting (reaper.py)
 
 
@@ -84,7 +84,8 @@ class Daemon:
         self._sweep: OrphanSweep | None = None  # recovery's orphan sweep, run after READY=1
         self._deferred_load: DeferredLoad | None = None  # recovery's deferred messages' due times, read after READY=1
         self._after_ready_task: asyncio.Task[None] | None = None  # runs both, in that order
-        self.listener: Listener | None = None
+        self.listener: ListenerProcess | None = None
+        self._exit_status = exitcodes.OK
         # Room on the spool's filesystem: while it is short, new work waits in new/ and deliveries go on.
         self.space = SpoolSpace(self.spool, min_free=lambda: self.live.settings.min_free_bytes,
                                 on_change=self._space_changed)
@@ -201,7 +202,7 @@ class Daemon:
             await self._main_loop()
         finally:
             await self._shutdown()
-        return exitcodes.OK
+        return self._exit_status
 
     async def _after_ready(self) -> None:
         """Recovery's rest: the deferred messages' due times first (they may be due), then the orphan sweep."""
@@ -239,41 +240,58 @@ class Daemon:
             log.info("spool_orphans_removed", count=sweep.removed, duration_s=round(time.monotonic() - started, 3))
 
     async def _start_listener(self) -> bool:
-        """Serve SMTP on systemd's sockets, else on MAILWATCHD_LISTEN (none when it is empty)."""
+        """Serve SMTP on systemd's sockets, else on MAILWATCHD_LISTEN (none when it is empty), in a process
+        of its own (submission/process.py)."""
         listen = self.settings.listen
         if not listen.addresses and not any(key in os.environ for key in SOCKET_ACTIVATION_ENVIRONMENT):
             return True
-        from mailwatchd.submission.listener import Listener, inherited_sockets
-        from mailwatchd.submission.smtpserver import ServerFactory
+        from mailwatchd.submission.listener import bind, inherited_sockets
+        from mailwatchd.submission.process import ChildConfig, ListenerFailed, ListenerProcess
 
-        inherited = inherited_sockets()
-        if not inherited and not listen.addresses:
+        sockets = inherited_sockets()
+        if not sockets and not listen.addresses:
             return True
-        factory = ServerFactory(spool_root=self.settings.spool, listen=listen, hostname=self.settings.ehlo_name,
-                                max_message_size=self.settings.max_message_size,
-                                command_timeout=LISTEN_COMMAND_TIMEOUT_S, on_queued=self._received,
-                                deposit=self.spool.accept)
-        listener = Listener(factory, listen, inherited)
+        shown = " ".join(f"{host}:{port}" for host, port in listen.addresses)
+        if not sockets:
+            try:
+                for host, port in listen.addresses:
+                    sockets.append(bind(host, port))
+            except OSError as exc:
+                for sock in sockets:
+                    sock.close()
+                log.error("listen_failed", listen=shown, detail=exc.strerror or str(exc),
+                          hint="another program holds the address: set MAILWATCHD_LISTEN to a free one, or empty it")
+                return False
+        settings = self.settings
+        config = ChildConfig(spool=settings.spool, listen=listen, hostname=settings.ehlo_name,
+                             max_message_size=settings.max_message_size, command_timeout=LISTEN_COMMAND_TIMEOUT_S,
+                             stop_grace=min(settings.shutdown_grace, LISTEN_STOP_GRACE_S),
+                             log_format=settings.log_format, log_level=settings.log_level)
+        listener = ListenerProcess(config, sockets, on_queued=self._ready_from_listener,
+                                   on_exit=self._listener_exited)
         try:
             await listener.start()
-        except OSError as exc:
-            shown = " ".join(f"{host}:{port}" for host, port in listen.addresses)
-            log.error("listen_failed", listen=shown, detail=exc.strerror or str(exc),
-                      hint="another program holds the address: set MAILWATCHD_LISTEN to a free one, or empty it")
+        except ListenerFailed as exc:
+            log.error("listen_failed", listen=shown, detail=str(exc),
+                      hint="see the listener's own lines above; empty MAILWATCHD_LISTEN to run without it")
             return False
         self.listener = listener
         return True
 
-    def _received(self, queued: Queued) -> None:
-        """The listener stored a message straight into queue/: schedule it once its 250 is on the wire
-        (this runs just before the reply is written; call_soon runs after)."""
-        _log_received(queued)
-        asyncio.get_running_loop().call_soon(self._ready_from_listener, queued)
-
-    def _ready_from_listener(self, queued: Queued) -> None:
-        self.scheduler.add_ready(WorkItem(queued.queue_id, Location.QUEUE, stateless=True))  # a new id: no state
-        log.info("message_queued", queue_id=queued.queue_id, source="smtp", size=queued.size)
+    def _ready_from_listener(self, queue_id: str, size: int) -> None:
+        """The listener process stored a message straight into queue/ and is writing its 250."""
+        self.scheduler.add_ready(WorkItem(queue_id, Location.QUEUE, stateless=True))  # a new id: no state
+        log.info("message_queued", queue_id=queue_id, source="smtp", size=size)
         self.counters.queued()
+
+    def _listener_exited(self, status: int | None) -> None:
+        """The listener process ended on its own: a bug or a kill. The daemon stops with EX_SOFTWARE, so
+        that systemd (Restart=) starts both again; the messages it stored are in queue/."""
+        log.error("listener_exited", status=status,
+                  hint="the SMTP listener's process ended; the daemon stops so that it is started again")
+        self._exit_status = exitcodes.SOFTWARE
+        self._stop_requested += 1
+        self._attention.set()
 
     def _start_worker(self, index: int) -> Worker:
         worker = Worker(index, spool=self.spool, scheduler=self.scheduler, live=self.live, counters=self.counters,
@@ -403,7 +421,7 @@ class Daemon:
         log.info("daemon_stopping", in_flight=in_flight, grace_s=self.settings.shutdown_grace)
         if self.listener is not None:
             # No new messages: a client in the middle of DATA gets its answer, the others a 421.
-            await self.listener.stop(min(self.settings.shutdown_grace, 5.0))
+            await self.listener.stop(min(self.settings.shutdown_grace, LISTEN_STOP_GRACE_S))
         self.intake.stop()
         if self._after_ready_task is not None:
             self._after_ready_task.cancel()  # the next start loads and sweeps again
@@ -434,11 +452,6 @@ class Daemon:
         self.spool.release_lock()
         totals = self.counters.totals
         log.info("daemon_stopped", delivered=totals.delivered, deferred=totals.deferred, failed=totals.failed)
-
-
-def _log_received(queued: Queued) -> None:
-    log.info("smtp_received", queue_id=queued.queue_id, peer=queued.peer, size=queued.size,
-             recipients=queued.recipients)
 
 
 def _shown(address: tuple[str, int] | str) -> str:

@@ -1,0 +1,266 @@
+"""The SMTP listener in a process of its own, as Postfix's smtpd is apart from its queue manager.
+
+Sessions and their stores then run on a CPU of their own: a busy client slows neither deliveries
+nor the watchdog, and the relay's work does not sit between a client's command and its reply.
+
+The daemon binds the listening sockets (or takes systemd's), then starts `python -I -c BOOT` with
+them and two pipes. Into the control pipe it writes the child's configuration (a pickled
+ChildConfig, length first) and then keeps the pipe open; the child answers on the events pipe with
+one line, `listening <json>` or `failed <json>`, then `queued <id> <size>` for each message once it
+is durably in queue/ (the same moment its 250 is written: a kill between the two leaves the message
+to recovery). The child stops when the control pipe ends (the daemon is stopping, or died): a session
+in DATA gets its reply, the others 421. It ignores SIGTERM and SIGINT, which systemd and a terminal
+send the whole process group: its stop is the daemon's to order, so that its end is never taken for
+a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailwatchd.service.logs import get_logger
+from mailwatchd.settings.listen import ListenSettings
+from mailwatchd.submission.listener import Address, Listener
+
+log = get_logger()
+
+START_TIMEOUT_S = 30.0
+EXIT_WAIT_S = 5.0  # after the child's sessions had their grace: how long its exit may take
+_LENGTH = struct.Struct("!Q")
+# Run by `python -I -c`: the daemon's own import path, then the child's entry point. The comment is what
+# ps(1) shows first.
+BOOT = ("# mailwatchd SMTP listener\nimport json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+        "from mailwatchd.submission.process import child_main; sys.exit(child_main(sys.argv[2:]))")
+PROCESS_NAME = b"mailwatchd"  # what ss -ltnp and ps -e show for the process holding port 25
+
+
+@dataclass(frozen=True)
+class ChildConfig:
+    """What the listener process needs of the daemon's settings."""
+
+    spool: Path
+    listen: ListenSettings
+    hostname: str
+    max_message_size: int
+    command_timeout: float
+    stop_grace: float
+    log_format: str
+    log_level: str
+
+
+class ListenerFailed(Exception):
+    """The listener process did not start serving; the text says why."""
+
+
+class ListenerProcess:
+    """The daemon's side: starts the child, hands its stored messages to `on_queued` (on the event loop),
+    and calls `on_exit` with its exit status should it end while the daemon does not stop it."""
+
+    def __init__(self, config: ChildConfig, sockets: list[socket.socket], *,
+                 on_queued: Callable[[str, int], None], on_exit: Callable[[int | None], None]) -> None:
+        self.config = config
+        self.sockets = sockets
+        self.on_queued = on_queued
+        self.on_exit = on_exit
+        self.addresses: list[Address] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._control = -1
+        self._events = -1
+        self._buffer = bytearray()
+        self._started: asyncio.Future[list[Address]] | None = None
+        self._ended: asyncio.Future[None] | None = None
+        self._stopping = False
+        self._reaper: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    async def start(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Start the child and wait until it serves; ListenerFailed if it does not. The daemon's copies of
+        the sockets are closed either way (the child has its own)."""
+        loop = asyncio.get_running_loop()
+        control_read, control_write = os.pipe()
+        events_read, events_write = os.pipe()
+        fds = [sock.fileno() for sock in self.sockets]
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-c", BOOT, json.dumps(sys.path), str(control_read), str(events_write),
+                 *map(str, fds)],
+                pass_fds=(control_read, events_write, *fds), stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            for fd in (control_read, control_write, events_read, events_write):
+                os.close(fd)
+            raise ListenerFailed(f"the listener process could not start: {exc.strerror or exc}") from None
+        finally:
+            for sock in self.sockets:
+                sock.close()
+        os.close(control_read)
+        os.close(events_write)
+        self._control, self._events = control_write, events_read
+        payload = pickle.dumps(self.config)
+        _write_all(control_write, _LENGTH.pack(len(payload)) + payload)
+        self._started = loop.create_future()
+        self._ended = loop.create_future()
+        os.set_blocking(events_read, False)
+        loop.add_reader(events_read, self._readable)
+        try:
+            self.addresses = await asyncio.wait_for(asyncio.shield(self._started), timeout)
+        except TimeoutError:
+            await self.stop(0.0)
+            raise ListenerFailed(f"the listener process did not report within {timeout:g} s") from None
+        except ListenerFailed:
+            await self.stop(0.0)
+            raise
+
+    def _readable(self) -> None:
+        try:
+            chunk = os.read(self._events, 65536)
+        except BlockingIOError:
+            return
+        if not chunk:
+            self._ended_now()
+            return
+        self._buffer += chunk
+        *lines, rest = self._buffer.split(b"\n")
+        self._buffer[:] = rest
+        for line in lines:
+            self._event(bytes(line))
+
+    def _event(self, line: bytes) -> None:
+        kind, _, rest = line.partition(b" ")
+        if kind == b"queued":
+            queue_id, _, size = rest.decode("ascii").partition(" ")
+            self.on_queued(queue_id, int(size))
+        elif kind == b"listening" and self._started is not None and not self._started.done():
+            self._started.set_result([tuple(item) if isinstance(item, list) else item for item in json.loads(rest)])
+        elif kind == b"failed" and self._started is not None and not self._started.done():
+            self._started.set_exception(ListenerFailed(json.loads(rest)))
+
+    def _ended_now(self) -> None:
+        """The events pipe ended: the child has exited (or is exiting)."""
+        asyncio.get_running_loop().remove_reader(self._events)
+        os.close(self._events)
+        self._events = -1
+        if self._started is not None and not self._started.done():
+            self._started.set_exception(ListenerFailed("the listener process ended before it served"))
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)
+        if not self._stopping:
+            self._reaper = asyncio.get_running_loop().create_task(self._report_exit())
+
+    async def _report_exit(self) -> None:
+        status = None
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                status = await asyncio.to_thread(self.proc.wait, EXIT_WAIT_S)
+        self.on_exit(status)
+
+    async def stop(self, grace: float) -> int | None:
+        """End the control pipe (the child stops: `grace` for a session in DATA), wait for its exit; SIGKILL
+        after grace + EXIT_WAIT_S. Its exit status, or None."""
+        self._stopping = True
+        if self._control >= 0:
+            os.close(self._control)
+            self._control = -1
+        if self.proc is None:
+            return None
+        if self._ended is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._ended), grace + EXIT_WAIT_S)
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        status = await asyncio.to_thread(self.proc.wait)
+        if self._events >= 0:
+            self._readable()  # what it wrote before it ended: its last messages, then the end
+        return status
+
+
+# -- the child ------------------------------------------------------------------------------------
+
+
+def child_main(argv: list[str]) -> int:
+    """`BOOT`'s entry point: argv is the control pipe, the events pipe, then the listening sockets."""
+    control, events, *fds = map(int, argv)
+    with contextlib.suppress(OSError), open("/proc/self/comm", "wb") as comm:  # cosmetic
+        comm.write(PROCESS_NAME)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):  # the daemon's to act on
+        signal.signal(signum, signal.SIG_IGN)
+    config = _read_config(control)
+    from mailwatchd.service import logs
+
+    logs.configure(config.log_format, config.log_level)
+    sockets = [socket.socket(fileno=fd) for fd in fds]
+    return asyncio.run(_serve(config, control, events, sockets))
+
+
+def _read_config(control: int) -> ChildConfig:
+    data = b""
+    while len(data) < _LENGTH.size or len(data) < _LENGTH.size + _LENGTH.unpack_from(data)[0]:
+        chunk = os.read(control, 65536)
+        if not chunk:
+            raise SystemExit(0)  # the daemon went away before it told us anything
+        data += chunk
+    config = pickle.loads(data[_LENGTH.size:])  # noqa: S301 - our own parent, over our own pipe
+    assert isinstance(config, ChildConfig)
+    return config
+
+
+async def _serve(config: ChildConfig, control: int, events: int, sockets: list[socket.socket]) -> int:
+    from mailwatchd.spool.store import Spool
+    from mailwatchd.submission.smtpserver import Queued, ServerFactory
+
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+
+    def control_readable() -> None:
+        if not os.read(control, 4096):  # the daemon is stopping, or died: stop taking mail
+            loop.remove_reader(control)
+            stopping.set()
+
+    loop.add_reader(control, control_readable)
+    spool = Spool(config.spool, max_message_size=config.max_message_size)
+
+    def queued(message: Queued) -> None:
+        log.info("smtp_received", queue_id=message.queue_id, peer=message.peer, size=message.size,
+                 recipients=message.recipients)
+        _tell(events, f"queued {message.queue_id} {message.size}")
+
+    factory = ServerFactory(spool_root=config.spool, listen=config.listen, hostname=config.hostname,
+                            max_message_size=config.max_message_size, command_timeout=config.command_timeout,
+                            on_queued=queued, deposit=spool.accept)
+    listener = Listener(factory, config.listen, sockets)
+    try:
+        await listener.start()
+    except OSError as exc:
+        _tell(events, "failed " + json.dumps(exc.strerror or str(exc)))
+        return 1
+    _tell(events, "listening " + json.dumps(listener.addresses))
+    await stopping.wait()
+    await listener.stop(config.stop_grace)
+    factory.store_threads.close()
+    return 0
+
+
+def _tell(events: int, line: str) -> None:
+    """One line to the daemon. Blocking: a daemon that reads slowly slows the listener, never loses a line."""
+    _write_all(events, (line + "\n").encode())
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
