@@ -791,13 +791,18 @@ def vm_hwm_kib(pid: int) -> int | None:
 
 
 def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU of the process and its running children (the daemon's SMTP listener)."""
     try:
         import psutil
 
-        times = psutil.Process(pid).cpu_times()
+        process = psutil.Process(pid)
+        total = 0.0
+        for member in (process, *process.children(recursive=True)):
+            times = member.cpu_times()
+            total += times.user + times.system
     except Exception:  # psutil missing, or the process is gone
         return None
-    return float(times.user + times.system)
+    return total
 
 
 def watch_daemon(proc: subprocess.Popen[bytes], spool: Path, sink: Sink, before: int, started: float,

@@ -818,3 +818,24 @@ def test_received_field_keeps_the_client_text_harmless() -> None:
                            protocol="ESMTP", date="Mon, 1 Dec 2025 10:00:00 +0000")
     assert field == (b"Received: from evil??x???? ([IPv6:2001:db8::1])\r\n"
                      b"\tby mx.test (mailwatchd) with ESMTP; Mon, 1 Dec 2025 10:00:00 +0000\r\n")
+
+
+def test_a_lone_session_stores_on_the_event_loop_and_two_store_on_threads(
+        serve: Callable[..., Running], loop_thread: LoopThread, spool_dir: Path) -> None:
+    """inline_stores (the listener's own process): a lone client's message is written on the loop; while a
+    second client is connected, on a store thread, so that one client's fsync never holds up the other."""
+    writers: list[int] = []
+
+    def deposit(data: bytes) -> str:
+        writers.append(threading.get_ident())
+        return enqueue(spool_dir, data)
+
+    running = serve(deposit=deposit, inline_stores=True)
+    with smtplib.SMTP(running.host, running.port, timeout=10) as client:
+        client.sendmail("a@example.org", ["b@example.org"], b"Subject: alone\r\n\r\nx\r\n")
+        with smtplib.SMTP(running.host, running.port, timeout=10) as other:
+            other.ehlo("other.example.org")
+            client.sendmail("a@example.org", ["b@example.org"], b"Subject: in company\r\n\r\nx\r\n")
+    assert writers[0] == loop_thread.thread.ident
+    assert writers[1] != loop_thread.thread.ident
+    assert len(running.stored()) == 2 and len(running.queued) == 2

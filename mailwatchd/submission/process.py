@@ -241,7 +241,7 @@ async def _serve(config: ChildConfig, control: int, events: int, sockets: list[s
 
     factory = ServerFactory(spool_root=config.spool, listen=config.listen, hostname=config.hostname,
                             max_message_size=config.max_message_size, command_timeout=config.command_timeout,
-                            on_queued=queued, deposit=spool.accept)
+                            on_queued=queued, deposit=spool.accept, inline_stores=True)
     listener = Listener(factory, config.listen, sockets)
     try:
         await listener.start()
