@@ -246,7 +246,7 @@ class Daemon:
         if not listen.addresses and not any(key in os.environ for key in SOCKET_ACTIVATION_ENVIRONMENT):
             return True
         from mailwatchd.submission.listener import bind, inherited_sockets
-        from mailwatchd.submission.process import ChildConfig, ListenerFailed, ListenerProcess
+        from mailwatchd.submission.process import ChildConfig, ListenerProcess
 
         sockets = inherited_sockets()
         if not sockets and not listen.addresses:
@@ -270,10 +270,10 @@ class Daemon:
         listener = ListenerProcess(config, sockets, on_queued=self._ready_from_listener,
                                    on_exit=self._listener_exited)
         try:
-            await listener.start()
-        except ListenerFailed as exc:
-            log.error("listen_failed", listen=shown, detail=str(exc),
-                      hint="see the listener's own lines above; empty MAILWATCHD_LISTEN to run without it")
+            listener.start()
+        except OSError as exc:
+            log.error("listen_failed", listen=shown, detail=f"the listener's process: {exc.strerror or exc}",
+                      hint="empty MAILWATCHD_LISTEN to run without it")
             return False
         self.listener = listener
         return True

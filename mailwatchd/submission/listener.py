@@ -70,7 +70,7 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _address(sock: socket.socket) -> Address:
+def address_of(sock: socket.socket) -> Address:
     name = sock.getsockname()
     if isinstance(name, tuple):
         return str(name[0]), int(name[1])
@@ -118,7 +118,7 @@ class Listener:
 
     @property
     def addresses(self) -> list[Address]:
-        return [_address(sock) for server in self._servers for sock in server.sockets]
+        return [address_of(sock) for server in self._servers for sock in server.sockets]
 
 
 async def serve_stdio(factory: Callable[[], asyncio.Protocol], stdin: int = 0, stdout: int = 1) -> int:

@@ -5,13 +5,16 @@ nor the watchdog, and the relay's work does not sit between a client's command a
 
 The daemon binds the listening sockets (or takes systemd's), then starts `python -I -c BOOT` with
 them and two pipes. Into the control pipe it writes the child's configuration (a pickled
-ChildConfig, length first) and then keeps the pipe open; the child answers on the events pipe with
-one line, `listening <json>` or `failed <json>`, then `queued <id> <size>` for each message once it
-is durably in queue/ (the same moment its 250 is written: a kill between the two leaves the message
-to recovery). The child stops when the control pipe ends (the daemon is stopping, or died): a session
-in DATA gets its reply, the others 421. It ignores SIGTERM and SIGINT, which systemd and a terminal
-send the whole process group: its stop is the daemon's to order, so that its end is never taken for
-a crash.
+ChildConfig, length first) and then keeps the pipe open. It does not wait for the child: the
+sockets listen already, so a client that connects meanwhile waits in the backlog, as it does while
+systemd restarts the service. The child says on the events pipe `listening <json>` (or `failed
+<json>`, and exits), then `queued <id> <size>` for each message once it is durably in queue/ (the
+same moment its 250 is written: a kill between the two leaves the message to recovery).
+
+The child stops when the control pipe ends (the daemon is stopping, or died): a session in DATA
+gets its reply, the others 421. It ignores SIGTERM and SIGINT, which systemd and a terminal send
+the whole process group: its stop is the daemon's to order, so that its end is never taken for a
+crash.
 """
 
 from __future__ import annotations
@@ -32,11 +35,10 @@ from pathlib import Path
 
 from mailwatchd.service.logs import get_logger
 from mailwatchd.settings.listen import ListenSettings
-from mailwatchd.submission.listener import Address, Listener
+from mailwatchd.submission.listener import Address, Listener, address_of
 
 log = get_logger()
 
-START_TIMEOUT_S = 30.0
 EXIT_WAIT_S = 5.0  # after the child's sessions had their grace: how long its exit may take
 _LENGTH = struct.Struct("!Q")
 # Run by `python -I -c`: the daemon's own import path, then the child's entry point. The comment is what
@@ -60,10 +62,6 @@ class ChildConfig:
     log_level: str
 
 
-class ListenerFailed(Exception):
-    """The listener process did not start serving; the text says why."""
-
-
 class ListenerProcess:
     """The daemon's side: starts the child, hands its stored messages to `on_queued` (on the event loop),
     and calls `on_exit` with its exit status should it end while the daemon does not stop it."""
@@ -79,7 +77,6 @@ class ListenerProcess:
         self._control = -1
         self._events = -1
         self._buffer = bytearray()
-        self._started: asyncio.Future[list[Address]] | None = None
         self._ended: asyncio.Future[None] | None = None
         self._stopping = False
         self._reaper: asyncio.Task[None] | None = None
@@ -88,10 +85,10 @@ class ListenerProcess:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
-    async def start(self, timeout: float = START_TIMEOUT_S) -> None:
-        """Start the child and wait until it serves; ListenerFailed if it does not. The daemon's copies of
-        the sockets are closed either way (the child has its own)."""
+    def start(self) -> None:
+        """Start the child (OSError if it cannot be); the daemon's copies of the sockets are closed either way."""
         loop = asyncio.get_running_loop()
+        self.addresses = [address_of(sock) for sock in self.sockets]
         control_read, control_write = os.pipe()
         events_read, events_write = os.pipe()
         fds = [sock.fileno() for sock in self.sockets]
@@ -100,10 +97,10 @@ class ListenerProcess:
                 [sys.executable, "-I", "-c", BOOT, json.dumps(sys.path), str(control_read), str(events_write),
                  *map(str, fds)],
                 pass_fds=(control_read, events_write, *fds), stdin=subprocess.DEVNULL)
-        except OSError as exc:
+        except OSError:
             for fd in (control_read, control_write, events_read, events_write):
                 os.close(fd)
-            raise ListenerFailed(f"the listener process could not start: {exc.strerror or exc}") from None
+            raise
         finally:
             for sock in self.sockets:
                 sock.close()
@@ -112,18 +109,9 @@ class ListenerProcess:
         self._control, self._events = control_write, events_read
         payload = pickle.dumps(self.config)
         _write_all(control_write, _LENGTH.pack(len(payload)) + payload)
-        self._started = loop.create_future()
         self._ended = loop.create_future()
         os.set_blocking(events_read, False)
         loop.add_reader(events_read, self._readable)
-        try:
-            self.addresses = await asyncio.wait_for(asyncio.shield(self._started), timeout)
-        except TimeoutError:
-            await self.stop(0.0)
-            raise ListenerFailed(f"the listener process did not report within {timeout:g} s") from None
-        except ListenerFailed:
-            await self.stop(0.0)
-            raise
 
     def _readable(self) -> None:
         try:
@@ -144,18 +132,16 @@ class ListenerProcess:
         if kind == b"queued":
             queue_id, _, size = rest.decode("ascii").partition(" ")
             self.on_queued(queue_id, int(size))
-        elif kind == b"listening" and self._started is not None and not self._started.done():
-            self._started.set_result([tuple(item) if isinstance(item, list) else item for item in json.loads(rest)])
-        elif kind == b"failed" and self._started is not None and not self._started.done():
-            self._started.set_exception(ListenerFailed(json.loads(rest)))
+        elif kind == b"listening":
+            log.debug("listener_serving", pid=self.pid)
+        elif kind == b"failed":  # its exit follows: on_exit
+            log.error("listener_failed", detail=json.loads(rest))
 
     def _ended_now(self) -> None:
         """The events pipe ended: the child has exited (or is exiting)."""
         asyncio.get_running_loop().remove_reader(self._events)
         os.close(self._events)
         self._events = -1
-        if self._started is not None and not self._started.done():
-            self._started.set_exception(ListenerFailed("the listener process ended before it served"))
         if self._ended is not None and not self._ended.done():
             self._ended.set_result(None)
         if not self._stopping:
