@@ -13,7 +13,10 @@ from collections.abc import Callable, MutableMapping
 from mailwatchd import exitcodes
 from mailwatchd.errors import ConfigError
 from mailwatchd.settings.listen import ListenSettings
-from mailwatchd.submission.smtpserver import ServerFactory
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # the daemon uses bind() and inherited_sockets() and leaves aiosmtpd to its listener process
+    from mailwatchd.submission.smtpserver import ServerFactory
 
 SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): passed descriptors start here
 LISTEN_ENVIRONMENT = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")

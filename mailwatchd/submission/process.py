@@ -41,9 +41,14 @@ log = get_logger()
 
 EXIT_WAIT_S = 5.0  # after the child's sessions had their grace: how long its exit may take
 _LENGTH = struct.Struct("!Q")
-# Run by `python -I -c`: the daemon's own import path, then the child's entry point. The comment is what
-# ps(1) shows first.
-BOOT = ("# mailwatchd SMTP listener\nimport json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+# Run by `python -I -c`. The comment is what ps(1) shows first. The child starts with SIGTERM and SIGINT
+# blocked (ListenerProcess.start): ignored before they are let through, one sent to the process group
+# while it starts is dropped, not its death. Then the daemon's own import path, and the entry point.
+_HELD = (signal.SIGTERM, signal.SIGINT)
+BOOT = ("# mailwatchd SMTP listener\nimport signal\n"
+        "for held in (signal.SIGTERM, signal.SIGINT): signal.signal(held, signal.SIG_IGN)\n"
+        "signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGINT))\n"
+        "import json, sys; sys.path[:] = json.loads(sys.argv[1])\n"
         "from mailwatchd.submission.process import child_main; sys.exit(child_main(sys.argv[2:]))")
 PROCESS_NAME = b"mailwatchd"  # what ss -ltnp and ps -e show for the process holding port 25
 
@@ -92,6 +97,9 @@ class ListenerProcess:
         control_read, control_write = os.pipe()
         events_read, events_write = os.pipe()
         fds = [sock.fileno() for sock in self.sockets]
+        # Blocked in this thread while it forks, so in the child from its first instruction; a signal for
+        # the daemon meanwhile goes to another of its threads, and Python's handler takes it as ever.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", "-c", BOOT, json.dumps(sys.path), str(control_read), str(events_write),
@@ -102,6 +110,7 @@ class ListenerProcess:
                 os.close(fd)
             raise
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
             for sock in self.sockets:
                 sock.close()
         os.close(control_read)
@@ -183,7 +192,7 @@ def child_main(argv: list[str]) -> int:
     control, events, *fds = map(int, argv)
     with contextlib.suppress(OSError), open("/proc/self/comm", "wb") as comm:  # cosmetic
         comm.write(PROCESS_NAME)
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):  # the daemon's to act on
+    for signum in (signal.SIGHUP, signal.SIGUSR1):  # the daemon's to act on (BOOT ignores SIGTERM, SIGINT)
         signal.signal(signum, signal.SIG_IGN)
     config = _read_config(control)
     from mailwatchd.service import logs
