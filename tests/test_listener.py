@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import json
 import os
+import pickle
 import pwd
 import select
 import smtplib
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -367,3 +370,31 @@ def test_sendmail_bs_ends_when_stdin_closes(sendmail_bs: Piped, spool_dir: Path)
     assert session.reply() == ""
     assert session.proc.wait(10) == 0
     assert stored(spool_dir) == []
+
+
+def test_the_listener_process_gets_its_settings_whole_over_its_pipe(tmp_path: Path) -> None:
+    """AUTH users, the TLS files and the plain-AUTH networks reach the child's side as the daemon has them."""
+    from mailwatchd.settings.credentials import Secret
+    from mailwatchd.submission import process
+
+    users = (("app", Secret("s3cret")), *((f"user{n}", Secret(f"password {n}")) for n in range(5000)))
+    listen = ListenSettings(addresses=(("0.0.0.0", 2525),), users=users,
+                            tls_cert=tmp_path / "cert.pem", tls_key=tmp_path / "key.pem",
+                            plain_auth_networks=(ipaddress.ip_network("172.17.0.0/16"),), max_connections=7)
+    config = process.ChildConfig(spool=tmp_path / "spool", listen=listen, hostname="mx.example.org",
+                                 max_message_size=1000, command_timeout=300.0, stop_grace=5.0,
+                                 log_format="json", log_level="info")
+    payload = pickle.dumps(config)
+    read_end, write_end = os.pipe()
+    framed = process._LENGTH.pack(len(payload)) + payload
+    writer = threading.Thread(target=process._write_all, args=(write_end, framed))
+    writer.start()  # the daemon writes while the child reads (a long users file outgrows a pipe's buffer)
+    try:
+        received = process._read_config(read_end)
+    finally:
+        writer.join(5)
+        os.close(read_end)
+        os.close(write_end)
+    assert len(payload) > 65536  # more than a pipe holds: read in several parts
+    assert received == config
+    assert received.listen.users[0][1].reveal() == "s3cret" and len(received.listen.users) == 5001
