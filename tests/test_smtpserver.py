@@ -841,3 +841,16 @@ def test_a_lone_session_stores_on_the_event_loop_and_two_store_on_threads(
     assert writers[1] != loop_thread.thread.ident
     assert len(running.stored()) == 2 and len(running.queued) == 2
 
+
+def test_a_new_connection_is_served_by_the_session_made_while_the_loop_was_idle(
+        serve: Callable[..., Running]) -> None:
+    running = serve()
+    with smtplib.SMTP(running.host, running.port, timeout=10) as first:
+        first.ehlo("first.example.org")
+    spare = wait_until(lambda: running.factory._spare, message="the next connection's session, made ahead")
+    with smtplib.SMTP(running.host, running.port, timeout=10) as second:
+        assert second.ehlo("second.example.org")[0] == 250
+        assert spare in running.factory.sessions  # this connection's session
+        assert second.sendmail("a@example.org", ["b@example.org"], b"Subject: spare\r\n\r\nx\r\n") == {}
+    assert len(running.stored()) == 1
+    wait_until(lambda: running.factory._spare not in (None, spare), message="a fresh one for the connection after")
