@@ -20,7 +20,7 @@ import pytest
 
 from mailwatchd import exitcodes
 from tests.conftest import LOOPBACK, SmtpServer, wait_until
-from tests.daemonproc import relay_env, spool_names
+from tests.daemonproc import DaemonProcess, relay_env, spool_names
 from tests.test_failover import free_port
 
 
@@ -192,3 +192,20 @@ def test_a_stop_sent_to_the_whole_process_group_is_a_clean_stop(
     assert daemon.wait_exit() == exitcodes.OK
     assert daemon.named("listener_exited") == []
     wait_until(lambda: _gone(child), message="the listener's exit")
+
+
+def test_an_address_already_taken_is_named_and_the_daemon_exits_75(
+        smtp_server: SmtpServer, spool_dir: Path, clean_env: dict[str, str]) -> None:
+    taken = socket.create_server((LOOPBACK, 0))
+    free = free_port()
+    try:
+        busy = taken.getsockname()[1]
+        env, _ = listening_env(clean_env, spool_dir, smtp_server)
+        env["MAILWATCHD_LISTEN"] = f"{LOOPBACK}:{free} {LOOPBACK}:{busy}"
+        daemon = DaemonProcess(env).start()
+        assert daemon.wait_exit() == exitcodes.TEMPFAIL
+    finally:
+        taken.close()
+    [failed] = daemon.named("listen_failed")
+    assert f"{LOOPBACK}:{busy}" in failed["listen"] and "in use" in failed["detail"]
+    assert daemon.named("daemon_ready") == []  # (bind_all's closing of the first address: test_listener.py)

@@ -51,7 +51,7 @@ MAIN_LOOP_PERIOD_S = 5.0
 RECOVERY_EXTEND_ABOVE = 10_000  # = recovery.PROGRESS_EVERY: from the first progress report on
 RECOVERY_EXTEND_S = 30.0  # asked for at each report (10,000 entries): state reads took 0.1 ms each (ext4)
 # What systemd sets when it passes sockets (listener.LISTEN_ENVIRONMENT): without them and without
-# MAILWATCHD_LISTEN the listener and its SMTP server (aiosmtpd) are not even imported.
+# MAILWATCHD_LISTEN no listener process is started (and the daemon never imports aiosmtpd: its child does).
 SOCKET_ACTIVATION_ENVIRONMENT = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 LISTEN_COMMAND_TIMEOUT_S = 300.0  # RFC 5321 §4.5.3.2.7: a server should wait 5 minutes for the next command
 LISTEN_STOP_GRACE_S = 5.0  # at most this long a stop waits for a client in the middle of DATA
@@ -245,7 +245,7 @@ class Daemon:
         listen = self.settings.listen
         if not listen.addresses and not any(key in os.environ for key in SOCKET_ACTIVATION_ENVIRONMENT):
             return True
-        from mailwatchd.submission.listener import bind, inherited_sockets
+        from mailwatchd.submission.listener import bind_all, inherited_sockets
         from mailwatchd.submission.process import ChildConfig, ListenerProcess
 
         sockets = inherited_sockets()
@@ -254,11 +254,8 @@ class Daemon:
         shown = " ".join(f"{host}:{port}" for host, port in listen.addresses)
         if not sockets:
             try:
-                for host, port in listen.addresses:
-                    sockets.append(bind(host, port))
+                sockets = bind_all(listen.addresses)
             except OSError as exc:
-                for sock in sockets:
-                    sock.close()
                 log.error("listen_failed", listen=shown, detail=exc.strerror or str(exc),
                           hint="another program holds the address: set MAILWATCHD_LISTEN to a free one, or empty it")
                 return False

@@ -8,7 +8,7 @@ import contextlib
 import os
 import socket
 import threading
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 
 from mailwatchd import exitcodes
 from mailwatchd.errors import ConfigError
@@ -73,6 +73,19 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def bind_all(addresses: Iterable[tuple[str, int]]) -> list[socket.socket]:
+    """bind() each address; on the first failure the ones bound so far are closed and the OSError raised."""
+    sockets: list[socket.socket] = []
+    try:
+        for host, port in addresses:
+            sockets.append(bind(host, port))
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 def address_of(sock: socket.socket) -> Address:
     name = sock.getsockname()
     if isinstance(name, tuple):
@@ -91,11 +104,8 @@ class Listener:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        sockets = list(self.inherited)
+        sockets = list(self.inherited) or bind_all(self.listen.addresses)
         try:
-            if not sockets:
-                for host, port in self.listen.addresses:
-                    sockets.append(bind(host, port))
             for sock in sockets:
                 if sock.family == socket.AF_UNIX:
                     server = await loop.create_unix_server(self.factory, sock=sock, backlog=BACKLOG)

@@ -229,7 +229,7 @@ _Job = tuple[Callable[[], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]"
 
 
 class StoreThreads(Generic[_T]):
-    """Threads for the sessions' spool writes, so the event loop never waits on fsync.
+    """Threads for the sessions' spool writes, so that no session's replies wait on another's fsync.
 
     A job's `then` runs on the event loop once the job succeeded, whether or not the session
     still waits for it: a message stored for a client that went away is still handed on. A
@@ -296,11 +296,12 @@ class ServerFactory:
                  inline_stores: bool = False) -> None:
         self.spool_root = spool_root
         # How a message is stored: into new/ like any submission, unless the daemon takes it straight
-        # into its queue (Spool.accept). Called in a thread: it blocks on fsync.
+        # into its queue (Spool.accept). It blocks on fsync: called on a store thread (see inline_stores).
         self.deposit = deposit if deposit is not None else functools.partial(enqueue, spool_root)
         # A process whose event loop serves nothing but these sessions (the listener's own) stores on the
-        # loop while one session is open: nobody else waits, and the two thread hops cost about a tenth of
-        # a message's time. With more sessions, one client's fsync must not hold up another's replies.
+        # loop while one session is open: nobody else waits (its Received field's user lookup included),
+        # and the two thread hops cost about a tenth of a message's time. With more sessions, one client's
+        # fsync must not hold up another's replies.
         self.inline_stores = inline_stores
         self.listen = listen
         self.hostname = hostname
