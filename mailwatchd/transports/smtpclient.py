@@ -246,7 +246,9 @@ class _Setup:
         raise refused[0] if refused and len(refused) == len(errors) else errors[-1]
 
     async def _connect_one(self, family: int, address: str) -> socket.socket:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP named: asyncio turns Nagle's algorithm off only for such a socket. With it on, a short
+        # write waits for the ACK of the one before, which the server may delay by 40 ms (the end of data).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setblocking(False)
             async with asyncio.timeout(self.timeouts.connect):
