@@ -602,3 +602,22 @@ def test_non_ascii_address_needs_smtputf8(pipelining: bool, smtp_server_factory:
     [sent] = deliver(session_for(make_relay(utf8.port), make_settings(tmp_path)), item)
     assert sent.outcome is Outcome.DELIVERED, sent
     assert utf8.handler.wait_for(1)[0].rcpt_tos == ["jösé@exämple.test"]
+
+
+def test_the_relay_connection_sends_short_writes_at_once(smtp_server_factory: Callable[..., SmtpServer],
+                                                         tmp_path: Path) -> None:
+    """Nagle's algorithm off (TCP_NODELAY): an end of data written apart from its body must not wait for the
+    server's delayed ACK."""
+    server = smtp_server_factory(starttls=False)
+    session = session_for(make_relay(server.port), make_settings(tmp_path))
+
+    async def run() -> int:
+        assert await session.open() is None
+        wire = session._wire
+        assert wire is not None and wire._transport is not None
+        sock = wire._transport.get_extra_info("socket")
+        nodelay: int = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        await session.close()
+        return nodelay
+
+    assert asyncio.run(run()) != 0
