@@ -122,7 +122,8 @@ class ScriptedServer(ThreadedServer):
 
     After a reply starting with 354 the message body is read up to the final dot before the
     next reply. When the script runs out the server goes silent (`then="silent"`) or closes
-    (`then="close"`). Every line received is kept in `.received` (bytes, without CRLF).
+    (`then="close"`). Every line received is kept in `.received` (bytes, without CRLF), a
+    body so far in `.partial`, each whole body (its final dot included) in `.bodies`.
     A reply may hold several lines ("250-a\\r\\n250 b").
     """
 
@@ -132,6 +133,7 @@ class ScriptedServer(ThreadedServer):
         self.then = then
         self.received: list[bytes] = []
         self.bodies: list[bytes] = []
+        self.partial = b""
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         replies = iter(self.replies)
@@ -145,7 +147,9 @@ class ScriptedServer(ThreadedServer):
                     if not line:
                         return
                     body += line
+                    self.partial = bytes(body)
                 self.bodies.append(bytes(body))
+                self.partial = b""
             else:
                 line = await reader.readline()
                 if not line:

@@ -4,6 +4,8 @@ aiosmtpd relays on loopback; and the run loop's delivering, waiting for a relay,
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
@@ -19,6 +21,7 @@ from mailwatchd.message import envelope
 from mailwatchd.message.addressing import Addressing
 from mailwatchd.service.backoff import JITTER
 from mailwatchd.service.counters import Counters, Tally
+from mailwatchd.service.handoff import ListenerHandoff
 from mailwatchd.service.hedge import HEDGE_DELAY_S
 from mailwatchd.service.live import Live
 from mailwatchd.service.scheduler import Scheduler, WorkItem
@@ -26,6 +29,7 @@ from mailwatchd.service.worker import IDLE_LOOP_S, Followup, Retry, Worker
 from mailwatchd.settings.config import Settings
 from mailwatchd.settings.relays import Endpoint, RelayConfig, TlsMode
 from mailwatchd.spool.messagestate import MessageState, State
+from mailwatchd.spool.pending import PendingStores
 from mailwatchd.spool.store import Claimed, Location, Spool
 from mailwatchd.submission.submit import parse_sendmail_args, prepare
 from mailwatchd.transports.outcome import Cause, Outcome
@@ -729,3 +733,127 @@ def test_a_refused_primary_fails_over_at_once_without_waiting_for_the_hedge(
     assert events(logs, "relay_hedged") == [], "a refusal is an answer: nothing to hedge"
     [failover] = events(logs, "relay_failover")
     assert failover["cause"] == Cause.CONNECTION_REFUSED.value
+
+
+class HeldStore:
+    """Spool.accept on a thread, as the listener's process stores a message, held between writing its bytes
+    and its fsyncs; `handoff` hears of it as the daemon does from the listener's events (storing, then
+    queued or dropped). With `fail`, the store fails after its bytes were written (as a failed fsync does)."""
+
+    def __init__(self, spool: Spool, handoff: ListenerHandoff, data: bytes, *, fail: bool = False) -> None:
+        self.handoff = handoff
+        self.size = len(data)
+        self.release = threading.Event()
+        loop = asyncio.get_running_loop()
+        self.written: asyncio.Future[str] = loop.create_future()
+
+        def hold(queue_id: str) -> None:
+            loop.call_soon_threadsafe(self._written, queue_id)
+            self.release.wait(10)
+            if fail:
+                raise OSError(errno.EIO, "the disk failed (test)")
+
+        self.task = asyncio.create_task(asyncio.to_thread(spool.accept, data, hold))
+
+    def _written(self, queue_id: str) -> None:
+        self.handoff.storing(queue_id, self.size)
+        self.written.set_result(queue_id)
+
+    async def finish(self) -> None:
+        self.release.set()
+        try:
+            queue_id = await self.task
+        except OSError:
+            self.handoff.dropped(await self.written)
+        else:
+            self.handoff.queued(queue_id, self.size)
+
+
+# One connection, three messages (the pipelined MAIL, RCPT and DATA each get their reply).
+TRANSACTION = ["250 ok", "250 ok", "354 go", "250 2.0.0 queued"]
+THREE_ON_ONE = ["220 hi", "250-hi\r\n250 PIPELINING", *TRANSACTION * 3]
+
+
+def cut_through_rig(spool_dir: Path, port: int, **overrides: Any) -> tuple[Rig, PendingStores, ListenerHandoff]:
+    rig = make_rig(spool_dir, port, **overrides)
+    pending = PendingStores()
+    rig.worker.pending = pending
+    return rig, pending, ListenerHandoff(rig.scheduler, pending, rig.counters)
+
+
+async def open_session_with_one_message(rig: Rig, relay: ScriptedServer) -> asyncio.Task[None]:
+    """The worker running, its session to the relay open (cut-through needs an open session)."""
+    rig.scheduler.add_ready(WorkItem(rig.put(name="first"), Location.QUEUE))
+    task = asyncio.create_task(rig.worker.run())
+    await eventually(lambda: len(relay.bodies) == 1 and rig.counters.in_flight == 0, message="the first message")
+    return task
+
+
+STORED_FORM = envelope.with_envelope(MESSAGE, SENDER, [RECIPIENT])
+
+
+def test_a_message_being_stored_is_relayed_but_for_its_end_until_it_is_durable(spool_dir: Path) -> None:
+    with ScriptedServer(THREE_ON_ONE) as relay:
+        rig, pending, handoff = cut_through_rig(spool_dir, relay.port)
+
+        async def scenario() -> None:
+            task = await open_session_with_one_message(rig, relay)
+            held = HeldStore(rig.spool, handoff, STORED_FORM)
+            queue_id = await held.written
+            await eventually(lambda: relay.partial.endswith(b"\r\nbody\r\n"), message="the body at the relay")
+            assert len(relay.bodies) == 1  # no end of data: the relay has no second message
+            assert rig.spool.names(Location.QUEUE) == [] and pending.get(queue_id) is not None
+            await held.finish()
+            await eventually(lambda: len(relay.bodies) == 2 and rig.counters.in_flight == 0, message="delivery")
+            assert len(pending) == 0
+            await finish(rig, task)
+
+        asyncio.run(scenario())
+        assert relay.connections == 1 and relay.bodies[1].endswith(b"\r\nbody\r\n.\r\n")
+        assert rig.counters.totals == Tally(delivered=2)
+        assert all(not names for names in rig.everywhere().values())
+
+
+def test_a_store_that_fails_after_its_bytes_leaves_the_relay_without_a_message(spool_dir: Path) -> None:
+    with ScriptedServer(THREE_ON_ONE) as relay:
+        rig, pending, handoff = cut_through_rig(spool_dir, relay.port)
+
+        async def scenario() -> None:
+            task = await open_session_with_one_message(rig, relay)
+            held = HeldStore(rig.spool, handoff, STORED_FORM, fail=True)
+            await held.written
+            await eventually(lambda: relay.partial.endswith(b"\r\nbody\r\n"), message="the body at the relay")
+            await held.finish()
+            await eventually(lambda: relay.disconnected.is_set() and rig.counters.in_flight == 0,
+                             message="the transaction dropped")
+            assert len(relay.bodies) == 1  # the relay discards a transaction without its end of data
+            rig.scheduler.add_ready(WorkItem(rig.put(name="after"), Location.QUEUE))  # the worker goes on
+            await eventually(lambda: len(relay.bodies) == 2 and rig.counters.in_flight == 0, message="the next one")
+            await finish(rig, task)
+
+        asyncio.run(scenario())
+        assert relay.connections == 2  # the dropped transaction took its connection with it
+        assert rig.counters.totals == Tally(delivered=2)
+        assert all(not names for names in rig.everywhere().values())
+        assert [name for name in os.listdir(rig.spool.dir(Location.QUEUE)) if name.startswith(".tmp-")] == []
+
+
+def test_a_store_slower_than_the_transaction_is_given_up_and_listed_again_once_stored(spool_dir: Path) -> None:
+    with ScriptedServer(THREE_ON_ONE) as relay:
+        rig, pending, handoff = cut_through_rig(spool_dir, relay.port, command_timeout=0.5, transaction_timeout=0.5)
+
+        async def scenario() -> None:
+            task = await open_session_with_one_message(rig, relay)
+            held = HeldStore(rig.spool, handoff, STORED_FORM)
+            store = pending.get(await held.written)
+            assert store is not None
+            await eventually(lambda: store.given_up and rig.counters.in_flight == 0, message="the worker gave up")
+            assert len(relay.bodies) == 1
+            await held.finish()  # stored after all: listed afresh, delivered once
+            await eventually(lambda: len(relay.bodies) == 2 and rig.counters.in_flight == 0, message="delivery")
+            await finish(rig, task)
+
+        asyncio.run(scenario())
+        assert relay.connections == 2
+        assert rig.counters.totals == Tally(delivered=2)
+        assert all(not names for names in rig.everywhere().values())

@@ -27,6 +27,7 @@ from mailwatchd.errors import ConfigError, SpoolLocked
 from mailwatchd.service import notify
 from mailwatchd.service.counters import Counters
 from mailwatchd.service.diskspace import SpoolSpace, is_full_error
+from mailwatchd.service.handoff import ListenerHandoff
 from mailwatchd.service.health import HealthReporter
 from mailwatchd.service.live import Live, SessionFactory
 from mailwatchd.service.logs import get_logger
@@ -37,6 +38,7 @@ from mailwatchd.service.scheduler import Scheduler, WorkItem
 from mailwatchd.service.worker import Worker
 from mailwatchd.settings.config import Settings, load_settings
 from mailwatchd.spool.intake import Intake
+from mailwatchd.spool.pending import PendingStores
 from mailwatchd.spool.recovery import DeferredLoad, OrphanSweep, recover
 from mailwatchd.spool.store import Location, Spool
 
@@ -66,6 +68,7 @@ class Daemon:
         self.environ = dict(os.environ if environ is None else environ)
         self.spool = Spool(settings.spool, max_message_size=settings.max_message_size)
         self.scheduler = Scheduler()
+        self.pending = PendingStores()  # messages the listener's process is still making durable
         # An endpoint going down or up changes what status says: the main loop refreshes it at once.
         self.live = Live(settings, session_factory, on_transition=lambda _: self._attention.set())
         self.counters = Counters(lambda: (self.scheduler.ready_count, self.scheduler.deferred_count))
@@ -264,7 +267,7 @@ class Daemon:
                              max_message_size=settings.max_message_size, command_timeout=LISTEN_COMMAND_TIMEOUT_S,
                              stop_grace=min(settings.shutdown_grace, LISTEN_STOP_GRACE_S),
                              log_format=settings.log_format, log_level=settings.log_level)
-        listener = ListenerProcess(config, sockets, on_queued=self._ready_from_listener,
+        listener = ListenerProcess(config, sockets, stores=ListenerHandoff(self.scheduler, self.pending, self.counters),
                                    on_exit=self._listener_exited)
         try:
             listener.start()
@@ -275,24 +278,19 @@ class Daemon:
         self.listener = listener
         return True
 
-    def _ready_from_listener(self, queue_id: str, size: int) -> None:
-        """The listener process stored a message straight into queue/ and is writing its 250."""
-        self.scheduler.add_ready(WorkItem(queue_id, Location.QUEUE, stateless=True))  # a new id: no state
-        log.info("message_queued", queue_id=queue_id, source="smtp", size=size)
-        self.counters.queued()
-
     def _listener_exited(self, status: int | None) -> None:
         """The listener process ended on its own: a bug or a kill. The daemon stops with EX_SOFTWARE, so
         that systemd (Restart=) starts both again; the messages it stored are in queue/."""
         log.error("listener_exited", status=status,
                   hint="the SMTP listener's process ended; the daemon stops so that it is started again")
+        self.pending.drop_all()  # what it was storing is not stored: recovery removes the temporary files
         self._exit_status = exitcodes.SOFTWARE
         self._stop_requested += 1
         self._attention.set()
 
     def _start_worker(self, index: int) -> Worker:
         worker = Worker(index, spool=self.spool, scheduler=self.scheduler, live=self.live, counters=self.counters,
-                        stop=self.stop)
+                        stop=self.stop, pending=self.pending)
         self._tasks[worker] = asyncio.create_task(worker.run(), name=f"worker-{index}")
         return worker
 
@@ -419,6 +417,7 @@ class Daemon:
         if self.listener is not None:
             # No new messages: a client in the middle of DATA gets its answer, the others a 421.
             await self.listener.stop(min(self.settings.shutdown_grace, LISTEN_STOP_GRACE_S))
+            self.pending.drop_all()  # it has settled each store it began; none is left but by a kill
         self.intake.stop()
         if self._after_ready_task is not None:
             self._after_ready_task.cancel()  # the next start loads and sweeps again

@@ -28,6 +28,7 @@ from mailwatchd.service.notices import NOTICE_SOURCE
 from mailwatchd.service.scheduler import Scheduler, WorkItem
 from mailwatchd.settings.relays import Endpoint, RelayConfig
 from mailwatchd.spool.messagestate import Attempt, MessageState
+from mailwatchd.spool.pending import PendingStore, PendingStores
 from mailwatchd.spool.queueid import queue_id_time
 from mailwatchd.spool.reaper import BACKLOG_LIMIT
 from mailwatchd.spool.store import Location, Spool
@@ -66,9 +67,10 @@ class Worker:
     """Attempts messages one at a time, reusing its session across consecutive messages."""
 
     def __init__(self, index: int, *, spool: Spool, scheduler: Scheduler, live: Live, counters: Counters,
-                 stop: asyncio.Event) -> None:
+                 stop: asyncio.Event, pending: PendingStores | None = None) -> None:
         self.index = index
         self.spool = spool
+        self.pending = PendingStores() if pending is None else pending
         self.scheduler = scheduler
         self.live = live
         self.counters = counters
@@ -226,8 +228,18 @@ class Worker:
         spool = self.spool
         queue_id, location = item.queue_id, item.location
         loaded = None if item.stateless else spool.load_state(queue_id)
+        # A message the listener is still storing is read from its temporary file and relayed but for the
+        # end of DATA, which waits until it is durable (spool/pending.py); the spool changes only after that.
+        pending = self.pending.get(queue_id) if item.stateless else None
+        raw = None
+        if pending is not None:
+            raw = None if pending.settled else spool.read_storing(queue_id)
+            if raw is None:
+                if not await self._stored(pending):
+                    return Followup()
+                pending = None
         try:
-            raw = spool.read(queue_id, location)
+            raw = spool.read(queue_id, location) if raw is None else raw
         except FileNotFoundError:
             log.info("message_vanished", queue_id=queue_id, location=location.value)
             return Followup()
@@ -239,11 +251,15 @@ class Worker:
             # Parsed as stored; completed (bare local names qualified, aliases applied) from the settings.
             message = self.live.addressing.complete(*envelope.parse_with_fields(queue_id, raw))
         except MalformedMessage as exc:
+            if pending is not None and not await self._stored(pending):
+                return Followup()
             self._fail(loaded or _fresh_state(queue_id), location, f"malformed message: {exc}",
                        cause=Cause.MALFORMED.value)
             return Followup()
 
-        result = await self._deliver(message)
+        result = await self._deliver(message, pending)
+        if pending is not None and not await self._stored(pending):
+            return Followup()  # not stored (the relay got no end of data), or left for a later listing
         if result is None:
             return Followup(give_back=True)
         if result.outcome is Outcome.DELIVERED and not result.refused:  # the common case: no state to make
@@ -252,11 +268,22 @@ class Worker:
         return self._settle(loaded or _fresh_state(queue_id), location, raw, message, result,
                             has_state=loaded is not None)
 
-    async def _deliver(self, message: OutgoingMessage) -> DeliveryResult | None:
+    async def _stored(self, pending: PendingStore) -> bool:
+        """Whether a message the listener is storing is durable; False also when it took longer than a command
+        may (the message is then listed afresh once stored)."""
+        within = self.live.settings.command_timeout
+        if self.busy_until is None and not pending.settled:
+            self.busy_until = time.monotonic() + within
+        return await pending.stored(within)
+
+    async def _deliver(self, message: OutgoingMessage, pending: PendingStore | None = None) -> DeliveryResult | None:
         """One attempt, failing over across endpoints and relays (their sessions' openings hedged,
-        hedge.py); None if none can take it now."""
+        hedge.py); None if none can take it now. A `pending` message (still being stored) goes all but
+        its end of data on the first endpoint's open session; anywhere else, only once it is stored."""
         live = self.live
         if live.settings.uses_outbox:
+            if pending is not None and not await self._stored(pending):
+                return None
             return await self._deliver_through(self._outbox_session(), message)
         router = live.router
         candidates = router.candidates()
@@ -267,11 +294,15 @@ class Worker:
         session = self._sessions.get(key)
         if session is not None and session.connected and key not in self._openings:
             # The first endpoint's session is open (the common case): nothing to race.
-            result = await self._deliver_through(session, message)
+            result = await self._deliver_through(session, message, pending)
+            if pending is not None and not await self._stored(pending):
+                return result  # discarded by attempt(): the relay got no end of data, and no verdict on it
             router.report(relay, endpoint, result)
             if result.outcome is not Outcome.RELAY_FAULT:
                 return result
             return await self._fail_over(message, candidates[1:], (relay, endpoint, result))
+        if pending is not None and not await self._stored(pending):
+            return None
         return await self._fail_over(message, candidates)
 
     async def _fail_over(self, message: OutgoingMessage, candidates: list[tuple[RelayConfig, Endpoint]],
@@ -322,9 +353,10 @@ class Worker:
                      last_cause=last.cause.value, detail=last.summary)
         return None
 
-    async def _deliver_through(self, session: Session, message: OutgoingMessage) -> DeliveryResult:
+    async def _deliver_through(self, session: Session, message: OutgoingMessage,
+                               pending: PendingStore | None = None) -> DeliveryResult:
         self.busy_until = time.monotonic() + session.bound(message)
-        return await session.deliver(message)
+        return await session.deliver(message, pending)
 
     def _delivered(self, attempt: int, received_at: float, has_state: bool, location: Location,
                    message: OutgoingMessage, result: DeliveryResult, followup: Followup | None = None) -> Followup:

@@ -13,6 +13,7 @@ from mailwatchd.errors import SpoolFull
 
 TYPE_CHECKING = False  # mypy takes it as true; `sendmail` imports neither typing nor pathlib
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     StrPath = str | os.PathLike[str]
@@ -40,8 +41,9 @@ def fsync_dir(path: StrPath) -> None:
         os.close(fd)
 
 
-def write_durably(path: StrPath, data: bytes, mode: int = 0o600) -> None:
-    """Write `data` to a new file at `path` and fsync it; SpoolFull when the disk is full."""
+def write_durably(path: StrPath, data: bytes, mode: int = 0o600, written: Callable[[], None] | None = None) -> None:
+    """Write `data` to a new file at `path` and fsync it; SpoolFull when the disk is full. `written` is called
+    once the data is in the file, before the fsync."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     except OSError as exc:
@@ -52,6 +54,8 @@ def write_durably(path: StrPath, data: bytes, mode: int = 0o600) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
+        if written is not None:
+            written()
         os.fsync(fd)
     except OSError as exc:
         os.close(fd)
@@ -61,12 +65,14 @@ def write_durably(path: StrPath, data: bytes, mode: int = 0o600) -> None:
     os.close(fd)
 
 
-def install_durably(temporary: StrPath, final: StrPath, data: bytes, mode: int = 0o600) -> None:
+def install_durably(temporary: StrPath, final: StrPath, data: bytes, mode: int = 0o600,
+                    written: Callable[[], None] | None = None) -> None:
     """Write `data` to `temporary`, fsync, rename it to `final`, fsync that directory.
 
     `final` is never seen incomplete; on failure no temporary is left. SpoolFull when the disk is full.
+    `written`: as write_durably's.
     """
-    write_durably(temporary, data, mode)
+    write_durably(temporary, data, mode, written)
     try:
         os.rename(temporary, final)
         fsync_dir(os.path.dirname(final) or ".")  # Path.parent's answer, without pathlib

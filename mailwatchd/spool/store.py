@@ -35,12 +35,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import math
 import os
 import shutil
 import stat
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -520,15 +521,26 @@ class Spool:
             due = state.next_attempt_at if location is Location.DEFERRED else None
             self.settled(state.queue_id, location, time.time() if due is None else due)
 
-    def accept(self, data: bytes) -> str:
+    def accept(self, data: bytes, written: Callable[[str], None] | None = None) -> str:
         """Store a message the daemon received itself (its SMTP listener) durably in queue/; its id.
 
         Claimed from the start: the daemon wrote it, so there is no drop to check and no rename
-        from new/ to wait for. Crash-safe as a claimed drop is (a queue/ file with no state yet)."""
+        from new/ to wait for. Crash-safe as a claimed drop is (a queue/ file with no state yet).
+        `written(queue_id)` is called once the bytes are in the temporary file (read_storing), before
+        the fsyncs (pending.py)."""
         queue_id = self._fresh_id()
         directory = self.dir(Location.QUEUE)
-        install_durably(directory / f"{TMP_PREFIX}{queue_id}", directory / queue_id, data)
+        install_durably(directory / f"{TMP_PREFIX}{queue_id}", directory / queue_id, data,
+                        written=None if written is None else functools.partial(written, queue_id))
         return queue_id
+
+    def read_storing(self, queue_id: str) -> bytes | None:
+        """A message accept() is still making durable (its temporary file in queue/), or None when that file
+        cannot be read: renamed into place, or removed because the store failed (read() then tells)."""
+        try:
+            return self._read_entry(f"{self._dirs[Location.QUEUE]}/{TMP_PREFIX}{queue_id}")
+        except (OSError, RefusedSpoolEntry):
+            return None
 
     def new_id(self) -> str:
         return self._fresh_id()

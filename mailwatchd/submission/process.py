@@ -8,8 +8,11 @@ them and two pipes. Into the control pipe it writes the child's configuration (a
 ChildConfig, length first) and then keeps the pipe open. It does not wait for the child: the
 sockets listen already, so a client that connects meanwhile waits in the backlog, as it does while
 systemd restarts the service. The child says on the events pipe `listening <json>` (or `failed
-<json>`, and exits), then `queued <id> <size>` for each message once it is durably in queue/ (the
-same moment its 250 is written: a kill between the two leaves the message to recovery).
+<json>`, and exits). For each message it then says `storing <id> <size>` once the bytes are in
+queue/'s temporary file, before the fsyncs, so that the daemon can start relaying it meanwhile
+(spool/pending.py); then `queued <id> <size>` once it is durably in queue/ (the same moment its 250
+is written: a kill between the two leaves the message to recovery), or `dropped <id>` when the store
+failed after all.
 
 The child stops when the control pipe ends (the daemon is stopping, or died): a session in DATA
 gets its reply, the others 421. It ignores SIGTERM and SIGINT, which systemd and a terminal send
@@ -32,6 +35,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from mailwatchd.service.logs import get_logger
 from mailwatchd.settings.listen import ListenSettings
@@ -53,6 +57,19 @@ BOOT = ("# mailwatchd SMTP listener\nimport signal\n"
 PROCESS_NAME = b"mailwatchd"  # what ss -ltnp and ps -e show for the process holding port 25
 
 
+class Stores(Protocol):
+    """What the daemon does with the child's messages (called on its event loop)."""
+
+    def storing(self, queue_id: str, size: int) -> None:
+        """The message's bytes are written; it is not durable yet."""
+
+    def queued(self, queue_id: str, size: int) -> None:
+        """The message is durably in queue/ (its client is getting its 250)."""
+
+    def dropped(self, queue_id: str) -> None:
+        """The store failed after `storing`: there is no message."""
+
+
 @dataclass(frozen=True)
 class ChildConfig:
     """What the listener process needs of the daemon's settings."""
@@ -68,14 +85,14 @@ class ChildConfig:
 
 
 class ListenerProcess:
-    """The daemon's side: starts the child, hands its stored messages to `on_queued` (on the event loop),
-    and calls `on_exit` with its exit status should it end while the daemon does not stop it."""
+    """The daemon's side: starts the child, tells `stores` of its messages (on the event loop), and calls
+    `on_exit` with its exit status should it end while the daemon does not stop it."""
 
     def __init__(self, config: ChildConfig, sockets: list[socket.socket], *,
-                 on_queued: Callable[[str, int], None], on_exit: Callable[[int | None], None]) -> None:
+                 stores: Stores, on_exit: Callable[[int | None], None]) -> None:
         self.config = config
         self.sockets = sockets
-        self.on_queued = on_queued
+        self.stores = stores
         self.on_exit = on_exit
         self.addresses: list[Address] = []
         self.proc: subprocess.Popen[bytes] | None = None
@@ -138,9 +155,14 @@ class ListenerProcess:
 
     def _event(self, line: bytes) -> None:
         kind, _, rest = line.partition(b" ")
-        if kind == b"queued":
+        if kind == b"storing":
             queue_id, _, size = rest.decode("ascii").partition(" ")
-            self.on_queued(queue_id, int(size))
+            self.stores.storing(queue_id, int(size))
+        elif kind == b"queued":
+            queue_id, _, size = rest.decode("ascii").partition(" ")
+            self.stores.queued(queue_id, int(size))
+        elif kind == b"dropped":
+            self.stores.dropped(rest.decode("ascii"))
         elif kind == b"listening":
             log.debug("listener_serving", pid=self.pid)
         elif kind == b"failed":  # its exit follows: on_exit
@@ -229,14 +251,29 @@ async def _serve(config: ChildConfig, control: int, events: int, sockets: list[s
     loop.add_reader(control, control_readable)
     spool = Spool(config.spool, max_message_size=config.max_message_size)
 
+    def deposit(data: bytes) -> str:
+        """spool.accept, telling the daemon of the message before its fsyncs (on a store thread, or the loop)."""
+        told: list[str] = []
+
+        def written(queue_id: str) -> None:
+            _tell(events, f"storing {queue_id} {len(data)}")
+            told.append(queue_id)
+
+        try:
+            return spool.accept(data, written)
+        except BaseException:
+            if told:
+                _tell(events, f"dropped {told[0]}")
+            raise
+
     def queued(message: Queued) -> None:
+        _tell(events, f"queued {message.queue_id} {message.size}")
         log.info("smtp_received", queue_id=message.queue_id, peer=message.peer, size=message.size,
                  recipients=message.recipients)
-        _tell(events, f"queued {message.queue_id} {message.size}")
 
     factory = ServerFactory(spool_root=config.spool, listen=config.listen, hostname=config.hostname,
                             max_message_size=config.max_message_size, command_timeout=config.command_timeout,
-                            on_queued=queued, deposit=spool.accept, inline_stores=True)
+                            on_queued=queued, deposit=deposit, inline_stores=True)
     listener = Listener(factory, config.listen, sockets)
     try:
         await listener.start()
@@ -251,7 +288,8 @@ async def _serve(config: ChildConfig, control: int, events: int, sockets: list[s
 
 
 def _tell(events: int, line: str) -> None:
-    """One line to the daemon. Blocking: a daemon that reads slowly slows the listener, never loses a line."""
+    """One line to the daemon. Blocking: a daemon that reads slowly slows the listener, never loses a line.
+    From the loop and the store threads alike: a line is far shorter than PIPE_BUF, so one write(2), whole."""
     _write_all(events, (line + "\n").encode())
 
 
