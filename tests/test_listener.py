@@ -15,7 +15,6 @@ import smtplib
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -372,8 +371,9 @@ def test_sendmail_bs_ends_when_stdin_closes(sendmail_bs: Piped, spool_dir: Path)
     assert stored(spool_dir) == []
 
 
-def test_the_listener_process_gets_its_settings_whole_over_its_pipe(tmp_path: Path) -> None:
-    """AUTH users, the TLS files and the plain-AUTH networks reach the child's side as the daemon has them."""
+def test_the_listener_process_gets_its_settings_whole_whatever_their_size(tmp_path: Path) -> None:
+    """AUTH users, the TLS files and the plain-AUTH networks reach the child's side as the daemon has them, in
+    a memfd written before the child starts: a users file longer than a pipe holds never waits on the child."""
     from mailwatchd.settings.credentials import Secret
     from mailwatchd.submission import process
 
@@ -384,17 +384,10 @@ def test_the_listener_process_gets_its_settings_whole_over_its_pipe(tmp_path: Pa
     config = process.ChildConfig(spool=tmp_path / "spool", listen=listen, hostname="mx.example.org",
                                  max_message_size=1000, command_timeout=300.0, stop_grace=5.0,
                                  log_format="json", log_level="info")
-    payload = pickle.dumps(config)
-    read_end, write_end = os.pipe()
-    framed = process._LENGTH.pack(len(payload)) + payload
-    writer = threading.Thread(target=process._write_all, args=(write_end, framed))
-    writer.start()  # the daemon writes while the child reads (a long users file outgrows a pipe's buffer)
-    try:
-        received = process._read_config(read_end)
-    finally:
-        writer.join(5)
-        os.close(read_end)
-        os.close(write_end)
-    assert len(payload) > 65536  # more than a pipe holds: read in several parts
+    fd = process.config_file(config)  # no reader yet: it must not block
+    assert os.fstat(fd).st_size == len(pickle.dumps(config)) > 65536  # more than a pipe's buffer
+    assert os.get_inheritable(fd) is False  # passed to the child alone (pass_fds), not to every child
+    received = process.read_config(os.dup(fd))
+    os.close(fd)
     assert received == config
     assert received.listen.users[0][1].reveal() == "s3cret" and len(received.listen.users) == 5001

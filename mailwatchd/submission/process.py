@@ -4,8 +4,9 @@ Sessions and their stores then run on a CPU of their own: a busy client slows ne
 nor the watchdog, and the relay's work does not sit between a client's command and its reply.
 
 The daemon binds the listening sockets (or takes systemd's), then starts `python -I -c BOOT` with
-them and two pipes. Into the control pipe it writes the child's configuration (a pickled
-ChildConfig, length first) and then keeps the pipe open. It does not wait for the child: the
+them, two pipes and its configuration (a pickled ChildConfig in a memfd, which the child reads to
+its end: however long the AUTH users file, the daemon never waits on the child to read it). It
+keeps the control pipe open and writes nothing into it. It does not wait for the child: the
 sockets listen already, so a client that connects meanwhile waits in the backlog, as it does while
 systemd restarts the service. The child says on the events pipe `listening <json>` (or `failed
 <json>`, and exits). For each message it then says `storing <id> <size>` once the bytes are in
@@ -29,7 +30,6 @@ import os
 import pickle
 import signal
 import socket
-import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -44,7 +44,6 @@ from mailwatchd.submission.listener import Address, Listener, address_of
 log = get_logger()
 
 EXIT_WAIT_S = 5.0  # after the child's sessions had their grace: how long its exit may take
-_LENGTH = struct.Struct("!Q")
 # Run by `python -I -c`. The comment is what ps(1) shows first. The child starts with SIGTERM and SIGINT
 # blocked (ListenerProcess.start): ignored before they are let through, one sent to the process group
 # while it starts is dropped, not its death. Then the daemon's own import path, and the entry point.
@@ -111,6 +110,7 @@ class ListenerProcess:
         """Start the child (OSError if it cannot be); the daemon's copies of the sockets are closed either way."""
         loop = asyncio.get_running_loop()
         self.addresses = [address_of(sock) for sock in self.sockets]
+        settings = config_file(self.config)
         control_read, control_write = os.pipe()
         events_read, events_write = os.pipe()
         fds = [sock.fileno() for sock in self.sockets]
@@ -120,21 +120,20 @@ class ListenerProcess:
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", "-c", BOOT, json.dumps(sys.path), str(control_read), str(events_write),
-                 *map(str, fds)],
-                pass_fds=(control_read, events_write, *fds), stdin=subprocess.DEVNULL)
+                 str(settings), *map(str, fds)],
+                pass_fds=(control_read, events_write, settings, *fds), stdin=subprocess.DEVNULL)
         except OSError:
             for fd in (control_read, control_write, events_read, events_write):
                 os.close(fd)
             raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            os.close(settings)
             for sock in self.sockets:
                 sock.close()
         os.close(control_read)
         os.close(events_write)
         self._control, self._events = control_write, events_read
-        payload = pickle.dumps(self.config)
-        _write_all(control_write, _LENGTH.pack(len(payload)) + payload)
         self._ended = loop.create_future()
         os.set_blocking(events_read, False)
         loop.add_reader(events_read, self._readable)
@@ -209,14 +208,27 @@ class ListenerProcess:
 # -- the child ------------------------------------------------------------------------------------
 
 
+def config_file(config: ChildConfig) -> int:
+    """A memfd holding `config`, read from its start (the daemon's side: passed to the child, then closed)."""
+    fd = os.memfd_create("mailwatchd-listener-config", os.MFD_CLOEXEC)
+    try:
+        _write_all(fd, pickle.dumps(config))
+        os.lseek(fd, 0, os.SEEK_SET)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
 def child_main(argv: list[str]) -> int:
-    """`BOOT`'s entry point: argv is the control pipe, the events pipe, then the listening sockets."""
-    control, events, *fds = map(int, argv)
+    """`BOOT`'s entry point: argv is the control pipe, the events pipe, the configuration (config_file),
+    then the listening sockets."""
+    control, events, settings, *fds = map(int, argv)
     with contextlib.suppress(OSError), open("/proc/self/comm", "wb") as comm:  # cosmetic
         comm.write(PROCESS_NAME)
     for signum in (signal.SIGHUP, signal.SIGUSR1):  # the daemon's to act on (BOOT ignores SIGTERM, SIGINT)
         signal.signal(signum, signal.SIG_IGN)
-    config = _read_config(control)
+    config = read_config(settings)
     from mailwatchd.service import logs
 
     logs.configure(config.log_format, config.log_level)
@@ -224,14 +236,10 @@ def child_main(argv: list[str]) -> int:
     return asyncio.run(_serve(config, control, events, sockets))
 
 
-def _read_config(control: int) -> ChildConfig:
-    data = b""
-    while len(data) < _LENGTH.size or len(data) < _LENGTH.size + _LENGTH.unpack_from(data)[0]:
-        chunk = os.read(control, 65536)
-        if not chunk:
-            raise SystemExit(0)  # the daemon went away before it told us anything
-        data += chunk
-    config = pickle.loads(data[_LENGTH.size:])  # noqa: S301 - our own parent, over our own pipe
+def read_config(fd: int) -> ChildConfig:
+    """The child's side of config_file: read to the end, then closed."""
+    with os.fdopen(fd, "rb") as settings:
+        config = pickle.load(settings)  # noqa: S301 - written by our own parent, passed to us alone
     assert isinstance(config, ChildConfig)
     return config
 
