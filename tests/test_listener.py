@@ -3,6 +3,7 @@ driven through pipes by a real child process."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import ipaddress
@@ -15,6 +16,7 @@ import smtplib
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -391,3 +393,46 @@ def test_the_listener_process_gets_its_settings_whole_whatever_their_size(tmp_pa
     os.close(fd)
     assert received == config
     assert received.listen.users[0][1].reveal() == "s3cret" and len(received.listen.users) == 5001
+
+
+def test_the_daemon_takes_every_line_its_listener_wrote_a_bad_one_costing_no_other(tmp_path: Path) -> None:
+    """The daemon's side of the events pipe (a real pipe, more than one read's worth): a line it cannot act on
+    is logged and skipped; the lines after it still list their messages."""
+    from mailwatchd.service.counters import Counters
+    from mailwatchd.service.handoff import ListenerHandoff
+    from mailwatchd.service.scheduler import Scheduler
+    from mailwatchd.spool.pending import PendingStores
+    from mailwatchd.spool.queueid import new_queue_id
+    from mailwatchd.submission import process
+
+    async def run() -> tuple[Scheduler, PendingStores, list[str]]:
+        scheduler, pending = Scheduler(), PendingStores()
+        counters = Counters(lambda: (scheduler.ready_count, scheduler.deferred_count))
+        config = process.ChildConfig(spool=tmp_path, listen=ListenSettings(addresses=()), hostname="mx.test",
+                                     max_message_size=1000, command_timeout=1.0, stop_grace=0.1,
+                                     log_format="json", log_level="info")
+        child = process.ListenerProcess(config, [], stores=ListenerHandoff(scheduler, pending, counters),
+                                        on_exit=lambda status: None)
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        child._events, child._stopping = read_end, True
+        ids = [new_queue_id() for _ in range(3000)]
+        lines = "storing ../../etc/passwd 5\n" + "".join(f"storing {queue_id} 10\nqueued {queue_id} 10\n"
+                                                          for queue_id in ids)
+        assert len(lines) > 65536  # more than one read takes
+        def write() -> None:  # the child, ended: all its lines, then the end
+            with os.fdopen(write_end, "wb") as writer:
+                writer.write(lines.encode())
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        deadline = time.monotonic() + 10
+        while child._events >= 0 and time.monotonic() < deadline:  # as stop() drains it, but the writer is alive
+            if not child._readable():
+                await asyncio.sleep(0.001)
+        writer.join(5)
+        return scheduler, pending, ids
+
+    scheduler, pending, ids = asyncio.run(run())
+    assert scheduler.ready_count == len(ids) and len(pending) == 0
+    assert scheduler.knows(ids[0]) and scheduler.knows(ids[-1])

@@ -21,8 +21,8 @@ class ListenerHandoff:
         self.counters = counters
 
     def storing(self, queue_id: str, size: int) -> None:
-        self.pending.begin(queue_id)
         self.scheduler.add_ready(WorkItem(queue_id, Location.QUEUE, stateless=True))  # a new id: no state
+        self.pending.begin(queue_id)  # after add_ready, which refuses what is not a queue id
 
     def queued(self, queue_id: str, size: int) -> None:
         if not self.pending.settle(queue_id, True):  # no worker has it through its pending store

@@ -138,19 +138,24 @@ class ListenerProcess:
         os.set_blocking(events_read, False)
         loop.add_reader(events_read, self._readable)
 
-    def _readable(self) -> None:
+    def _readable(self) -> bool:
+        """Take what the child wrote; False when there was nothing to read yet."""
         try:
             chunk = os.read(self._events, 65536)
         except BlockingIOError:
-            return
+            return False
         if not chunk:
             self._ended_now()
-            return
+            return True
         self._buffer += chunk
         *lines, rest = self._buffer.split(b"\n")
         self._buffer[:] = rest
         for line in lines:
-            self._event(bytes(line))
+            try:
+                self._event(bytes(line))
+            except Exception:  # one bad line must not cost the lines after it (a later message's `queued`)
+                log.exception("listener_event_failed", line=bytes(line[:200]).decode("ascii", "replace"))
+        return True
 
     def _event(self, line: bytes) -> None:
         kind, _, rest = line.partition(b" ")
@@ -200,8 +205,8 @@ class ListenerProcess:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
         status = await asyncio.to_thread(self.proc.wait)
-        if self._events >= 0:
-            self._readable()  # what it wrote before it ended: its last messages, then the end
+        while self._events >= 0 and self._readable():  # what it wrote before it ended, to the end
+            pass
         return status
 
 
