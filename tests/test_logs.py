@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import tempfile
 
 import structlog
@@ -63,3 +65,31 @@ def test_auto_picks_journal_only_when_journal_stream_names_the_stream() -> None:
         finally:
             del os.environ["JOURNAL_STREAM"]
         assert logs.choose_format("auto", stream) == "console"
+
+
+WRITER = """
+import sys
+from mailwatchd.service import logs
+logs.configure("json", "info")
+log = logs.get_logger()
+for n in range(int(sys.argv[1])):
+    log.info("line", writer=sys.argv[2], n=n)
+"""
+
+
+def test_two_processes_logging_to_one_stream_keep_every_line_whole() -> None:
+    """The daemon and its listener's process share stderr (and the journal's stream): each line is one write,
+    also where Python's streams are unbuffered (PYTHONUNBUFFERED, where print() writes a line and its
+    newline apart)."""
+    lines = 3000
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    read_end, write_end = os.pipe()
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(lines), name], stderr=write_end, env=env)
+               for name in ("daemon", "listener")]
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as stream:
+        output = stream.read()
+    assert [writer.wait(30) for writer in writers] == [0, 0]
+    events = [json.loads(line) for line in output.splitlines()]  # a torn line fails here
+    assert sorted((event["writer"], event["n"]) for event in events) == sorted(
+        (name, n) for name in ("daemon", "listener") for n in range(lines))

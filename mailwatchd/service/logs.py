@@ -86,7 +86,9 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        # One write(2) a line (print() makes two on an unbuffered stream): the listener's process shares the
+        # stream, and a line under PIPE_BUF stays whole between the two processes' lines.
+        logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
     return chosen
