@@ -604,57 +604,6 @@ def test_non_ascii_address_needs_smtputf8(pipelining: bool, smtp_server_factory:
     assert utf8.handler.wait_for(1)[0].rcpt_tos == ["jösé@exämple.test"]
 
 
-class Gate:
-    """A transport.Commit the test settles: `asked` once the session waits on it."""
-
-    def __init__(self) -> None:
-        self.asked = asyncio.Event()
-        self.answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-
-    async def stored(self, within: float) -> bool:
-        self.asked.set()
-        return await self.answer
-
-
-RELAY_SCRIPT = ["220 hi", "250-hi\r\n250 PIPELINING", "250 ok", "250 ok", "354 go", "250 2.0.0 queued"]
-
-
-async def until_true(predicate: Callable[[], object], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.005)
-
-
-@pytest.mark.parametrize("stored", [True, False])
-def test_a_message_not_yet_stored_goes_all_but_its_end_of_data(stored: bool, tmp_path: Path) -> None:
-    """Cut-through (spool/pending.py): the relay has the whole body before the message is durable, and the
-    end of data only after; a message that is not stored after all leaves the relay with nothing."""
-    with ScriptedServer(RELAY_SCRIPT) as server:
-        session = session_for(make_relay(server.port), make_settings(tmp_path))
-        body = wire_body(BODY)
-
-        async def run() -> tuple[DeliveryResult, bool]:
-            gate = Gate()
-            delivery = asyncio.create_task(session.deliver(message(), gate))
-            await asyncio.wait_for(gate.asked.wait(), 5)
-            await until_true(lambda: server.partial == body[:-3])  # every line, not the "." line
-            assert server.bodies == [] and not delivery.done()
-            gate.answer.set_result(stored)
-            result = await delivery
-            connected = session.connected
-            await session.close()
-            return result, connected
-
-        result, connected = asyncio.run(run())
-        if stored:
-            assert (result.outcome, result.code, connected) == (Outcome.DELIVERED, 250, True)
-            assert server.bodies == [body]
-        else:
-            assert (result.outcome, result.cause, connected) == (Outcome.TEMPORARY, Cause.LOCAL_ERROR, False)
-            assert server.disconnected.wait(5) and server.bodies == []
-
-
 def test_the_relay_connection_sends_short_writes_at_once(smtp_server_factory: Callable[..., SmtpServer],
                                                          tmp_path: Path) -> None:
     """Nagle's algorithm off (TCP_NODELAY): an end of data written apart from its body must not wait for the

@@ -11,17 +11,15 @@ import smtplib
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
-from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailwatchd import exitcodes
-from tests.conftest import LOOPBACK, RecordingHandler, SmtpServer, wait_until
+from tests.conftest import LOOPBACK, SmtpServer, wait_until
 from tests.daemonproc import DaemonProcess, relay_env, spool_names
 from tests.test_failover import free_port
 
@@ -114,31 +112,13 @@ def test_the_listener_queues_straight_into_queue_and_a_kill_after_the_250_loses_
     restarted.wait_event("message_delivered", lambda e: e["queue_id"] == queue_id)
 
 
-@dataclass
-class DurableAtEndOfData(RecordingHandler):
-    """A relay that, as each message's end of data arrives, checks that the message is durably in the spool
-    under its queue id (the listener's store complete: renamed out of its temporary name)."""
-
-    queue: Path = Path()
-    not_durable: list[bytes] = field(default_factory=list)
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        subject = next(line for line in (envelope.original_content or b"").splitlines() if line.startswith(b"Subject:"))
-        stored = [name for name in os.listdir(self.queue) if not name.startswith(".")
-                  and subject in (self.queue / name).read_bytes()]
-        if len(stored) != 1:
-            self.not_durable.append(subject)
-        return await super().handle_DATA(server, session, envelope)
-
-
-def test_the_relay_gets_a_listener_messages_end_of_data_only_once_it_is_durable(
+def test_listener_messages_are_relayed_while_stored_once_each_and_leave_nothing(
         smtp_server_factory: Any, spool_dir: Path, clean_env: dict[str, str], daemons: Any) -> None:
     """The daemon relays a message while the listener stores it (cut-through, spool/pending.py), on the relay
-    connection it keeps open; the final dot waits for the store."""
-    handler = DurableAtEndOfData(queue=spool_dir / "queue")
-    relay = smtp_server_factory(handler, starttls=False)
+    connection it keeps open; each message reaches the relay once, and its file goes once it is stored."""
+    relay = smtp_server_factory(starttls=False)
     env, port = listening_env(clean_env, spool_dir, relay)
-    daemons(env)
+    daemon = daemons(env)
     count = 12
     with smtplib.SMTP(LOOPBACK, port, timeout=10) as client:
         for index in range(count // 2):
@@ -146,9 +126,13 @@ def test_the_relay_gets_a_listener_messages_end_of_data_only_once_it_is_durable(
     for index in range(count // 2):
         with smtplib.SMTP(LOOPBACK, port, timeout=10) as client:
             client.sendmail("app@example.org", ["ann@example.org"], f"Subject: new {index}\r\n\r\nbody\r\n")
-    handler.wait_for(count)
-    assert handler.not_durable == []
+    received = relay.handler.wait_for(count)
+    subjects = sorted(next(line for line in item.data.splitlines() if line.startswith(b"Subject:"))
+                      for item in received)
+    assert subjects == sorted({*subjects}) and len(subjects) == count
     wait_until(lambda: spool_names(spool_dir, "queue") == {"queue": []}, message="every file delivered and gone")
+    wait_until(lambda: len(daemon.named("message_delivered")) == count, message="each delivery recorded once")
+    assert daemon.named("message_relayed_unstored") == [] and daemon.named("cut_through_paused") == []
 
 
 def _listener_process(daemon: Any) -> psutil.Process:

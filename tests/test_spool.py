@@ -917,6 +917,21 @@ def test_enqueue_on_a_full_disk_raises_spool_full(tmp_path: Path) -> None:
         assert os.listdir(root / "new") == [queue_id]
 
 
+def test_a_listener_store_too_big_for_the_disk_fails_before_it_says_written(tmp_path: Path) -> None:
+    """Cut-through relays a message once its bytes are written (spool/pending.py): a write the disk has no
+    room for must fail first, so that the relay never has a message its client was refused for space."""
+    with tmpfs(tmp_path / "small", "size=1m,mode=0700") as root:
+        spool = Spool(root)
+        spool.create_layout()
+        written: list[str] = []
+        with pytest.raises(SpoolFull):
+            spool.accept(os.urandom(2 * 2**20), written.append)
+        assert written == [] and spool.names(Location.QUEUE) == []
+        assert os.listdir(spool.dir(Location.QUEUE)) == []
+        queue_id = spool.accept(MESSAGE, written.append)  # the space came back
+        assert written == [queue_id] and spool.names(Location.QUEUE) == [queue_id]
+
+
 def test_enqueue_without_free_inodes_raises_spool_full(tmp_path: Path) -> None:
     with tmpfs(tmp_path / "small", "size=1m,nr_inodes=3,mode=0700") as root:
         (root / "tmp").mkdir()

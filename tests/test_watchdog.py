@@ -19,7 +19,7 @@ from mailwatchd.service.daemon import Daemon
 from mailwatchd.settings.config import Settings
 from mailwatchd.settings.relays import Endpoint, RelayConfig
 from mailwatchd.transports.outcome import DeliveryResult
-from mailwatchd.transports.transport import Commit, Session
+from mailwatchd.transports.transport import Session
 
 WATCHDOG_USEC = 400_000  # pings every 0.2 s, main loop every 0.2 s
 BOUND_S = 0.2
@@ -35,7 +35,7 @@ class StuckSession:
         self.started = asyncio.Event()
         self._created = time.monotonic()
 
-    async def deliver(self, message: OutgoingMessage, commit: Commit | None = None) -> DeliveryResult:
+    async def deliver(self, message: OutgoingMessage) -> DeliveryResult:
         self.started.set()
         await asyncio.Event().wait()
         raise AssertionError("unreachable")

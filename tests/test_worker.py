@@ -29,7 +29,7 @@ from mailwatchd.service.worker import IDLE_LOOP_S, Followup, Retry, Worker
 from mailwatchd.settings.config import Settings
 from mailwatchd.settings.relays import Endpoint, RelayConfig, TlsMode
 from mailwatchd.spool.messagestate import MessageState, State
-from mailwatchd.spool.pending import PendingStores
+from mailwatchd.spool.pending import PAUSE_S, PendingStores
 from mailwatchd.spool.store import Claimed, Location, Spool
 from mailwatchd.submission.submit import parse_sendmail_args, prepare
 from mailwatchd.transports.outcome import Cause, Outcome
@@ -792,7 +792,7 @@ async def open_session_with_one_message(rig: Rig, relay: ScriptedServer) -> asyn
 STORED_FORM = envelope.with_envelope(MESSAGE, SENDER, [RECIPIENT])
 
 
-def test_a_message_being_stored_is_relayed_but_for_its_end_until_it_is_durable(spool_dir: Path) -> None:
+def test_a_message_being_stored_is_relayed_at_once_and_recorded_once_durable(spool_dir: Path) -> None:
     with ScriptedServer(THREE_ON_ONE) as relay:
         rig, pending, handoff = cut_through_rig(spool_dir, relay.port)
 
@@ -800,45 +800,57 @@ def test_a_message_being_stored_is_relayed_but_for_its_end_until_it_is_durable(s
             task = await open_session_with_one_message(rig, relay)
             held = HeldStore(rig.spool, handoff, STORED_FORM)
             queue_id = await held.written
-            await eventually(lambda: relay.partial.endswith(b"\r\nbody\r\n"), message="the body at the relay")
-            assert len(relay.bodies) == 1  # no end of data: the relay has no second message
-            assert rig.spool.names(Location.QUEUE) == [] and pending.get(queue_id) is not None
+            await eventually(lambda: len(relay.bodies) == 2, message="the whole message at the relay")
+            assert relay.bodies[1].endswith(b"\r\nbody\r\n.\r\n")
+            # The relay's 250 is recorded only once the store ends: the spool has not changed meanwhile.
+            assert rig.counters.in_flight == 1 and pending.get(queue_id) is not None
+            assert rig.spool.names(Location.QUEUE) == [] and rig.counters.totals == Tally(delivered=1)
             await held.finish()
-            await eventually(lambda: len(relay.bodies) == 2 and rig.counters.in_flight == 0, message="delivery")
-            assert len(pending) == 0
+            await eventually(lambda: rig.counters.in_flight == 0, message="the delivery recorded")
+            assert len(pending) == 0 and pending.relay_early
             await finish(rig, task)
 
         asyncio.run(scenario())
-        assert relay.connections == 1 and relay.bodies[1].endswith(b"\r\nbody\r\n.\r\n")
+        assert relay.connections == 1 and len(relay.bodies) == 2
         assert rig.counters.totals == Tally(delivered=2)
         assert all(not names for names in rig.everywhere().values())
 
 
-def test_a_store_that_fails_after_its_bytes_leaves_the_relay_without_a_message(spool_dir: Path) -> None:
-    with ScriptedServer(THREE_ON_ONE) as relay:
+def test_a_store_that_fails_after_the_relay_took_it_is_told_and_stops_early_relaying(spool_dir: Path) -> None:
+    """The relay has a message whose client is told to try again: logged, and until PAUSE_S has passed each
+    message waits for its store before it goes."""
+    with ScriptedServer([*THREE_ON_ONE, "221 bye"]) as relay, structlog.testing.capture_logs() as logs:
         rig, pending, handoff = cut_through_rig(spool_dir, relay.port)
 
         async def scenario() -> None:
             task = await open_session_with_one_message(rig, relay)
-            held = HeldStore(rig.spool, handoff, STORED_FORM, fail=True)
+            failing = HeldStore(rig.spool, handoff, STORED_FORM, fail=True)
+            lost_id = await failing.written
+            await eventually(lambda: len(relay.bodies) == 2, message="the whole message at the relay")
+            await failing.finish()
+            await eventually(lambda: rig.counters.in_flight == 0, message="the attempt ended")
+            assert not pending.relay_early
+            [told] = events(logs, "message_relayed_unstored")
+            assert told["queue_id"] == lost_id
+            [paused] = events(logs, "cut_through_paused")
+            assert paused["seconds"] == PAUSE_S
+
+            held = HeldStore(rig.spool, handoff, STORED_FORM)
             await held.written
-            await eventually(lambda: relay.partial.endswith(b"\r\nbody\r\n"), message="the body at the relay")
+            await eventually(lambda: rig.counters.in_flight == 1, message="the next message taken")
+            assert len(relay.bodies) == 2 and relay.partial == b""  # nothing of it before its store ends
             await held.finish()
-            await eventually(lambda: relay.disconnected.is_set() and rig.counters.in_flight == 0,
-                             message="the transaction dropped")
-            assert len(relay.bodies) == 1  # the relay discards a transaction without its end of data
-            rig.scheduler.add_ready(WorkItem(rig.put(name="after"), Location.QUEUE))  # the worker goes on
-            await eventually(lambda: len(relay.bodies) == 2 and rig.counters.in_flight == 0, message="the next one")
+            await eventually(lambda: len(relay.bodies) == 3 and rig.counters.in_flight == 0, message="the next one")
             await finish(rig, task)
 
         asyncio.run(scenario())
-        assert relay.connections == 2  # the dropped transaction took its connection with it
-        assert rig.counters.totals == Tally(delivered=2)
+        assert relay.connections == 1
+        assert rig.counters.totals == Tally(delivered=2)  # the unstored message was never the spool's
         assert all(not names for names in rig.everywhere().values())
         assert [name for name in os.listdir(rig.spool.dir(Location.QUEUE)) if name.startswith(".tmp-")] == []
 
 
-def test_a_store_slower_than_the_transaction_is_given_up_and_listed_again_once_stored(spool_dir: Path) -> None:
+def test_a_store_slower_than_a_command_is_given_up_and_its_delivery_recorded_once_stored(spool_dir: Path) -> None:
     with ScriptedServer(THREE_ON_ONE) as relay:
         rig, pending, handoff = cut_through_rig(spool_dir, relay.port, command_timeout=0.5, transaction_timeout=0.5)
 
@@ -848,12 +860,13 @@ def test_a_store_slower_than_the_transaction_is_given_up_and_listed_again_once_s
             store = pending.get(await held.written)
             assert store is not None
             await eventually(lambda: store.given_up and rig.counters.in_flight == 0, message="the worker gave up")
-            assert len(relay.bodies) == 1
-            await held.finish()  # stored after all: listed afresh, delivered once
-            await eventually(lambda: len(relay.bodies) == 2 and rig.counters.in_flight == 0, message="delivery")
+            assert len(relay.bodies) == 2 and not pending.relay_early
+            await held.finish()  # stored after all: listed afresh, and the relay's 250 recorded without a resend
+            await eventually(lambda: rig.spool.names(Location.QUEUE) == [] and rig.counters.in_flight == 0,
+                             message="the delivery recorded")
             await finish(rig, task)
 
         asyncio.run(scenario())
-        assert relay.connections == 2
+        assert relay.connections == 1 and len(relay.bodies) == 2
         assert rig.counters.totals == Tally(delivered=2)
         assert all(not names for names in rig.everywhere().values())

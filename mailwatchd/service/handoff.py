@@ -1,5 +1,5 @@
 """The listener process's messages into the scheduler, each listed as soon as its bytes are written
-(spool/pending.py): a worker may relay all but the end of DATA while the listener's fsyncs run."""
+(spool/pending.py): a worker may relay it while the listener's fsyncs run."""
 
 from __future__ import annotations
 

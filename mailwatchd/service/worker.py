@@ -228,9 +228,10 @@ class Worker:
         spool = self.spool
         queue_id, location = item.queue_id, item.location
         loaded = None if item.stateless else spool.load_state(queue_id)
-        # A message the listener is still storing is read from its temporary file and relayed but for the
-        # end of DATA, which waits until it is durable (spool/pending.py); the spool changes only after that.
+        # A message the listener is still storing is read from its temporary file and may be relayed before it
+        # is durable (spool/pending.py); the spool changes only once the store has ended.
         pending = self.pending.get(queue_id) if item.stateless else None
+        relayed = self.pending.take_relayed(queue_id) if item.stateless else None
         raw = None
         if pending is not None:
             raw = None if pending.settled else spool.read_storing(queue_id)
@@ -257,9 +258,9 @@ class Worker:
                        cause=Cause.MALFORMED.value)
             return Followup()
 
-        result = await self._deliver(message, pending)
+        result = relayed or await self._deliver(message, pending)
         if pending is not None and not await self._stored(pending):
-            return Followup()  # not stored (the relay got no end of data), or left for a later listing
+            return Followup()  # not stored (no message to record), or left for a later listing
         if result is None:
             return Followup(give_back=True)
         if result.outcome is Outcome.DELIVERED and not result.refused:  # the common case: no state to make
@@ -272,14 +273,14 @@ class Worker:
         """Whether a message the listener is storing is durable; False also when it took longer than a command
         may (the message is then listed afresh once stored)."""
         within = self.live.settings.command_timeout
-        if self.busy_until is None and not pending.settled:
-            self.busy_until = time.monotonic() + within
+        if not pending.settled:
+            self.busy_until = max(self.busy_until or 0.0, time.monotonic() + within)
         return await pending.stored(within)
 
     async def _deliver(self, message: OutgoingMessage, pending: PendingStore | None = None) -> DeliveryResult | None:
         """One attempt, failing over across endpoints and relays (their sessions' openings hedged,
-        hedge.py); None if none can take it now. A `pending` message (still being stored) goes all but
-        its end of data on the first endpoint's open session; anywhere else, only once it is stored."""
+        hedge.py); None if none can take it now. A `pending` message (still being stored) goes at once on the
+        first endpoint's open session unless early relaying is paused; anywhere else, only once it is stored."""
         live = self.live
         if live.settings.uses_outbox:
             if pending is not None and not await self._stored(pending):
@@ -294,10 +295,15 @@ class Worker:
         session = self._sessions.get(key)
         if session is not None and session.connected and key not in self._openings:
             # The first endpoint's session is open (the common case): nothing to race.
-            result = await self._deliver_through(session, message, pending)
-            if pending is not None and not await self._stored(pending):
-                return result  # discarded by attempt(): the relay got no end of data, and no verdict on it
+            if pending is not None and not self.pending.relay_early:
+                if not await self._stored(pending):
+                    return None
+                pending = None
+            result = await self._deliver_through(session, message)
             router.report(relay, endpoint, result)
+            if pending is not None and not await self._stored(pending):
+                self.pending.unstored(pending, result)
+                return result  # discarded by attempt(): there is no stored message to record it for
             if result.outcome is not Outcome.RELAY_FAULT:
                 return result
             return await self._fail_over(message, candidates[1:], (relay, endpoint, result))
@@ -353,10 +359,9 @@ class Worker:
                      last_cause=last.cause.value, detail=last.summary)
         return None
 
-    async def _deliver_through(self, session: Session, message: OutgoingMessage,
-                               pending: PendingStore | None = None) -> DeliveryResult:
+    async def _deliver_through(self, session: Session, message: OutgoingMessage) -> DeliveryResult:
         self.busy_until = time.monotonic() + session.bound(message)
-        return await session.deliver(message, pending)
+        return await session.deliver(message)
 
     def _delivered(self, attempt: int, received_at: float, has_state: bool, location: Location,
                    message: OutgoingMessage, result: DeliveryResult, followup: Followup | None = None) -> Followup:

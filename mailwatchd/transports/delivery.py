@@ -47,7 +47,6 @@ from mailwatchd.transports.smtpclient import (
     secret_forms,
 )
 from mailwatchd.transports.smtpwire import (
-    END_OF_DATA,
     Disconnected,
     MalformedReply,
     Reply,
@@ -58,14 +57,12 @@ from mailwatchd.transports.smtpwire import (
 )
 from mailwatchd.transports.tlsconfig import client_context
 from mailwatchd.transports.tokens import Tokens
-from mailwatchd.transports.transport import Commit
 
 _T = TypeVar("_T")
 
 UPLOAD_FLOOR_BYTES_PER_S = 16 * 1024  # a transaction may take as long as the body needs at this rate
 FINAL_REPLY_TIMEOUT_S = 600.0  # RFC 5321 §4.5.3.2.6: "DATA Termination: 10 minutes"
 _DELIVERED = Verdict(Outcome.DELIVERED, Cause.OK)
-_NOT_STORED = Verdict(Outcome.TEMPORARY, Cause.LOCAL_ERROR)
 
 
 def transaction_deadline(settings: Settings, size: int) -> float:
@@ -141,21 +138,20 @@ class SmtpSession:
         """The longest `deliver(message)` can take."""
         return attempt_bound(self._settings, message.size)
 
-    async def deliver(self, message: OutgoingMessage, commit: Commit | None = None) -> DeliveryResult:
-        """Send one message; every failure is a DeliveryResult, never an exception. With `commit`, the final
-        dot waits for it (transport.Session)."""
+    async def deliver(self, message: OutgoingMessage) -> DeliveryResult:
+        """Send one message; every failure is a DeliveryResult, never an exception."""
         async def send() -> DeliveryResult:
             wire = self._wire
             reused = wire is not None and not wire.closed and not wire.pending
             if not reused:
                 await self._ensure_open()
             try:
-                return await self._transaction(message, reused, commit)
+                return await self._transaction(message, reused)
             except _Retry:
                 # The server dropped the idle connection before answering MAIL: once, afresh.
                 self._abort()
                 await self._open()
-                return await self._transaction(message, False, commit)
+                return await self._transaction(message, False)
         return await self._guarded(send)
 
     async def open(self) -> DeliveryResult | None:
@@ -240,8 +236,7 @@ class SmtpSession:
 
     # One message: MAIL FROM .. the reply after the final dot.
 
-    async def _transaction(self, message: OutgoingMessage, reused: bool,
-                           commit: Commit | None = None) -> DeliveryResult:
+    async def _transaction(self, message: OutgoingMessage, reused: bool) -> DeliveryResult:
         wire = self._wire
         assert wire is not None
         self._phase = Phase.MAIL
@@ -250,7 +245,7 @@ class SmtpSession:
         # between those waits nothing blocks.
         wire.until = wire.loop_time() + deadline
         try:
-            return await self._send(wire, message, reused, commit)
+            return await self._send(wire, message, reused)
         except (_Retry, _Fail):
             raise
         except Exception as exc:
@@ -262,7 +257,7 @@ class SmtpSession:
         finally:
             wire.until = None
 
-    async def _send(self, wire: Wire, message: OutgoingMessage, reused: bool, commit: Commit | None) -> DeliveryResult:
+    async def _send(self, wire: Wire, message: OutgoingMessage, reused: bool) -> DeliveryResult:
         mail, encoding = self._mail_command(message)
         rcpts = [b"RCPT TO:<" + address.encode(encoding) + b">\r\n" for address in message.recipients]
         pipelined = self.pipelining
@@ -326,17 +321,7 @@ class SmtpSession:
         if data_reply.code != 354:
             return await self._refused(Phase.DATA, data_reply, tuple(refused))
         self._phase = Phase.BODY
-        body = wire_body(message.data)
-        if commit is not None:
-            # All but the end of data (RFC 5321 §4.1.1.4): without it, the server has no message if we go.
-            await wire.send_body(body[:-len(END_OF_DATA)], stall_timeout=timeout)
-            until = wire.until
-            if not await commit.stored(timeout if until is None else until - wire.loop_time()):
-                self._abort()
-                return self._result(_NOT_STORED, detail="the message was not stored: its transaction was dropped "
-                                                        "before the end of data")
-            body = END_OF_DATA
-        await wire.send_body(body, stall_timeout=timeout)
+        await wire.send_body(wire_body(message.data), stall_timeout=timeout)
         # Bytes the socket took may still sit in kernel buffers: the server's own allowance applies,
         # capped by this transaction's deadline.
         reply = await wire.read(FINAL_REPLY_TIMEOUT_S)

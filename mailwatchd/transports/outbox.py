@@ -14,7 +14,6 @@ from mailwatchd.message.envelope import OutgoingMessage
 from mailwatchd.settings.config import Settings
 from mailwatchd.spool.durable import install_durably
 from mailwatchd.transports.outcome import Cause, DeliveryResult, Outcome, Phase, classify_exception
-from mailwatchd.transports.transport import Commit
 
 RELAY_NAME = "outbox"
 _counter = itertools.count()
@@ -60,12 +59,8 @@ class OutboxSession:
         """A local write gets the same deadline as a relay transaction; past it the disk is stuck."""
         return self._bound
 
-    async def deliver(self, message: OutgoingMessage, commit: Commit | None = None) -> DeliveryResult:
-        """Store the message durably in new/; an OSError or a full disk becomes a TEMPORARY local_error. With
-        `commit`, only once the message is stored in the spool."""
-        if commit is not None and not await commit.stored(self._bound):
-            return DeliveryResult(Outcome.TEMPORARY, Cause.LOCAL_ERROR, Phase.LOCAL, None,
-                                  "the message was not stored: not written to the outbox", RELAY_NAME, self._endpoint)
+    async def deliver(self, message: OutgoingMessage) -> DeliveryResult:
+        """Store the message durably in new/; an OSError or a full disk becomes a TEMPORARY local_error."""
         try:
             name = await asyncio.to_thread(self._store, message)
         except (OSError, SpoolFull) as exc:

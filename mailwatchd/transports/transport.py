@@ -8,21 +8,11 @@ from mailwatchd.message.envelope import OutgoingMessage
 from mailwatchd.transports.outcome import DeliveryResult
 
 
-class Commit(Protocol):
-    """A message that is not durable yet (spool/pending.py): nothing may take it as delivered before `stored`."""
-
-    async def stored(self, within: float) -> bool:
-        """True once it is durable; False when it will not be, or was not within `within` seconds."""
-        ...
-
-
 class Session(Protocol):
     """One transport session, reused for consecutive messages."""
 
-    async def deliver(self, message: OutgoingMessage, commit: Commit | None = None) -> DeliveryResult:
-        """Attempt one message; every failure is a DeliveryResult, never an exception. With `commit`, the
-        message is not durable yet: the session ends its transaction only once `commit.stored` says so, and
-        otherwise drops it undone (the result is then the caller's to discard)."""
+    async def deliver(self, message: OutgoingMessage) -> DeliveryResult:
+        """Attempt one message; every failure is a DeliveryResult, never an exception."""
         ...
 
     async def close(self) -> None: ...

@@ -35,7 +35,6 @@ from mailwatchd.transports.outcome import (
     classify_http,
 )
 from mailwatchd.transports.smtpwire import describe, scrub
-from mailwatchd.transports.transport import Commit
 
 UPLOAD_FLOOR_BYTES_PER_S = 16 * 1024  # as SMTP: a request may take as long as its body needs at this rate
 MAX_REPLY_BYTES = 1024 * 1024  # an API's reply is a small JSON object; more is not read
@@ -120,12 +119,8 @@ class ApiSession:
             with contextlib.suppress(Exception):  # the connection is going away either way
                 await client.aclose()
 
-    async def deliver(self, message: OutgoingMessage, commit: Commit | None = None) -> DeliveryResult:
-        """Send one message; every failure is a DeliveryResult, never an exception. A request cannot be sent
-        but for its end, so with `commit` it is made only once the message is stored."""
-        if commit is not None and not await commit.stored(request_deadline(self._settings, message.size)):
-            return self._result(Verdict(Outcome.TEMPORARY, Cause.LOCAL_ERROR), Phase.LOCAL,
-                                "the message was not stored: no request was made")
+    async def deliver(self, message: OutgoingMessage) -> DeliveryResult:
+        """Send one message; every failure is a DeliveryResult, never an exception."""
         try:
             failure = await self.open()
             if failure is not None:
