@@ -112,10 +112,11 @@ def test_the_listener_queues_straight_into_queue_and_a_kill_after_the_250_loses_
     restarted.wait_event("message_delivered", lambda e: e["queue_id"] == queue_id)
 
 
-def test_listener_messages_are_relayed_while_stored_once_each_and_leave_nothing(
+def test_listener_messages_reach_the_relay_once_each_and_leave_nothing(
         smtp_server_factory: Any, spool_dir: Path, clean_env: dict[str, str], daemons: Any) -> None:
-    """The daemon relays a message while the listener stores it (cut-through, spool/pending.py), on the relay
-    connection it keeps open; each message reaches the relay once, and its file goes once it is stored."""
+    """Listener messages over one kept connection and a connection each, relayed with cut-through
+    (spool/pending.py; tests/test_worker.py holds a store to show the order): each reaches the relay once,
+    its delivery is recorded once, and its file goes."""
     relay = smtp_server_factory(starttls=False)
     env, port = listening_env(clean_env, spool_dir, relay)
     daemon = daemons(env)
