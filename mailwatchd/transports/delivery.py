@@ -46,15 +46,7 @@ from mailwatchd.transports.smtpclient import (
     quit_session,
     secret_forms,
 )
-from mailwatchd.transports.smtpwire import (
-    Disconnected,
-    MalformedReply,
-    Reply,
-    Wire,
-    describe,
-    scrub,
-    wire_body,
-)
+from mailwatchd.transports.smtpwire import Disconnected, MalformedReply, Reply, Wire, describe, scrub, wire_body
 from mailwatchd.transports.tlsconfig import client_context
 from mailwatchd.transports.tokens import Tokens
 

@@ -247,7 +247,7 @@ class _Setup:
 
     async def _connect_one(self, family: int, address: str) -> socket.socket:
         # IPPROTO_TCP named: asyncio turns Nagle's algorithm off only for such a socket. With it on, a short
-        # write waits for the ACK of the one before, which the server may delay by 40 ms (the end of data).
+        # write waits for the ACK of the one before, which the server may delay by 40 ms.
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setblocking(False)

@@ -46,9 +46,6 @@ class UploadStalled(TimeoutError):
     """The server stopped reading the message body."""
 
 
-END_OF_DATA = b".\r\n"  # after the last line's CRLF: together the <CRLF>.<CRLF> of RFC 5321 §4.1.1.4
-
-
 def wire_body(data: bytes) -> bytes:
     """The DATA payload: CRLF line endings, dot-stuffed (RFC 5321 §4.5.2), ending in CRLF.CRLF."""
     if b"\r" not in data:
@@ -60,7 +57,7 @@ def wire_body(data: bytes) -> bytes:
     data = data.replace(b"\r\n.", b"\r\n..")
     if data.startswith(b"."):
         data = b"." + data
-    return data + END_OF_DATA
+    return data + b".\r\n"
 
 
 def one_line(text: str, limit: int = MAX_DETAIL) -> str:
